@@ -1,0 +1,171 @@
+"""Measure a model: quality, fidelity to the teacher, calibration, CPU latency and size."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill_core.soft_labels import length_batches
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, texts: list[str], batch_size: int = 128, max_length: int | None = None) -> np.ndarray:
+    """Logits for every text, in order (batched by length for speed)."""
+    model.eval()
+    out = np.zeros((len(texts), len(model.labels)), dtype=np.float32)
+    for batch in length_batches(texts, batch_size):
+        out[batch] = model(**model.tokenize([texts[i] for i in batch], max_length)).float().numpy()
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def macro_f1(logits: np.ndarray, labels: np.ndarray) -> float:
+    pred, scores = logits.argmax(1), []
+    for c in range(logits.shape[1]):
+        tp = np.sum((pred == c) & (labels == c))
+        fp, fn = np.sum((pred == c) & (labels != c)), np.sum((pred != c) & (labels == c))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> float:
+    """Share of rows where student and teacher pick the same class."""
+    return float((student_logits.argmax(1) == teacher_logits.argmax(1)).mean())
+
+
+def mean_kl(teacher_logits: np.ndarray, student_logits: np.ndarray) -> float:
+    """Mean KL(teacher ‖ student) at temperature 1, in nats."""
+    p, q = _softmax(teacher_logits.astype(np.float64)), _softmax(student_logits.astype(np.float64))
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def reliability(logits: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per confidence bin: mean confidence, accuracy and row count (for a reliability diagram)."""
+    probs = _softmax(logits.astype(np.float64))
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            rows.append({"lo": float(lo), "hi": float(hi), "confidence": float(confidence[inside].mean()),
+                         "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
+    return rows
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """ECE: the count-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    n = len(labels)
+    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in reliability(logits, labels, bins)))
+
+
+@dataclass
+class Speed:
+    p50_ms: float
+    p95_ms: float
+    throughput: float  # texts per second at the throughput batch size
+
+
+@torch.inference_mode()
+def measure_speed(model: nn.Module, texts: list[str], samples: int = 100, batch: int = 64) -> Speed:
+    """CPU latency at batch 1 (tokenisation included) and throughput at a larger batch."""
+    model.eval()
+    texts = (texts * (1 + samples // max(len(texts), 1)))[:samples]
+    for text in texts[:5]:
+        model(**model.tokenize([text]))
+    timings = []
+    for text in texts:
+        start = time.perf_counter()
+        model(**model.tokenize([text]))
+        timings.append((time.perf_counter() - start) * 1000)
+    timings.sort()
+    rounds, chunk = [], (texts * (1 + batch // len(texts)))[:batch]
+    for _ in range(3):
+        start = time.perf_counter()
+        model(**model.tokenize(chunk))
+        rounds.append(batch / (time.perf_counter() - start))
+    return Speed(statistics.median(timings), timings[int(0.95 * (len(timings) - 1))], statistics.median(rounds))
+
+
+def size_of(model: nn.Module) -> dict[str, int]:
+    """Parameter count and serialized weight bytes."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return {"params": sum(p.numel() for p in model.parameters()), "bytes": buffer.getbuffer().nbytes}
+
+
+@dataclass
+class Report:
+    """Everything measured about one model on the test split."""
+
+    name: str
+    accuracy: float
+    macro_f1: float
+    agreement: float
+    kl_to_teacher: float
+    ece: float
+    p50_ms: float
+    p95_ms: float
+    throughput: float
+    params: int
+    bytes: int
+    compression: float = 1.0  # teacher params / params
+    speedup: float = 1.0  # teacher p50 / p50
+    retention: float = 1.0  # accuracy / teacher accuracy
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)
+
+
+def evaluate_model(
+    name: str, model: nn.Module, texts: list[str], labels: np.ndarray, teacher_logits: np.ndarray,
+    latency_samples: int = 100, throughput_batch: int = 64, logits: np.ndarray | None = None,
+) -> Report:
+    """Quality, fidelity, calibration, speed and size of one model on labeled texts."""
+    logits = predict(model, texts) if logits is None else logits
+    speed = measure_speed(model, texts, latency_samples, throughput_batch)
+    size = size_of(model)
+    return Report(
+        name=name, accuracy=accuracy(logits, labels), macro_f1=macro_f1(logits, labels),
+        agreement=agreement(logits, teacher_logits), kl_to_teacher=mean_kl(teacher_logits, logits),
+        ece=expected_calibration_error(logits, labels), p50_ms=speed.p50_ms, p95_ms=speed.p95_ms,
+        throughput=speed.throughput, params=size["params"], bytes=size["bytes"],
+    )
+
+
+def relative_to(report: Report, teacher: Report) -> Report:
+    """Fill in compression, speed-up and accuracy retention against the teacher's report."""
+    report.compression = teacher.params / max(report.params, 1)
+    report.speedup = teacher.p50_ms / max(report.p50_ms, 1e-9)
+    report.retention = report.accuracy / max(teacher.accuracy, 1e-9)
+    return report
+
+
+COLUMNS = [("name", "model", "{}"), ("accuracy", "acc", "{:.3f}"), ("macro_f1", "F1", "{:.3f}"),
+           ("retention", "of teacher", "{:.1%}"), ("agreement", "agree", "{:.3f}"), ("kl_to_teacher", "KL", "{:.3f}"),
+           ("ece", "ECE", "{:.3f}"), ("params", "params", "{:,}"), ("compression", "smaller", "{:.1f}x"),
+           ("p50_ms", "p50 ms", "{:.2f}"), ("p95_ms", "p95 ms", "{:.2f}"), ("speedup", "faster", "{:.1f}x"),
+           ("throughput", "texts/s@64", "{:,.0f}")]
+
+
+def comparison_table(reports: list[Report]) -> str:
+    """A markdown table of reports, teacher first."""
+    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    rows = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in COLUMNS) + " |" for r in reports]
+    return "\n".join([header, rule, *rows])

@@ -1,0 +1,223 @@
+"""The one typed configuration of a distillation: loaded from YAML, checked by pydantic, hashed for lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill_core.errors import RecipeError
+
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
+LOSS_FUNCTIONS = (*DIVERGENCE_NAMES, "ce", "feature", "attention")
+TEACHER_LOSSES = {*DIVERGENCE_NAMES, "feature", "attention"}
+ONLINE_ONLY_LOSSES = {"feature", "attention"}
+
+Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the labeled text comes from and how it is split."""
+
+    source: str = "rotten_tomatoes"  # a built-in corpus name, or a .csv/.parquet file with text,label columns
+    max_rows: int | None = Field(default=None, ge=50)
+    validation_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    seed: int = 0
+    augment_copies: int = Field(default=1, ge=0, le=10)  # teacher-labeled augmented copies in the transfer split
+
+
+class TeacherConfig(_Strict):
+    """The teacher's registered name, and how the local helper trains one (it stands in for the teacher's team)."""
+
+    registered_name: str = Field(default="sentiment-teacher", min_length=1)
+    train_encoder: bool = True  # fine-tune the encoder end to end (better) or only the head on frozen features
+    epochs: float = Field(default=1.0, gt=0, le=20)
+    lr: float = Field(default=4e-5, gt=0, lt=1)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    max_length: int = Field(default=64, ge=8, le=512)
+    seed: int = 0
+
+
+class SoftLabelConfig(_Strict):
+    """How teacher outputs are stored; every field here is part of the soft-label key."""
+
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    max_length: int = Field(default=64, ge=8, le=512)
+    shard_rows: int = Field(default=4096, ge=16)
+
+
+class LossTerm(_Strict):
+    """One weighted term of the distillation objective."""
+
+    function: Literal[
+        "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "ce", "feature", "attention"
+    ]
+    weight: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    beta: float = Field(default=0.5, ge=0.0, le=1.0)  # generalized_jsd only
+    alpha: float = Field(default=0.1, ge=0.0, le=1.0)  # skew divergences only
+
+
+class StudentConfig(_Strict):
+    """A student candidate: its family and size."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    family: Literal["transformer", "embedding_bag"]
+    # transformer: DistilBERT-style, initialised from these teacher layers
+    teacher_layers: list[int] = Field(default_factory=lambda: [0, 5])
+    embedding_dim: int | None = Field(default=None, ge=16, le=4096)  # factorised embeddings when < hidden size
+    prune_vocab: bool = True  # keep only the wordpieces seen in the training text
+    # embedding_bag: hashed word n-grams into one averaged embedding
+    buckets: int = Field(default=2**17, ge=1024, le=2**24)
+    dim: int = Field(default=64, ge=4, le=4096)
+    ngrams: int = Field(default=2, ge=1, le=3)
+    lr: float | None = Field(default=None, gt=0, lt=1)  # overrides train.lr for this family
+
+    @model_validator(mode="after")
+    def _layers_valid(self) -> StudentConfig:
+        if self.family == "transformer" and not self.teacher_layers:
+            raise ValueError("a transformer student needs at least one entry in teacher_layers")
+        if any(layer < 0 for layer in self.teacher_layers):
+            raise ValueError(f"teacher_layers must be non-negative layer indices, got {self.teacher_layers}")
+        return self
+
+
+def _default_losses() -> list[LossTerm]:
+    return [LossTerm(function="forward_kl", weight=0.5, temperature=2.0), LossTerm(function="ce", weight=0.5)]
+
+
+class TrainConfig(_Strict):
+    """The distillation loop."""
+
+    mode: Literal["offline", "online"] = "offline"  # offline: stored soft labels; online: teacher in the loop
+    losses: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
+    epochs: int = Field(default=3, ge=1, le=1000)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=8192)
+    lr: float = Field(default=1e-4, gt=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0, lt=1)
+    seed: int = 0
+    checkpoint_every: int = Field(default=200, ge=1)  # steps
+    eval_every: int = Field(default=200, ge=1)  # steps; also at the end of every epoch
+    patience: int = Field(default=3, ge=1)  # evaluations without improvement before stopping early
+
+    @model_validator(mode="after")
+    def _online_losses(self) -> TrainConfig:
+        needs_online = sorted({t.function for t in self.losses} & ONLINE_ONLY_LOSSES)
+        if needs_online and self.mode != "online":
+            raise ValueError(f"loss terms {needs_online} need the teacher in the loop: set train.mode: online")
+        if all(t.weight == 0 for t in self.losses):
+            raise ValueError("every loss term has weight 0: give at least one term a positive weight")
+        return self
+
+
+class EvalConfig(_Strict):
+    """How students are measured."""
+
+    latency_samples: int = Field(default=100, ge=5, le=10000)
+    throughput_batch: int = Field(default=64, ge=1, le=8192)
+
+
+class Recipe(_Strict):
+    """Everything that decides what a distillation produces."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification"] = "classification"
+    student_registered_name: str = Field(default="sentiment-student", min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    soft_labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
+    students: list[StudentConfig] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _students_consistent(self) -> Recipe:
+        names = [s.name for s in self.students]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"student names must be unique, repeated: {duplicates}")
+        uses_hidden = {t.function for t in self.train.losses} & ONLINE_ONLY_LOSSES
+        bags = [s.name for s in self.students if s.family == "embedding_bag"]
+        if uses_hidden and bags:
+            raise ValueError(
+                f"loss terms {sorted(uses_hidden)} need hidden states and attentions, which embedding_bag "
+                f"students {bags} do not have: use transformer students or drop those terms"
+            )
+        return self
+
+    def student(self, name: str) -> StudentConfig:
+        for s in self.students:
+            if s.name == name:
+                return s
+        raise RecipeError(f"recipe '{self.name}' has no student '{name}'; it has {[s.name for s in self.students]}")
+
+    def recipe_hash(self) -> str:
+        """A stable hash of every setting: equal recipes hash equal whatever their YAML layout."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+            parent = _model_at(e["loc"][:-1])
+            if parent is not None:
+                msg += f"; allowed fields here: {', '.join(parent.model_fields)}"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at `loc` inside a Recipe, for listing its allowed fields."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping, turning pydantic errors into one RecipeError that names every bad field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{source} is not a valid recipe:\n{_format_errors(err)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from None
+    return parse_recipe(data, source=str(path))

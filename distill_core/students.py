@@ -1,0 +1,136 @@
+"""Student families: a small transformer initialised from teacher layers, and a hashed n-gram embedding bag."""
+
+from __future__ import annotations
+
+import copy
+import re
+import zlib
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from distill_core.errors import RecipeError
+from distill_core.recipe import StudentConfig
+from distill_core.teachers import Batch, TextClassifier, load_minilm
+
+_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+
+
+class TransformerStudent(TextClassifier):
+    """DistilBERT-style: fewer layers copied from the teacher, an optionally pruned and factorised vocabulary."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: object, labels: tuple[str, ...], id_map: Tensor | None,
+                 max_length: int):
+        super().__init__(encoder, tokenizer, labels, max_length)
+        self.register_buffer("id_map", id_map if id_map is not None else torch.empty(0, dtype=torch.long))
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> Batch:
+        batch = super().tokenize(texts, max_length)
+        if self.id_map.numel():
+            batch["input_ids"] = self.id_map[batch["input_ids"]]
+        return batch
+
+
+def _kept_wordpieces(tokenizer: object, texts: Iterable[str], max_length: int) -> Tensor:
+    """Teacher vocabulary ids that occur in the texts, plus every special token."""
+    ids: set[int] = set(tokenizer.all_special_ids)  # type: ignore[attr-defined]
+    texts = list(texts)
+    for start in range(0, len(texts), 2048):
+        enc = tokenizer(texts[start : start + 2048], truncation=True, max_length=max_length)  # type: ignore[operator]
+        for row in enc["input_ids"]:
+            ids.update(row)
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def build_transformer_student(
+    cfg: StudentConfig, teacher: nn.Module, labels: tuple[str, ...], texts: list[str], max_length: int,
+    log: Callable[[str], None] = print,
+) -> TransformerStudent:
+    """Copy the teacher's embeddings and chosen layers into a smaller encoder of the same kind."""
+    from transformers import BertModel
+
+    if isinstance(teacher, TextClassifier) and hasattr(teacher.encoder, "encoder"):
+        source, tokenizer = teacher.encoder, teacher.tokenizer
+    else:
+        log(f"teacher {type(teacher).__name__} has no BERT encoder to copy: initialising from packaged MiniLM")
+        source, tokenizer = load_minilm()
+    n_layers = source.config.num_hidden_layers
+    if max(cfg.teacher_layers) >= n_layers:
+        raise RecipeError(f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the teacher "
+                          f"encoder has layers 0..{n_layers - 1}")
+    hidden = source.config.hidden_size
+    teacher_words = source.embeddings.word_embeddings.weight.detach()
+    keep = _kept_wordpieces(tokenizer, texts, max_length) if cfg.prune_vocab else None
+    words = teacher_words[keep] if keep is not None else teacher_words
+
+    config = copy.deepcopy(source.config)
+    config.num_hidden_layers = len(cfg.teacher_layers)
+    config.vocab_size = words.shape[0]
+    encoder = BertModel(config, add_pooling_layer=False)
+    encoder.embeddings.load_state_dict(
+        {k: v for k, v in source.embeddings.state_dict().items() if not k.startswith("word_embeddings")}, strict=False
+    )
+    for student_index, teacher_index in enumerate(cfg.teacher_layers):
+        encoder.encoder.layer[student_index].load_state_dict(source.encoder.layer[teacher_index].state_dict())
+    if cfg.embedding_dim is not None and cfg.embedding_dim < hidden:
+        # Factorised embeddings V×e then e×H, initialised from the teacher's by truncated SVD.
+        u, s, vh = torch.linalg.svd(words, full_matrices=False)
+        e = cfg.embedding_dim
+        small = nn.Embedding(words.shape[0], e, padding_idx=None)
+        small.weight.data.copy_(u[:, :e] * s[:e])
+        project = nn.Linear(e, hidden, bias=False)
+        project.weight.data.copy_(vh[:e].T)
+        encoder.embeddings.word_embeddings = nn.Sequential(small, project)
+    else:
+        encoder.embeddings.word_embeddings.weight.data.copy_(words)
+    id_map = None
+    if keep is not None:
+        unk = int((keep == tokenizer.unk_token_id).nonzero()[0, 0])  # type: ignore[attr-defined]
+        id_map = torch.full((teacher_words.shape[0],), unk, dtype=torch.long)
+        id_map[keep] = torch.arange(len(keep))
+    student = TransformerStudent(encoder, tokenizer, labels, id_map, max_length)
+    if isinstance(teacher, TextClassifier):
+        student.head.load_state_dict(teacher.head.state_dict())
+    return student
+
+
+def hashed_ngrams(text: str, ngrams: int, buckets: int) -> list[int]:
+    """Stable bucket ids of a text's word n-grams (crc32, not Python's salted hash)."""
+    words = _WORD.findall(text.lower())
+    grams = [" ".join(words[i : i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
+    return [zlib.crc32(g.encode()) % buckets for g in grams] or [0]
+
+
+class EmbeddingBagStudent(nn.Module):
+    """fastText-style: the mean of hashed word n-gram embeddings, then a linear layer."""
+
+    def __init__(self, labels: tuple[str, ...], buckets: int, dim: int, ngrams: int):
+        super().__init__()
+        self.labels = tuple(labels)
+        self.buckets, self.ngrams = buckets, ngrams
+        self.bag = nn.EmbeddingBag(buckets, dim, mode="mean")
+        self.head = nn.Linear(dim, len(labels))
+        nn.init.normal_(self.bag.weight, std=0.1)
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> Batch:
+        rows = [hashed_ngrams(t, self.ngrams, self.buckets) for t in texts]
+        offsets = torch.tensor([0] + [len(r) for r in rows[:-1]], dtype=torch.long).cumsum(0)
+        return {"ids": torch.tensor([i for r in rows for i in r], dtype=torch.long), "offsets": offsets}
+
+    def forward(self, ids: Tensor, offsets: Tensor) -> Tensor:
+        return self.head(self.bag(ids, offsets))
+
+
+def build_student(
+    cfg: StudentConfig, teacher: nn.Module, labels: tuple[str, ...], texts: list[str], max_length: int,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """A fresh student of the configured family and size."""
+    if cfg.family == "transformer":
+        return build_transformer_student(cfg, teacher, labels, texts, max_length, log)
+    return EmbeddingBagStudent(labels, cfg.buckets, cfg.dim, cfg.ngrams)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

