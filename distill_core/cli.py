@@ -15,8 +15,12 @@ from distill_core.errors import DistillError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 
-app = typer.Typer(help="Continuous distillation: every new teacher version becomes a validated student.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Continuous distillation: every new teacher version becomes a validated student.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 stage_app = typer.Typer(help="Run one pipeline step (the DVC stages call these).", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 
@@ -59,13 +63,15 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
 
     settings, rcp = _env(home), _recipe(recipe)
     started = time.perf_counter()
-    typer.echo(f"DISTILL_HOME {settings.home}\nMLflow        {settings.tracking_uri}\nstore         "
-               f"{settings.store_uri}\n")
+    typer.echo(
+        f"DISTILL_HOME {settings.home}\nMLflow        {settings.tracking_uri}\nstore         {settings.store_uri}\n"
+    )
     dataset = steps.open_dataset(rcp, settings)
     typer.echo(f"dataset {rcp.data.source}: {dataset.counts} digest {dataset.digest}")
     client = MlflowClient(settings.tracking_uri)
-    versions = client.search_model_versions(f"name='{rcp.teacher.registered_name}'",
-                                            order_by=["version_number DESC"], max_results=1)
+    versions = client.search_model_versions(
+        f"name='{rcp.teacher.registered_name}'", order_by=["version_number DESC"], max_results=1
+    )
     if versions:
         name, version = rcp.teacher.registered_name, versions[0].version
         typer.echo(f"using registered teacher {name} v{version}")
@@ -89,21 +95,31 @@ def stage_prepare(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> N
 
 
 @stage_app.command("teacher")
-def stage_teacher(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None,
-                  frozen_encoder: Annotated[bool, typer.Option(help="Train only the head.")] = False) -> None:
+def stage_teacher(
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    trainable_layers: Annotated[
+        int | None, typer.Option(help="Top encoder layers to fine-tune (0: only the head).")
+    ] = None,
+) -> None:
     """Train the stand-in MiniLM teacher and register it as a new version."""
     from distill_core import steps
 
     settings, rcp = _env(home), _recipe(recipe)
-    overrides = {"train_encoder": False} if frozen_encoder else {}
-    name, version = steps.train_and_register_teacher(rcp, settings, steps.open_dataset(rcp, settings), _echo,
-                                                     **overrides)
+    overrides = {"trainable_layers": trainable_layers} if trainable_layers is not None else {}
+    name, version = steps.train_and_register_teacher(
+        rcp, settings, steps.open_dataset(rcp, settings), _echo, **overrides
+    )
     typer.echo(f"{name}/{version}")
 
 
 @stage_app.command("label")
-def stage_label(teacher: TeacherOpt, recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None,
-                force: Annotated[bool, typer.Option(help="Relabel even if the key exists.")] = False) -> None:
+def stage_label(
+    teacher: TeacherOpt,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    force: Annotated[bool, typer.Option(help="Relabel even if the key exists.")] = False,
+) -> None:
     """Soft labels for every split (reused when the content key already exists)."""
     from distill_core import steps
     from distill_core.teachers import load_teacher
@@ -168,8 +184,19 @@ def rollback(name: str) -> None:
 def ui(home: HomeOpt = None, port: int = 5000) -> None:
     """The MLflow UI on the embedded store."""
     settings = _env(home)
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.tracking_uri,
-                               "--port", str(port)])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            settings.tracking_uri,
+            "--port",
+            str(port),
+        ],
+    )
 
 
 def main() -> None:

@@ -200,6 +200,7 @@ def load_prepared(root: str | Path, verify: bool = True) -> PreparedDataset:
             frame = splits[name]
             bad = ~frame["label"].between(0, len(prepared.labels) - 1)
             if bad.any():
-                raise DatasetError(f"{root}/{name}.parquet has label ids outside 0..{len(prepared.labels) - 1} "
-                                   f"in {_rows(bad)}")
+                raise DatasetError(
+                    f"{root}/{name}.parquet has label ids outside 0..{len(prepared.labels) - 1} in {_rows(bad)}"
+                )
     return prepared

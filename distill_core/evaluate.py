@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_core.soft_labels import length_batches
+from distill_core.teachers import TextModule, length_batches
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, texts: list[str], batch_size: int = 128, max_length: int | None = None) -> np.ndarray:
+def predict(model: TextModule, texts: list[str], batch_size: int = 128, max_length: int | None = None) -> np.ndarray:
     """Logits for every text, in order (batched by length for speed)."""
     model.eval()
     out = np.zeros((len(texts), len(model.labels)), dtype=np.float32)
@@ -63,8 +63,15 @@ def reliability(logits: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > lo) & (confidence <= hi)
         if inside.any():
-            rows.append({"lo": float(lo), "hi": float(hi), "confidence": float(confidence[inside].mean()),
-                         "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
+            rows.append(
+                {
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "confidence": float(confidence[inside].mean()),
+                    "accuracy": float(correct[inside].mean()),
+                    "count": int(inside.sum()),
+                }
+            )
     return rows
 
 
@@ -82,7 +89,7 @@ class Speed:
 
 
 @torch.inference_mode()
-def measure_speed(model: nn.Module, texts: list[str], samples: int = 100, batch: int = 64) -> Speed:
+def measure_speed(model: TextModule, texts: list[str], samples: int = 100, batch: int = 64) -> Speed:
     """CPU latency at batch 1 (tokenisation included) and throughput at a larger batch."""
     model.eval()
     texts = (texts * (1 + samples // max(len(texts), 1)))[:samples]
@@ -133,18 +140,31 @@ class Report:
 
 
 def evaluate_model(
-    name: str, model: nn.Module, texts: list[str], labels: np.ndarray, teacher_logits: np.ndarray,
-    latency_samples: int = 100, throughput_batch: int = 64, logits: np.ndarray | None = None,
+    name: str,
+    model: TextModule,
+    texts: list[str],
+    labels: np.ndarray,
+    teacher_logits: np.ndarray,
+    logits: np.ndarray | None = None,
+    latency_samples: int = 100,
+    throughput_batch: int = 64,
 ) -> Report:
     """Quality, fidelity, calibration, speed and size of one model on labeled texts."""
     logits = predict(model, texts) if logits is None else logits
     speed = measure_speed(model, texts, latency_samples, throughput_batch)
     size = size_of(model)
     return Report(
-        name=name, accuracy=accuracy(logits, labels), macro_f1=macro_f1(logits, labels),
-        agreement=agreement(logits, teacher_logits), kl_to_teacher=mean_kl(teacher_logits, logits),
-        ece=expected_calibration_error(logits, labels), p50_ms=speed.p50_ms, p95_ms=speed.p95_ms,
-        throughput=speed.throughput, params=size["params"], bytes=size["bytes"],
+        name=name,
+        accuracy=accuracy(logits, labels),
+        macro_f1=macro_f1(logits, labels),
+        agreement=agreement(logits, teacher_logits),
+        kl_to_teacher=mean_kl(teacher_logits, logits),
+        ece=expected_calibration_error(logits, labels),
+        p50_ms=speed.p50_ms,
+        p95_ms=speed.p95_ms,
+        throughput=speed.throughput,
+        params=size["params"],
+        bytes=size["bytes"],
     )
 
 
@@ -156,11 +176,21 @@ def relative_to(report: Report, teacher: Report) -> Report:
     return report
 
 
-COLUMNS = [("name", "model", "{}"), ("accuracy", "acc", "{:.3f}"), ("macro_f1", "F1", "{:.3f}"),
-           ("retention", "of teacher", "{:.1%}"), ("agreement", "agree", "{:.3f}"), ("kl_to_teacher", "KL", "{:.3f}"),
-           ("ece", "ECE", "{:.3f}"), ("params", "params", "{:,}"), ("compression", "smaller", "{:.1f}x"),
-           ("p50_ms", "p50 ms", "{:.2f}"), ("p95_ms", "p95 ms", "{:.2f}"), ("speedup", "faster", "{:.1f}x"),
-           ("throughput", "texts/s@64", "{:,.0f}")]
+COLUMNS = [
+    ("name", "model", "{}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("macro_f1", "F1", "{:.3f}"),
+    ("retention", "of teacher", "{:.1%}"),
+    ("agreement", "agree", "{:.3f}"),
+    ("kl_to_teacher", "KL", "{:.3f}"),
+    ("ece", "ECE", "{:.3f}"),
+    ("params", "params", "{:,}"),
+    ("compression", "smaller", "{:.1f}x"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p95_ms", "p95 ms", "{:.2f}"),
+    ("speedup", "faster", "{:.1f}x"),
+    ("throughput", "texts/s@64", "{:,.0f}"),
+]
 
 
 def comparison_table(reports: list[Report]) -> str:

@@ -29,8 +29,7 @@ def _rows(x: Tensor, mask: Tensor | None, what: str) -> Tensor:
         return x.reshape(-1, x.shape[-1]).float()
     if tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not fit {what} shape {tuple(x.shape)}: "
-            f"expected {tuple(x.shape[:-1])}"
+            f"mask shape {tuple(mask.shape)} does not fit {what} shape {tuple(x.shape)}: expected {tuple(x.shape[:-1])}"
         )
     return x[mask.bool()].float()
 
@@ -65,9 +64,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _log_probs(
-    student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def _log_probs(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities at `temperature` over the rows that count."""
     _check_temperature(temperature)
     if student.shape != teacher.shape:
@@ -192,9 +189,7 @@ def sparse_forward_kl(
             f"{tuple(student_logits.shape[:-1])} + (k,) to match student logits {tuple(student_logits.shape)}"
         )
     student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
-    student_k = student.gather(
-        -1, topk_ids.reshape(-1, topk_ids.shape[-1]) if mask is None else topk_ids[mask.bool()]
-    )
+    student_k = student.gather(-1, topk_ids.reshape(-1, topk_ids.shape[-1]) if mask is None else topk_ids[mask.bool()])
     stored = _rows(topk_logprobs, mask, "top-k log-probs")
     if missing_mass == "tail":
         teacher_left = -torch.expm1(torch.logsumexp(stored, dim=-1, keepdim=True))
@@ -323,14 +318,10 @@ def _require(term: str, **inputs: Tensor | None) -> None:
 class DistillationObjective(nn.Module):
     """Weighted sum of terms `{function, weight, temperature, beta, alpha, kind}`; owns the projections."""
 
-    def __init__(
-        self, terms: Sequence[object], student_dim: int | None = None, teacher_dim: int | None = None
-    ) -> None:
+    def __init__(self, terms: Sequence[object], student_dim: int | None = None, teacher_dim: int | None = None) -> None:
         super().__init__()
         if not terms:
-            raise ValueError(
-                f"the loss list is empty; add a term, function one of {', '.join(TERM_FUNCTIONS)}"
-            )
+            raise ValueError(f"the loss list is empty; add a term, function one of {', '.join(TERM_FUNCTIONS)}")
         self.terms: list[_Term] = []
         self.feature_losses = nn.ModuleDict()
         functions = [_field(spec, "function", None) for spec in terms]
@@ -389,9 +380,7 @@ class DistillationObjective(nn.Module):
                 shape = _SHAPE_PARAMETER.get(term.function)
                 extra = {} if shape is None else {shape: getattr(term, shape)}
                 divergence = DIVERGENCES[term.function]
-                value = divergence(
-                    student_logits, teacher_logits, temperature=term.temperature, mask=mask, **extra
-                )
+                value = divergence(student_logits, teacher_logits, temperature=term.temperature, mask=mask, **extra)
             elif term.function == "ce":  # no labels (an unlabelled transfer batch): nothing to fit, 0
                 value = total.new_zeros(()) if labels is None else hard_label_ce(student_logits, labels, mask)
             elif term.function == "feature":

@@ -39,7 +39,8 @@ class TeacherConfig(_Strict):
     """The teacher's registered name, and how the local helper trains one (it stands in for the teacher's team)."""
 
     registered_name: str = Field(default="sentiment-teacher", min_length=1)
-    train_encoder: bool = True  # fine-tune the encoder end to end (better) or only the head on frozen features
+    # top encoder layers to fine-tune: None = all (best), 0 = only the head on frozen features (fast, weaker)
+    trainable_layers: int | None = Field(default=None, ge=0, le=48)
     epochs: float = Field(default=1.0, gt=0, le=20)
     lr: float = Field(default=4e-5, gt=0, lt=1)
     batch_size: int = Field(default=16, ge=1, le=4096)
@@ -59,7 +60,14 @@ class LossTerm(_Strict):
     """One weighted term of the distillation objective."""
 
     function: Literal[
-        "forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "ce", "feature", "attention"
+        "forward_kl",
+        "reverse_kl",
+        "generalized_jsd",
+        "skew_kl",
+        "skew_reverse_kl",
+        "ce",
+        "feature",
+        "attention",
     ]
     weight: float = Field(default=1.0, ge=0.0)
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
 from distill_core.recipe import SoftLabelConfig
 from distill_core.store import ArtifactStore
-from distill_core.teachers import LoadedTeacher, check_logits
+from distill_core.teachers import LoadedTeacher, check_logits_shape, length_batches
 
 LABELED_SPLITS = ("transfer", "validation", "test")
 FORMAT_VERSION = 1
@@ -51,12 +50,6 @@ class SoftLabels:
     reused: bool
 
 
-def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
-    """Batches of similar-length texts (less padding); results go back to the original order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -66,22 +59,22 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 @torch.inference_mode()
 def teacher_logits(
     teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str = "soft labels"
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (row indices, checked logits) batch by batch, with a progress bar."""
+) -> np.ndarray:
+    """Teacher logits for every text, in order, with a progress bar; NaN rows are refused by number."""
     module = teacher.module.eval()
     classes = len(module.labels)
+    out = np.zeros((len(texts), classes), dtype=np.float32)
     for batch in tqdm(length_batches(texts, cfg.batch_size), desc=desc, unit="batch", leave=False):
         logits = module(**module.tokenize([texts[i] for i in batch], cfg.max_length))
-        if len(batch) and logits.ndim == 2 and logits.shape[0] == len(batch):
-            bad_rows = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten().tolist()
-            if bad_rows:
-                rows = sorted(batch[r] for r in bad_rows)
-                raise SoftLabelError(
-                    f"teacher {teacher.identity} returned NaN or infinite logits in {desc} for {len(rows)} row(s) "
-                    f"of a batch of {len(batch)} (first: row {rows[0]}, text {texts[rows[0]][:60]!r})"
-                )
-        check_logits(logits, len(batch), classes, f"teacher {teacher.identity}")
-        yield batch, logits.float()
+        check_logits_shape(logits, len(batch), classes, f"teacher {teacher.identity}")
+        out[batch] = logits.float().numpy()
+    bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if len(bad):
+        raise SoftLabelError(
+            f"teacher {teacher.identity} returned NaN or infinite logits in {desc} for {len(bad)} of {len(texts)} "
+            f"rows (first: row {bad[0]}, text {texts[bad[0]][:60]!r}); nothing was stored"
+        )
+    return out
 
 
 def generate_soft_labels(
@@ -108,21 +101,29 @@ def generate_soft_labels(
     all_logits: dict[str, np.ndarray] = {}
     for split in LABELED_SPLITS:
         texts = dataset.split(split)["text"].tolist()
-        out = np.zeros((len(texts), len(dataset.labels)), dtype=np.float32)
-        for batch, logits in teacher_logits(teacher, texts, cfg, desc=f"soft labels ({split})"):
-            out[batch] = logits.numpy()
+        out = teacher_logits(teacher, texts, cfg, desc=f"soft labels ({split})")
         for shard_index, start in enumerate(range(0, max(len(texts), 1), cfg.shard_rows)):
             data = _npy_bytes(out[start : start + cfg.shard_rows])
             name = f"{split}-{shard_index:05d}.npy"
             store.write_bytes(f"{prefix}/{name}", data)
-            shards.append({"file": name, "split": split, "rows": len(out[start : start + cfg.shard_rows]),
-                           "sha256": hashlib.sha256(data).hexdigest()})
+            shards.append(
+                {
+                    "file": name,
+                    "split": split,
+                    "rows": len(out[start : start + cfg.shard_rows]),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
         all_logits[split] = out
     manifest = {
         "format": FORMAT_VERSION,
         "key": key,
         "task": task,
-        "teacher": {"name": teacher.name, "version": teacher.version, "content_digest": teacher.content_digest},
+        "teacher": {
+            "name": teacher.name,
+            "version": teacher.version,
+            "content_digest": teacher.content_digest,
+        },
         "dataset_digest": dataset.digest,
         "labels": list(dataset.labels),
         "settings": cfg.model_dump(),
@@ -153,8 +154,9 @@ def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> Sof
             )
         array = np.load(io.BytesIO(data), allow_pickle=False)
         if array.shape[0] != shard["rows"]:
-            raise SoftLabelError(f"soft-label shard {prefix}/{shard['file']} has {array.shape[0]} rows, "
-                                 f"manifest says {shard['rows']}")
+            raise SoftLabelError(
+                f"soft-label shard {prefix}/{shard['file']} has {array.shape[0]} rows, manifest says {shard['rows']}"
+            )
         parts[shard["split"]].append(array)
     logits = {split: np.concatenate(chunks) for split, chunks in parts.items()}
     for split, rows in manifest["rows"].items():

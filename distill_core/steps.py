@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distill_core.data import PreparedDataset, load_prepared, prepare_dataset
@@ -20,7 +21,7 @@ from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
 from distill_core.students import build_student
-from distill_core.teachers import LoadedTeacher, load_teacher, log_teacher, picklable, train_teacher
+from distill_core.teachers import LoadedTeacher, TextModule, load_teacher, log_teacher, picklable, train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
 
 Log = Callable[[str], None]
@@ -51,9 +52,15 @@ def train_and_register_teacher(
     acc = float((predict(teacher, test["text"].tolist()).argmax(1) == test["label"].to_numpy()).mean())
     log(f"teacher test accuracy {acc:.4f}")
     return log_teacher(
-        teacher, recipe.teacher.registered_name, settings.tracking_uri,
-        tags={"distill.dataset_digest": dataset.digest, "distill.train_encoder": str(cfg.train_encoder)},
-        metrics={"test_accuracy": acc}, artifact_location=_artifact_location(settings, "teachers"),
+        teacher,
+        recipe.teacher.registered_name,
+        settings.tracking_uri,
+        tags={
+            "distill.dataset_digest": dataset.digest,
+            "distill.trainable_layers": str(cfg.trainable_layers),
+        },
+        metrics={"test_accuracy": acc},
+        artifact_location=_artifact_location(settings, "teachers"),
     )
 
 
@@ -62,11 +69,13 @@ def _artifact_location(settings: Settings, experiment: str) -> str | None:
     return f"{settings.artifact_root}/{experiment}" if settings.tracking_uri.startswith("sqlite") else None
 
 
-def label(recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher,
-          force: bool = False) -> SoftLabels:
+def label(
+    recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher, force: bool = False
+) -> SoftLabels:
     """Soft labels for every split, from the store when an entry with the same key exists."""
-    return generate_soft_labels(teacher, dataset, recipe.soft_labels, open_store(settings.store_uri), recipe.task,
-                                force=force)
+    return generate_soft_labels(
+        teacher, dataset, recipe.soft_labels, open_store(settings.store_uri), recipe.task, force=force
+    )
 
 
 @dataclass
@@ -83,14 +92,26 @@ def run_dir(recipe: Recipe, settings: Settings, teacher: LoadedTeacher) -> Path:
 
 
 def distill_student(
-    recipe: Recipe, student_cfg: StudentConfig, dataset: PreparedDataset, labels: SoftLabels,
-    teacher: LoadedTeacher, out_dir: Path, baseline: bool = False, log: Log = print,
+    recipe: Recipe,
+    student_cfg: StudentConfig,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    out_dir: Path,
+    baseline: bool = False,
+    log: Log = print,
 ) -> TrainResult:
     """Train one student, by distillation or (baseline) on hard labels alone; resumable from out_dir."""
     transfer_frame = dataset.split("transfer")
     torch.manual_seed(recipe.train.seed)
-    student = build_student(student_cfg, teacher.module, dataset.labels, transfer_frame["text"].tolist(),
-                            recipe.soft_labels.max_length, log)
+    student = build_student(
+        student_cfg,
+        teacher.module,
+        dataset.labels,
+        transfer_frame["text"].tolist(),
+        recipe.soft_labels.max_length,
+        log,
+    )
     validation = dataset.split("validation")
     val = (validation["text"].tolist(), validation["label"].to_numpy())
     if baseline:
@@ -98,18 +119,34 @@ def distill_student(
         transfer = TransferSet(train["text"].tolist(), train["label"].to_numpy(), None)
         cfg = baseline_config(recipe.train)
     else:
-        transfer = TransferSet(transfer_frame["text"].tolist(), transfer_frame["label"].to_numpy(),
-                               labels.logits["transfer"])
+        transfer = TransferSet(
+            transfer_frame["text"].tolist(), transfer_frame["label"].to_numpy(), labels.logits["transfer"]
+        )
         cfg = recipe.train
     kind = "baseline" if baseline else "distilled"
     fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
     log(f"training {student_cfg.name} ({kind}, {len(transfer.texts)} rows)")
-    return train_student(student, student_cfg, cfg, transfer, val, out_dir / student_cfg.name / kind,
-                         teacher=teacher.module, fingerprint=fingerprint, log=log)
+    return train_student(
+        student,
+        student_cfg,
+        cfg,
+        transfer,
+        val,
+        out_dir / student_cfg.name / kind,
+        teacher=teacher.module,
+        fingerprint=fingerprint,
+        log=log,
+    )
 
 
-def distill_all(recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, teacher: LoadedTeacher,
-                out_dir: Path, log: Log = print) -> list[StudentOutcome]:
+def distill_all(
+    recipe: Recipe,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    out_dir: Path,
+    log: Log = print,
+) -> list[StudentOutcome]:
     """Every student candidate of the recipe, each beside its hard-label twin."""
     return [
         StudentOutcome(
@@ -121,26 +158,33 @@ def distill_all(recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, te
     ]
 
 
-def evaluate_all(recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, teacher: LoadedTeacher,
-                 outcomes: list[StudentOutcome]) -> list[Report]:
+def evaluate_all(
+    recipe: Recipe,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    outcomes: list[StudentOutcome],
+) -> list[Report]:
     """The teacher, then each distilled student and its hard-label twin, on the test split."""
     test = dataset.split("test")
     texts, y = test["text"].tolist(), test["label"].to_numpy()
     teacher_logits = labels.logits["test"]
-    settings = {"latency_samples": recipe.evaluation.latency_samples,
-                "throughput_batch": recipe.evaluation.throughput_batch}
-    teacher_report = evaluate_model(f"teacher {teacher.name} v{teacher.version}", teacher.module, texts, y,
-                                    teacher_logits, logits=teacher_logits, **settings)
+    cfg = recipe.evaluation
+
+    def report(name: str, model: TextModule, logits: np.ndarray | None = None) -> Report:
+        return evaluate_model(name, model, texts, y, teacher_logits, logits, cfg.latency_samples, cfg.throughput_batch)
+
+    teacher_report = report(f"teacher {teacher.name} v{teacher.version}", teacher.module, teacher_logits)
     reports = [teacher_report]
     for outcome in outcomes:
         for kind, result in (("distilled", outcome.distilled), ("hard-label", outcome.baseline)):
-            report = evaluate_model(f"{outcome.config.name} ({kind})", result.student, texts, y, teacher_logits,
-                                    **settings)
-            reports.append(relative_to(report, teacher_report))
+            reports.append(relative_to(report(f"{outcome.config.name} ({kind})", result.student), teacher_report))
     return reports
 
 
-def save_outcomes(out_dir: Path, outcomes: list[StudentOutcome], reports: list[Report], meta: dict[str, object]) -> Path:
+def save_outcomes(
+    out_dir: Path, outcomes: list[StudentOutcome], reports: list[Report], meta: Mapping[str, object]
+) -> Path:
     """Write each student (torch.save of the module), report.json and report.md; the report goes last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for outcome in outcomes:
@@ -150,11 +194,21 @@ def save_outcomes(out_dir: Path, outcomes: list[StudentOutcome], reports: list[R
             tmp = path.with_suffix(".tmp")
             torch.save(picklable(result.student), tmp)
             os.replace(tmp, path)
-    report = {**meta, "reports": [r.as_dict() for r in reports],
-              "training": {f"{o.config.name}/{k}": {"steps": r.steps, "best_step": r.best_step,
-                                                    "stopped_early": r.stopped_early, "seconds": round(r.seconds, 1),
-                                                    "history": r.history}
-                           for o in outcomes for k, r in (("distilled", o.distilled), ("baseline", o.baseline))}}
+    report = {
+        **meta,
+        "reports": [r.as_dict() for r in reports],
+        "training": {
+            f"{o.config.name}/{k}": {
+                "steps": r.steps,
+                "best_step": r.best_step,
+                "stopped_early": r.stopped_early,
+                "seconds": round(r.seconds, 1),
+                "history": r.history,
+            }
+            for o in outcomes
+            for k, r in (("distilled", o.distilled), ("baseline", o.baseline))
+        },
+    }
     (out_dir / "report.md").write_text(comparison_table(reports) + "\n")
     tmp = out_dir / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=float))
@@ -162,8 +216,9 @@ def save_outcomes(out_dir: Path, outcomes: list[StudentOutcome], reports: list[R
     return out_dir
 
 
-def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str,
-                 log: Log = print) -> tuple[list[Report], Path]:
+def run_pipeline(
+    recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, log: Log = print
+) -> tuple[list[Report], Path]:
     """One teacher version through prepare → label → distill → evaluate; returns the reports and run folder."""
     dataset = open_dataset(recipe, settings)
     teacher = load_teacher(teacher_name, teacher_version, settings.tracking_uri)
@@ -172,7 +227,11 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_
     out = run_dir(recipe, settings, teacher)
     outcomes = distill_all(recipe, dataset, labels, teacher, out, log)
     reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
-    meta = {"recipe": recipe.name, "recipe_hash": recipe.recipe_hash(), "teacher": teacher.identity,
-            "dataset_digest": dataset.digest, "soft_labels_key": labels.key}
+    meta = {
+        "recipe": recipe.name,
+        "recipe_hash": recipe.recipe_hash(),
+        "teacher": teacher.identity,
+        "dataset_digest": dataset.digest,
+        "soft_labels_key": labels.key,
+    }
     return reports, save_outcomes(out, outcomes, reports, meta)
-

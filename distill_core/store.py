@@ -162,10 +162,14 @@ def s3_client(*, connect_timeout: float = 5, read_timeout: float = 60, max_attem
     session = boto3.session.Session()
     # S3-compatible servers (MinIO, Ceph, moto) need path-style addressing, and boto3 >= 1.36 sends CRC
     # checksums by default that several of them reject or store inside the object (boto3#4392, #4435).
-    config = Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    retries={"max_attempts": max_attempts, "mode": "standard"},
-                    connect_timeout=connect_timeout, read_timeout=read_timeout)
+    config = Config(
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
     return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
 
 
@@ -195,17 +199,22 @@ class S3Store(ArtifactStore):
         if isinstance(exc, ClientError):
             code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
             if code == "NoSuchBucket" or (key is None and code in _MISSING):
-                return StoreError(f"bucket '{self.bucket}' does not exist at {self.endpoint}: "
-                                  "create it or fix DISTILL_STORE")
+                return StoreError(
+                    f"bucket '{self.bucket}' does not exist at {self.endpoint}: create it or fix DISTILL_STORE"
+                )
             if exc.response["ResponseMetadata"].get("HTTPStatusCode") == 403 or code == "ExpiredToken":
-                return StoreError(f"access to bucket '{self.bucket}' was refused ({code}: {message}) while "
-                                  f"{action} {where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+                return StoreError(
+                    f"access to bucket '{self.bucket}' was refused ({code}: {message}) while "
+                    f"{action} {where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+                )
             if key is not None and code in _MISSING:
                 return ArtifactNotFoundError(f"artifact '{key}' not found in {self.describe()}")
             return StoreError(f"S3 error while {action} {where} at {self.endpoint}: {code}: {message}")
         if isinstance(exc, BotoConnectionError | HTTPClientError):
-            return StoreError(f"cannot reach the S3 endpoint {self.endpoint} while {action} {where}: "
-                              f"start the server or fix AWS_ENDPOINT_URL ({exc})")
+            return StoreError(
+                f"cannot reach the S3 endpoint {self.endpoint} while {action} {where}: "
+                f"start the server or fix AWS_ENDPOINT_URL ({exc})"
+            )
         if isinstance(exc, NoCredentialsError):
             return StoreError(f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         return StoreError(f"S3 error while {action} {where} at {self.endpoint}: {exc}")
@@ -252,7 +261,8 @@ class S3Store(ArtifactStore):
 
     def _list_full(self, prefix: str) -> KeyList:
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._full(prefix), PaginationConfig={"PageSize": self.page_size})
+            Bucket=self.bucket, Prefix=self._full(prefix), PaginationConfig={"PageSize": self.page_size}
+        )
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
     def list(self, prefix: str = "") -> KeyList:
@@ -264,7 +274,7 @@ class S3Store(ArtifactStore):
         with self._errors("deleting", check_key(prefix, prefix=True) or None):
             full_keys = self._list_full(prefix)
             for start in range(0, len(full_keys), 1000):  # DeleteObjects takes at most 1000 keys
-                batch = {"Objects": [{"Key": k} for k in full_keys[start:start + 1000]], "Quiet": True}
+                batch = {"Objects": [{"Key": k} for k in full_keys[start : start + 1000]], "Quiet": True}
                 errors = self.client.delete_objects(Bucket=self.bucket, Delete=batch).get("Errors")
                 if errors:
                     raise StoreError(f"{len(errors)} deletes failed in {self.describe()}: {errors[0]}")
@@ -273,12 +283,12 @@ class S3Store(ArtifactStore):
 def open_store(uri: str) -> ArtifactStore:
     """'s3://bucket/prefix' gives an S3Store; a folder path (optionally 'file://...') gives a LocalStore."""
     if uri.startswith("s3://"):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
             raise StoreError(f"store URI {uri!r} names no bucket: use s3://bucket/prefix")
         return S3Store(bucket, prefix)
     if uri.startswith("file://"):
-        return LocalStore(uri[len("file://"):])
+        return LocalStore(uri[len("file://") :])
     if "://" in uri:
         raise StoreError(f"store URI {uri!r} has an unknown scheme: use s3://bucket/prefix or a folder path")
     return LocalStore(uri)

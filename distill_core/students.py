@@ -6,13 +6,14 @@ import copy
 import re
 import zlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from distill_core.errors import RecipeError
 from distill_core.recipe import StudentConfig
-from distill_core.teachers import Batch, TextClassifier, load_minilm
+from distill_core.teachers import Batch, TextClassifier, TextModule, load_minilm
 
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
@@ -20,9 +21,16 @@ _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 class TransformerStudent(TextClassifier):
     """DistilBERT-style: fewer layers copied from the teacher, an optionally pruned and factorised vocabulary."""
 
-    def __init__(self, encoder: nn.Module, tokenizer: object, labels: tuple[str, ...], id_map: Tensor | None,
-                 max_length: int):
+    def __init__(
+        self,
+        encoder: Any,
+        tokenizer: object,
+        labels: tuple[str, ...],
+        id_map: Tensor | None,
+        max_length: int,
+    ):
         super().__init__(encoder, tokenizer, labels, max_length)
+        self.id_map: Tensor
         self.register_buffer("id_map", id_map if id_map is not None else torch.empty(0, dtype=torch.long))
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> Batch:
@@ -44,7 +52,11 @@ def _kept_wordpieces(tokenizer: object, texts: Iterable[str], max_length: int) -
 
 
 def build_transformer_student(
-    cfg: StudentConfig, teacher: nn.Module, labels: tuple[str, ...], texts: list[str], max_length: int,
+    cfg: StudentConfig,
+    teacher: TextModule,
+    labels: tuple[str, ...],
+    texts: list[str],
+    max_length: int,
     log: Callable[[str], None] = print,
 ) -> TransformerStudent:
     """Copy the teacher's embeddings and chosen layers into a smaller encoder of the same kind."""
@@ -57,8 +69,10 @@ def build_transformer_student(
         source, tokenizer = load_minilm()
     n_layers = source.config.num_hidden_layers
     if max(cfg.teacher_layers) >= n_layers:
-        raise RecipeError(f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the teacher "
-                          f"encoder has layers 0..{n_layers - 1}")
+        raise RecipeError(
+            f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the teacher "
+            f"encoder has layers 0..{n_layers - 1}"
+        )
     hidden = source.config.hidden_size
     teacher_words = source.embeddings.word_embeddings.weight.detach()
     keep = _kept_wordpieces(tokenizer, texts, max_length) if cfg.prune_vocab else None
@@ -69,7 +83,8 @@ def build_transformer_student(
     config.vocab_size = words.shape[0]
     encoder = BertModel(config, add_pooling_layer=False)
     encoder.embeddings.load_state_dict(
-        {k: v for k, v in source.embeddings.state_dict().items() if not k.startswith("word_embeddings")}, strict=False
+        {k: v for k, v in source.embeddings.state_dict().items() if not k.startswith("word_embeddings")},
+        strict=False,
     )
     for student_index, teacher_index in enumerate(cfg.teacher_layers):
         encoder.encoder.layer[student_index].load_state_dict(source.encoder.layer[teacher_index].state_dict())
@@ -81,12 +96,12 @@ def build_transformer_student(
         small.weight.data.copy_(u[:, :e] * s[:e])
         project = nn.Linear(e, hidden, bias=False)
         project.weight.data.copy_(vh[:e].T)
-        encoder.embeddings.word_embeddings = nn.Sequential(small, project)
+        encoder.embeddings.word_embeddings = nn.Sequential(small, project)  # type: ignore[assignment]
     else:
         encoder.embeddings.word_embeddings.weight.data.copy_(words)
     id_map = None
     if keep is not None:
-        unk = int((keep == tokenizer.unk_token_id).nonzero()[0, 0])  # type: ignore[attr-defined]
+        unk = int((keep == tokenizer.unk_token_id).nonzero()[0, 0])
         id_map = torch.full((teacher_words.shape[0],), unk, dtype=torch.long)
         id_map[keep] = torch.arange(len(keep))
     student = TransformerStudent(encoder, tokenizer, labels, id_map, max_length)
@@ -102,7 +117,7 @@ def hashed_ngrams(text: str, ngrams: int, buckets: int) -> list[int]:
     return [zlib.crc32(g.encode()) % buckets for g in grams] or [0]
 
 
-class EmbeddingBagStudent(nn.Module):
+class EmbeddingBagStudent(TextModule):
     """fastText-style: the mean of hashed word n-gram embeddings, then a linear layer."""
 
     def __init__(self, labels: tuple[str, ...], buckets: int, dim: int, ngrams: int):
@@ -123,9 +138,13 @@ class EmbeddingBagStudent(nn.Module):
 
 
 def build_student(
-    cfg: StudentConfig, teacher: nn.Module, labels: tuple[str, ...], texts: list[str], max_length: int,
+    cfg: StudentConfig,
+    teacher: TextModule,
+    labels: tuple[str, ...],
+    texts: list[str],
+    max_length: int,
     log: Callable[[str], None] = print,
-) -> nn.Module:
+) -> TextModule:
     """A fresh student of the configured family and size."""
     if cfg.family == "transformer":
         return build_transformer_student(cfg, teacher, labels, texts, max_length, log)

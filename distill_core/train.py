@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill_core.evaluate import accuracy, predict
 from distill_core.losses import DistillationObjective
 from distill_core.recipe import LossTerm, StudentConfig, TrainConfig
-from distill_core.teachers import Features, TextClassifier, fast_attention
+from distill_core.teachers import Features, TextClassifier, TextModule, fast_attention
 
 CHECKPOINT = "last.pt"
 
@@ -39,7 +39,7 @@ class TransferSet:
 class TrainResult:
     """The trained student (best validation state) and how training went."""
 
-    student: nn.Module
+    student: TextModule
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     best_step: int = 0
@@ -57,8 +57,14 @@ def baseline_config(cfg: TrainConfig) -> TrainConfig:
 class Distiller:
     """Holds the student, the objective and the optimizer; `step` is one distillation update."""
 
-    def __init__(self, student: nn.Module, cfg: TrainConfig, student_cfg: StudentConfig,
-                 teacher: nn.Module | None = None, teacher_layer: int | None = None):
+    def __init__(
+        self,
+        student: TextModule,
+        cfg: TrainConfig,
+        student_cfg: StudentConfig,
+        teacher: TextModule | None = None,
+        teacher_layer: int | None = None,
+    ):
         self.student, self.cfg, self.teacher = student, cfg, teacher
         hidden = getattr(getattr(student, "encoder", None), "config", None)
         teacher_hidden = getattr(getattr(teacher, "encoder", None), "config", None)
@@ -74,17 +80,26 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
     def _teacher_outputs(self, batch: dict[str, Tensor], teacher_batch: dict[str, Tensor]) -> dict[str, Any]:
-        assert self.teacher is not None
+        assert isinstance(self.teacher, TextModule)
         with torch.no_grad():
             if not self.needs_features:
                 return {"teacher_logits": self.teacher(**teacher_batch).float()}
+            assert isinstance(self.teacher, TextClassifier), "feature and attention terms need a transformer teacher"
             feats: Features = self.teacher.features(**teacher_batch)
         layer = self.teacher_layer if self.teacher_layer is not None else len(feats.attentions) - 1
-        return {"teacher_logits": feats.logits.float(), "teacher_hidden": feats.hidden_states[layer + 1],
-                "teacher_attention": feats.attentions[layer]}
+        return {
+            "teacher_logits": feats.logits.float(),
+            "teacher_hidden": feats.hidden_states[layer + 1],
+            "teacher_attention": feats.attentions[layer],
+        }
 
-    def step(self, batch: dict[str, Tensor], labels: Tensor | None, teacher_logits: Tensor | None,
-             teacher_batch: dict[str, Tensor] | None = None) -> dict[str, float]:
+    def step(
+        self,
+        batch: dict[str, Tensor],
+        labels: Tensor | None,
+        teacher_logits: Tensor | None,
+        teacher_batch: dict[str, Tensor] | None = None,
+    ) -> dict[str, float]:
         """One update: forward, loss, backward, optimizer step. Returns the loss terms."""
         self.student.train()
         inputs: dict[str, Any] = {"teacher_logits": teacher_logits, "labels": labels}
@@ -93,8 +108,12 @@ class Distiller:
         if self.needs_features:
             assert isinstance(self.student, TextClassifier)
             feats = self.student.features(**batch)
-            inputs.update(student_logits=feats.logits, student_hidden=feats.hidden_states[-1],
-                          student_attention=feats.attentions[-1], sequence_mask=batch["attention_mask"])
+            inputs.update(
+                student_logits=feats.logits,
+                student_hidden=feats.hidden_states[-1],
+                student_attention=feats.attentions[-1],
+                sequence_mask=batch["attention_mask"],
+            )
         else:
             inputs["student_logits"] = self.student(**batch)
         loss, terms = self.objective(**inputs)
@@ -115,13 +134,13 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def train_student(
-    student: nn.Module,
+    student: TextModule,
     student_cfg: StudentConfig,
     cfg: TrainConfig,
     transfer: TransferSet,
     validation: tuple[list[str], np.ndarray],
     checkpoint_dir: str | Path,
-    teacher: nn.Module | None = None,
+    teacher: TextModule | None = None,
     fingerprint: str = "",
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
@@ -151,8 +170,11 @@ def train_student(
             distiller.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             step, stale, best_state = state["step"], state["stale"], state["best_state"]
-            result.history, result.best_step, result.best_accuracy = state["history"], state["best_step"], state[
-                "best_accuracy"]
+            result.history, result.best_step, result.best_accuracy = (
+                state["history"],
+                state["best_step"],
+                state["best_accuracy"],
+            )
             result.resumed_from, result.stopped_early = step, state["stopped_early"]
             log(f"resumed from checkpoint at step {step}")
         else:
@@ -192,13 +214,23 @@ def train_student(
             result.stopped_early = True
             log(f"early stop at step {step}: no improvement for {cfg.patience} evaluations")
         if step % cfg.checkpoint_every == 0 or end_of_epoch or result.stopped_early:
-            _save_checkpoint(ckpt_path, {
-                "fingerprint": fingerprint, "step": step, "student": student.state_dict(),
-                "objective": distiller.objective.state_dict(), "optimizer": distiller.optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "stale": stale, "best_state": best_state, "history": result.history,
-                "best_step": result.best_step, "best_accuracy": result.best_accuracy,
-                "stopped_early": result.stopped_early,
-            })
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step,
+                    "student": student.state_dict(),
+                    "objective": distiller.objective.state_dict(),
+                    "optimizer": distiller.optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "stale": stale,
+                    "best_state": best_state,
+                    "history": result.history,
+                    "best_step": result.best_step,
+                    "best_accuracy": result.best_accuracy,
+                    "stopped_early": result.stopped_early,
+                },
+            )
     student.load_state_dict(best_state)
     fast_attention(student)
     if teacher is not None:

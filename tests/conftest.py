@@ -17,6 +17,14 @@ from pathlib import Path
 import boto3
 import pytest
 
+# Offline, quiet and isolated before anything imports transformers, MLflow or Prefect.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 S3_SERVER_START_TIMEOUT_S = 20.0
 
 
@@ -42,8 +50,10 @@ def _wait_until_answering(proc: subprocess.Popen[bytes], url: str, log_path: Pat
     deadline = time.monotonic() + S3_SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with code {proc.returncode} before answering at {url}; "
-                               f"its log ({log_path}):\n{log_path.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"moto server exited with code {proc.returncode} before answering at {url}; "
+                f"its log ({log_path}):\n{log_path.read_text()[-2000:]}"
+            )
         try:
             no_proxy.open(url, timeout=1).close()
             return
@@ -51,8 +61,10 @@ def _wait_until_answering(proc: subprocess.Popen[bytes], url: str, log_path: Pat
             return  # an HTTP error status is still an answer
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"moto server did not answer at {url} within {S3_SERVER_START_TIMEOUT_S:.0f} s; "
-                       f"its log ({log_path}):\n{log_path.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"moto server did not answer at {url} within {S3_SERVER_START_TIMEOUT_S:.0f} s; "
+        f"its log ({log_path}):\n{log_path.read_text()[-2000:]}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +75,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}  # accept any keys
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         _wait_until_answering(proc, endpoint_url, log_path)
         yield S3Server(endpoint_url, access_key="testing", secret_key="testing", log_path=log_path)
@@ -89,7 +105,50 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     no_proxy = [os.environ.get("NO_PROXY", ""), "127.0.0.1", "localhost"]  # never send loopback via a proxy
     monkeypatch.setenv("NO_PROXY", ",".join(filter(None, no_proxy)))
     bucket = f"distill-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-                 aws_access_key_id=s3_server.access_key,
-                 aws_secret_access_key=s3_server.secret_key).create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+    ).create_bucket(Bucket=bucket)
     return bucket
+
+
+# --- the core's shared real components: a small real dataset, an MLflow SQLite registry, a MiniLM teacher ---
+
+SMALL_ROWS = 300
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """300 real Rotten Tomatoes reviews, prepared into splits (with one augmented copy for transfer)."""
+    from distill_core.data import prepare_dataset
+    from distill_core.recipe import DataConfig
+
+    return prepare_dataset(DataConfig(max_rows=SMALL_ROWS, augment_copies=1), tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real MLflow tracking and registry store: one SQLite file for the session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def registered_teacher(small_dataset, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The real MiniLM teacher (a head trained on frozen features), registered as sentiment-teacher v1."""
+    from distill_core.recipe import TeacherConfig
+    from distill_core.teachers import log_teacher, train_teacher
+
+    cfg = TeacherConfig(trainable_layers=0, epochs=3, batch_size=32, lr=0.05)
+    teacher = train_teacher(small_dataset, cfg, log=lambda _: None)
+    artifacts = tmp_path_factory.mktemp("artifacts").as_uri()
+    return log_teacher(
+        teacher,
+        "sentiment-teacher",
+        tracking_uri,
+        tags={"distill.dataset_digest": small_dataset.digest},
+        artifact_location=artifacts,
+    )

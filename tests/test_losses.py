@@ -71,9 +71,7 @@ def test_forward_kl_golden(temperature):
 
 def test_forward_kl_at_t2_is_four_times_the_plain_kl_of_softened_distributions():
     p_t, p_s = np_softmax(TEACHER, 2.0), np_softmax(STUDENT, 2.0)
-    assert forward_kl(t(STUDENT), t(TEACHER), temperature=2.0).item() == pytest.approx(
-        4 * np_kl(p_t, p_s), rel=1e-5
-    )
+    assert forward_kl(t(STUDENT), t(TEACHER), temperature=2.0).item() == pytest.approx(4 * np_kl(p_t, p_s), rel=1e-5)
 
 
 def test_reverse_kl_golden():
@@ -156,12 +154,8 @@ def test_reverse_kl_is_forward_kl_with_arguments_swapped():
 
 def test_jsd_endpoints_are_forward_and_reverse_kl_exactly():
     student, teacher = random_logits(3, 7, seed=5), random_logits(3, 7, seed=6)
-    assert torch.equal(
-        generalized_jsd(student, teacher, beta=0.0, temperature=2.0), forward_kl(student, teacher, 2.0)
-    )
-    assert torch.equal(
-        generalized_jsd(student, teacher, beta=1.0, temperature=2.0), reverse_kl(student, teacher, 2.0)
-    )
+    assert torch.equal(generalized_jsd(student, teacher, beta=0.0, temperature=2.0), forward_kl(student, teacher, 2.0))
+    assert torch.equal(generalized_jsd(student, teacher, beta=1.0, temperature=2.0), reverse_kl(student, teacher, 2.0))
 
 
 def test_jsd_at_half_is_symmetric():
@@ -174,9 +168,7 @@ def test_jsd_at_half_is_symmetric():
 
 def test_skew_kl_with_alpha_zero_is_forward_kl():
     student, teacher = random_logits(3, 7, seed=9), random_logits(3, 7, seed=10)
-    assert skew_kl(student, teacher, alpha=0.0).item() == pytest.approx(
-        forward_kl(student, teacher).item(), rel=1e-6
-    )
+    assert skew_kl(student, teacher, alpha=0.0).item() == pytest.approx(forward_kl(student, teacher).item(), rel=1e-6)
 
 
 MASK = torch.tensor([[True, True, False, False], [True, False, True, True]])
@@ -255,9 +247,7 @@ def test_half_precision_logits_are_computed_in_float32():
     student, teacher = random_logits(2, 4, 6, seed=21), random_logits(2, 4, 6, seed=22)
     loss = forward_kl(student.bfloat16(), teacher.bfloat16())
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(
-        forward_kl(student.bfloat16().float(), teacher.bfloat16().float()).item()
-    )
+    assert loss.item() == pytest.approx(forward_kl(student.bfloat16().float(), teacher.bfloat16().float()).item())
 
 
 # --- KD loss ------------------------------------------------------------------------------------------------
@@ -459,9 +449,7 @@ def test_objective_feature_term_trains_its_projection():
 def test_objective_attention_term():
     objective = DistillationObjective([{"function": "attention", "weight": 2.0}])
     student, teacher = attention_maps(2, 2, 4, seed=47), attention_maps(2, 4, 4, seed=48)
-    total, values = objective(
-        random_logits(2, 4, 6, seed=0), student_attention=student, teacher_attention=teacher
-    )
+    total, values = objective(random_logits(2, 4, 6, seed=0), student_attention=student, teacher_attention=teacher)
     assert total.item() == pytest.approx(2.0 * attention_transfer(student, teacher).item())
 
 

@@ -69,6 +69,12 @@ def test_upload_then_download_round_trips_a_file(store: ArtifactStore, tmp_path:
     assert os.listdir(target.parent) == ["checkpoint.pt"]  # no temp file left behind
 
 
+def test_uploading_a_missing_local_file_is_a_plain_file_not_found(store: ArtifactStore, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="never-written.pt"):
+        store.upload_file("students/v3/checkpoint.pt", tmp_path / "never-written.pt")
+    assert not store.exists("students/v3/checkpoint.pt")
+
+
 def test_delete_prefix_removes_only_keys_under_it(store: ArtifactStore) -> None:
     for key in ["cache/a/1.bin", "cache/a/2.bin", "cache/ab/3.bin", "keep/4.bin"]:
         store.write_bytes(key, b".")
@@ -79,9 +85,7 @@ def test_delete_prefix_removes_only_keys_under_it(store: ArtifactStore) -> None:
 
 
 @pytest.mark.parametrize("bad_key", ["../escape.bin", "a/../../escape.bin", "/etc/passwd", "", "a//b", "./a"])
-def test_keys_that_could_escape_the_root_are_rejected(
-    store: ArtifactStore, bad_key: str, tmp_path: Path
-) -> None:
+def test_keys_that_could_escape_the_root_are_rejected(store: ArtifactStore, bad_key: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="invalid artifact key"):
         store.write_bytes(bad_key, b"x")
     with pytest.raises(ValueError, match="invalid artifact key"):
@@ -179,15 +183,24 @@ def test_s3_missing_bucket_error_names_bucket_endpoint_and_fix(s3_env: str, s3_s
     store = S3Store(missing)
     with pytest.raises(StoreError) as err:
         store.check()
-    assert str(err.value) == (f"bucket '{missing}' does not exist at {s3_server.endpoint_url}: "
-                              "create it or fix DISTILL_STORE")
+    assert str(err.value) == (
+        f"bucket '{missing}' does not exist at {s3_server.endpoint_url}: create it or fix DISTILL_STORE"
+    )
     with pytest.raises(StoreError, match=f"bucket '{missing}' does not exist"):
         store.exists("model.bin")  # checked on first use: a bare 404 on HEAD would look like "no such key"
 
 
-def test_s3_unreachable_endpoint_error_names_the_endpoint(
-    s3_env: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_s3_upload_into_a_bucket_deleted_mid_run_names_the_bucket(s3_env: str, tmp_path: Path) -> None:
+    store = S3Store(s3_env, "runs")
+    store.check()
+    store.client.delete_bucket(Bucket=s3_env)  # e.g. a cleanup job; boto3 wraps this upload's error
+    source = tmp_path / "checkpoint.pt"
+    source.write_bytes(b"weights")
+    with pytest.raises(StoreError, match=f"bucket '{s3_env}' does not exist .*fix DISTILL_STORE"):
+        store.upload_file("checkpoint.pt", source)
+
+
+def test_s3_unreachable_endpoint_error_names_the_endpoint(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as sock:  # a loopback port that nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -202,9 +215,14 @@ def test_s3_unreachable_endpoint_error_names_the_endpoint(
 @contextmanager
 def _credentials_enforced(endpoint_url: str) -> Iterator[None]:
     """Switch the moto server to checking signatures against its IAM users (moto's reset-auth API)."""
+
     def set_count(count: str) -> None:
-        request = urllib.request.Request(f"{endpoint_url}/moto-api/reset-auth", data=count.encode(),
-                                         method="POST", headers={"Content-Type": "text/plain"})
+        request = urllib.request.Request(
+            f"{endpoint_url}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=5).close()
 
     set_count("0")
@@ -243,8 +261,13 @@ def test_s3_refused_error_carries_the_server_code_when_it_sends_one(
 ) -> None:
     store = S3Store(s3_env, "runs")
     store.check()  # the bucket check passes with the right keys; the key is then revoked
-    store.client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-                                aws_access_key_id="AKIAREVOKEDREVOKED00", aws_secret_access_key="x")
+    store.client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="AKIAREVOKEDREVOKED00",
+        aws_secret_access_key="x",
+    )
     with _credentials_enforced(s3_server.endpoint_url), pytest.raises(StoreError) as err:
         store.read_bytes("model.bin")  # a GET, unlike HEAD, has a body with the error code
     assert f"access to bucket '{s3_env}' was refused (InvalidAccessKeyId:" in str(err.value)

@@ -1,0 +1,98 @@
+"""The `distill` command as a user runs it: help, clear errors, and the demo end to end on small data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VERBS = ("demo", "run", "watch", "serve", "status", "promote", "rollback", "ui", "stage")
+
+
+def distill(*args: str, home: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DISTILL_STORE", None)
+    if home is not None:
+        env["DISTILL_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-c", "from distill_core.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_help_lists_every_verb():
+    out = distill("--help")
+    assert out.returncode == 0
+    for verb in VERBS:
+        assert verb in out.stdout
+    stages = distill("stage", "--help").stdout
+    assert all(step in stages for step in ("prepare", "teacher", "label", "distill"))
+
+
+def test_later_verbs_say_they_are_not_there_yet():
+    out = distill("watch", "--once")
+    assert out.returncode == 2 and "not there yet" in out.stderr
+
+
+def test_bad_recipe_is_one_clear_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: x\nstudents: [{name: s, family: lstm}]\n")
+    out = distill("stage", "prepare", "--recipe", str(recipe), home=tmp_path)
+    assert out.returncode == 1
+    assert "students.0.family: Input should be 'transformer' or 'embedding_bag' (got 'lstm')" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_teacher_reference(tmp_path):
+    out = distill("stage", "label", "--teacher", "no-version", home=tmp_path)
+    assert out.returncode == 2 and "expected NAME/VERSION" in out.stderr
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "name: tiny\n"
+        "data: {max_rows: 200, augment_copies: 1}\n"
+        "teacher: {trainable_layers: 0, epochs: 2, batch_size: 32, lr: 0.05}\n"
+        "students:\n"
+        "  - {name: small-tf, family: transformer, teacher_layers: [5], embedding_dim: 32, lr: 3.0e-4}\n"
+        "  - {name: bag, family: embedding_bag, buckets: 4096, dim: 16, lr: 0.02}\n"
+        "train: {epochs: 2, batch_size: 32, eval_every: 100}\n"
+        "evaluation: {latency_samples: 10, throughput_batch: 8}\n"
+    )
+    return recipe
+
+
+def test_demo_prints_the_comparison_table(tiny_recipe, tmp_path):
+    home = tmp_path / "home"
+    out = distill("demo", "--recipe", str(tiny_recipe), home=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | acc | F1 | of teacher | agree |")
+    names = [row.split("|")[1].strip() for row in table[2:]]
+    assert names == [
+        "teacher sentiment-teacher v1",
+        "small-tf (distilled)",
+        "small-tf (hard-label)",
+        "bag (distilled)",
+        "bag (hard-label)",
+    ]
+    report = json.loads((home / "runs" / "tiny-sentiment-teacher-v1" / "report.json").read_text())
+    assert report["teacher"].startswith("sentiment-teacher/1@")
+    assert {r["name"] for r in report["reports"]} == set(names)
+    assert all(0 <= r["accuracy"] <= 1 and r["params"] > 0 for r in report["reports"])
+    assert (home / "runs" / "tiny-sentiment-teacher-v1" / "bag" / "distilled.pt").exists()
+
+    again = distill("demo", "--recipe", str(tiny_recipe), home=home)  # same teacher: labels and students reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "using registered teacher sentiment-teacher v1" in again.stdout
+    assert "(reused)" in again.stderr and "resumed from checkpoint" in again.stderr

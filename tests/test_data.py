@@ -1,0 +1,87 @@
+"""Data: real Rotten Tomatoes text, deterministic splits, a digest that notices changes, bad rows named."""
+
+import pandas as pd
+import pytest
+
+from distill_core.data import UNLABELED, load_prepared, prepare_dataset, validate_labeled
+from distill_core.errors import DatasetError
+from distill_core.recipe import DataConfig
+
+
+def test_splits_are_disjoint_stratified_and_deterministic(tmp_path):
+    cfg = DataConfig(max_rows=600, augment_copies=2, seed=3)
+    first = prepare_dataset(cfg, tmp_path / "a")
+    second = prepare_dataset(cfg, tmp_path / "b")
+    assert first.digest == second.digest
+    assert first.labels == ("fresh", "rotten")
+    train, val, test = (set(first.split(s)["text"]) for s in ("train", "validation", "test"))
+    assert not (train & val or train & test or val & test)
+    assert sum(first.counts[s] for s in ("train", "validation", "test")) == 600
+    assert first.counts["test"] == pytest.approx(120, abs=2)
+    shares = [first.split(s)["label"].mean() for s in ("train", "test")]
+    assert shares[0] == pytest.approx(shares[1], abs=0.03)
+
+
+def test_transfer_split_holds_train_text_and_unlabeled_augmentations(tmp_path):
+    data = prepare_dataset(DataConfig(max_rows=300, augment_copies=2), tmp_path)
+    transfer, train = data.split("transfer"), data.split("train")
+    assert len(transfer) == 3 * len(train)
+    assert transfer["text"].head(len(train)).tolist() == train["text"].tolist()
+    assert (transfer["label"].iloc[len(train) :] == UNLABELED).all()
+    assert transfer["text"].iloc[len(train) :].str.len().gt(0).all()
+
+
+def test_digest_changes_with_seed(tmp_path):
+    a = prepare_dataset(DataConfig(max_rows=300, seed=0), tmp_path / "a")
+    b = prepare_dataset(DataConfig(max_rows=300, seed=1), tmp_path / "b")
+    assert a.digest != b.digest
+
+
+def test_dataset_changed_behind_our_back_is_refused(tmp_path):
+    data = prepare_dataset(DataConfig(max_rows=300), tmp_path)
+    frame = data.split("test")
+    frame.loc[0, "text"] = "an edited review"
+    frame.to_parquet(tmp_path / "test.parquet", index=False)
+    with pytest.raises(DatasetError, match="changed after it was prepared"):
+        load_prepared(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            {"text": ["good", "  ", "bad"], "label": ["pos", "neg", "neg"]},
+            "empty text in 1 row(s) (first: 1)",
+        ),
+        (
+            {"text": ["good", "fine", "bad"], "label": ["pos", None, "neg"]},
+            "missing label in 1 row(s) (first: 1)",
+        ),
+        (
+            {"text": ["good", "fine", "bad"], "label": ["pos", "meh", "neg"]},
+            "unknown label ['meh'] in 1 row(s)",
+        ),
+    ],
+)
+def test_bad_rows_are_named(rows, expected):
+    with pytest.raises(DatasetError) as err:
+        validate_labeled(pd.DataFrame(rows), labels=("neg", "pos"))
+    assert expected in str(err.value)
+
+
+def test_bad_file_source_leaves_nothing_that_looks_complete(tmp_path):
+    source = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": ["a fine film", "", "dull"], "label": ["pos", "pos", "neg"]}).to_csv(source, index=False)
+    out = tmp_path / "prepared"
+    with pytest.raises(DatasetError, match="empty text"):
+        prepare_dataset(DataConfig(source=str(source)), out)
+    assert not (out / "dataset.json").exists()
+    with pytest.raises(DatasetError, match="no dataset.json"):
+        load_prepared(out)
+
+
+def test_file_source_without_label_column(tmp_path):
+    source = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": ["a fine film"], "sentiment": ["pos"]}).to_csv(source, index=False)
+    with pytest.raises(DatasetError, match=r"lacks column\(s\) \['label'\]"):
+        prepare_dataset(DataConfig(source=str(source)), tmp_path / "out")

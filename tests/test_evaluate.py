@@ -1,0 +1,56 @@
+"""Evaluation metrics against values worked out by hand."""
+
+import numpy as np
+import pytest
+from toy_models import BagTeacher, WordHashTokenizer
+
+from distill_core.evaluate import (
+    Report,
+    accuracy,
+    agreement,
+    comparison_table,
+    evaluate_model,
+    expected_calibration_error,
+    macro_f1,
+    mean_kl,
+    relative_to,
+)
+from distill_core.teachers import WrappedTeacher
+
+LABELS = np.array([0, 0, 1, 1])
+LOGITS = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predictions 0, 1, 1, 0
+
+
+def test_accuracy_f1_and_agreement():
+    assert accuracy(LOGITS, LABELS) == 0.5
+    assert macro_f1(LOGITS, LABELS) == pytest.approx(0.5)  # each class: tp 1, fp 1, fn 1
+    assert agreement(LOGITS, LOGITS[[0, 0, 2, 3]]) == 0.75
+
+
+def test_kl_is_zero_for_identical_and_matches_the_formula():
+    assert mean_kl(LOGITS, LOGITS) == pytest.approx(0.0, abs=1e-9)
+    p, q = np.array([[0.5, 0.5]]), np.array([[0.9, 0.1]])
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+    assert mean_kl(np.log(p), np.log(q)) == pytest.approx(expected)
+
+
+def test_ece_zero_when_confidence_matches_accuracy():
+    # two rows at confidence 0.75, one of two... use 4 rows at 0.75 confidence with 3 correct
+    logits = np.log(np.array([[0.75, 0.25]] * 4))
+    assert expected_calibration_error(logits, np.array([0, 0, 0, 1])) == pytest.approx(0.0, abs=1e-9)
+    assert expected_calibration_error(logits, np.array([1, 1, 1, 1])) == pytest.approx(0.75)
+
+
+def test_report_measures_speed_and_size_and_relates_to_teacher():
+    model = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=("neg", "pos"))
+    texts = ["a fine film", "dull", "moving and funny", "too long"]
+    report = evaluate_model("bag", model, texts, LABELS, LOGITS, latency_samples=5, throughput_batch=4)
+    assert report.params == 512 * 8 + 8 * 2 + 2
+    assert report.bytes > 4 * report.params and report.p95_ms >= report.p50_ms > 0 and report.throughput > 0
+    teacher = Report("t", 0.8, 0.8, 1, 0, 0, p50_ms=10.0, p95_ms=12, throughput=10, params=100_000, bytes=1)
+    related = relative_to(report, teacher)
+    assert related.compression == pytest.approx(100_000 / report.params)
+    assert related.speedup == pytest.approx(10.0 / report.p50_ms)
+    assert related.retention == pytest.approx(report.accuracy / 0.8)
+    table = comparison_table([teacher, related])
+    assert table.splitlines()[0].startswith("| model | acc |") and "| bag |" in table

@@ -1,0 +1,67 @@
+"""The recipe: the demo's loads, bad fields are named with what is allowed, and the hash is stable."""
+
+from pathlib import Path
+
+import pytest
+
+from distill_core.errors import RecipeError
+from distill_core.recipe import load_recipe, parse_recipe
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+MINIMAL = {"name": "r", "students": [{"name": "s", "family": "embedding_bag"}]}
+
+
+def test_demo_recipe_loads():
+    recipe = load_recipe(DEMO)
+    assert recipe.data.source == "rotten_tomatoes"
+    assert {s.family for s in recipe.students} == {"transformer", "embedding_bag"}
+
+
+def test_unknown_field_is_named_with_the_allowed_ones():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({**MINIMAL, "train": {"epochz": 3}})
+    message = str(err.value)
+    assert "train.epochz: unknown field" in message
+    assert "epochs" in message and "batch_size" in message
+
+
+def test_out_of_range_and_bad_choice_are_named():
+    bad = {**MINIMAL, "train": {"lr": 5, "losses": [{"function": "kll"}]}}
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(bad, source="bad.yaml")
+    message = str(err.value)
+    assert message.startswith("bad.yaml is not a valid recipe")
+    assert "train.lr: Input should be less than 1 (got 5)" in message
+    assert "train.losses.0.function" in message and "'forward_kl'" in message and "(got 'kll')" in message
+
+
+def test_feature_loss_needs_online_mode_and_transformer_students():
+    with pytest.raises(RecipeError, match="set train.mode: online"):
+        parse_recipe({**MINIMAL, "train": {"losses": [{"function": "feature"}]}})
+    with pytest.raises(RecipeError, match="embedding_bag students"):
+        parse_recipe({**MINIMAL, "train": {"mode": "online", "losses": [{"function": "attention"}]}})
+
+
+def test_duplicate_student_names_refused():
+    students = [{"name": "s", "family": "embedding_bag"}, {"name": "s", "family": "transformer"}]
+    with pytest.raises(RecipeError, match="repeated: \\['s'\\]"):
+        parse_recipe({"name": "r", "students": students})
+
+
+def test_hash_ignores_layout_and_follows_settings(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("name: r\nstudents: [{name: s, family: embedding_bag}]\ntrain: {epochs: 2, lr: 0.001}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("train:\n  lr: 1.0e-3\n  epochs: 2\nstudents:\n  - family: embedding_bag\n    name: s\nname: r\n")
+    assert load_recipe(a).recipe_hash() == load_recipe(b).recipe_hash()
+    changed = parse_recipe({**MINIMAL, "train": {"epochs": 2, "lr": 0.002}})
+    assert changed.recipe_hash() != load_recipe(a).recipe_hash()
+
+
+def test_missing_file_and_broken_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(broken)

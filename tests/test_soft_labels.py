@@ -1,0 +1,114 @@
+"""Soft labels: written as checksummed shards, reused by key, refused when corrupt or made by a broken teacher."""
+
+import json
+
+import numpy as np
+import pytest
+from toy_models import BagTeacher, WordHashTokenizer
+
+from distill_core.errors import SoftLabelError, TeacherError
+from distill_core.recipe import SoftLabelConfig
+from distill_core.soft_labels import generate_soft_labels, load_soft_labels, soft_label_key
+from distill_core.store import LocalStore, open_store
+from distill_core.students import hashed_ngrams
+from distill_core.teachers import LoadedTeacher, WrappedTeacher, content_digest, load_teacher, log_teacher
+
+CFG = SoftLabelConfig(batch_size=32, max_length=64, shard_rows=100)
+
+
+def _counted(loaded: LoadedTeacher) -> tuple[LoadedTeacher, list[int]]:
+    calls: list[int] = []
+    loaded.module.register_forward_hook(lambda *_: calls.append(1))
+    return loaded, calls
+
+
+def test_labels_are_sharded_with_a_manifest_and_reused(registered_teacher, small_dataset, tracking_uri, tmp_path):
+    teacher, calls = _counted(load_teacher(*registered_teacher, tracking_uri))
+    store = LocalStore(tmp_path)
+    first = generate_soft_labels(teacher, small_dataset, CFG, store)
+    assert not first.reused and calls
+    manifest = json.loads((tmp_path / "soft_labels" / first.key / "manifest.json").read_text())
+    assert manifest["rows"] == {s: small_dataset.counts[s] for s in ("transfer", "validation", "test")}
+    assert sum(s["rows"] for s in manifest["shards"]) == sum(manifest["rows"].values())
+    assert len([s for s in manifest["shards"] if s["split"] == "transfer"]) == -(
+        -small_dataset.counts["transfer"] // 100
+    )
+    probabilities = np.exp(first.logits["test"]) / np.exp(first.logits["test"]).sum(1, keepdims=True)
+    assert np.isfinite(first.logits["transfer"]).all() and probabilities.max(1).min() >= 0.5
+
+    calls.clear()
+    second = generate_soft_labels(teacher, small_dataset, CFG, store)
+    assert second.reused and second.key == first.key and not calls
+    np.testing.assert_array_equal(second.logits["transfer"], first.logits["transfer"])
+
+
+def test_key_follows_teacher_data_and_settings(small_dataset):
+    base = soft_label_key("t/1@abc", small_dataset.digest, CFG, "classification")
+    assert base == soft_label_key(
+        "t/1@abc", small_dataset.digest, CFG.model_copy(update={"batch_size": 8}), "classification"
+    )  # batch size changes no label
+    assert base != soft_label_key("t/2@abc", small_dataset.digest, CFG, "classification")
+    assert base != soft_label_key("t/1@abc", "other-digest", CFG, "classification")
+    assert base != soft_label_key(
+        "t/1@abc", small_dataset.digest, CFG.model_copy(update={"max_length": 32}), "classification"
+    )
+
+
+def test_corrupt_shard_is_refused_by_name(registered_teacher, small_dataset, tracking_uri, tmp_path):
+    teacher = load_teacher(*registered_teacher, tracking_uri)
+    labels = generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path))
+    shard = tmp_path / "soft_labels" / labels.key / "transfer-00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SoftLabelError, match=f"soft_labels/{labels.key}/transfer-00001.npy .* is corrupt"):
+        load_soft_labels(LocalStore(tmp_path), labels.key)
+
+
+def test_interrupted_entry_without_manifest_is_not_reused(registered_teacher, small_dataset, tracking_uri, tmp_path):
+    teacher, calls = _counted(load_teacher(*registered_teacher, tracking_uri))
+    store = LocalStore(tmp_path)
+    key = generate_soft_labels(teacher, small_dataset, CFG, store).key
+    (tmp_path / "soft_labels" / key / "manifest.json").unlink()  # as if killed before the manifest
+    calls.clear()
+    again = generate_soft_labels(teacher, small_dataset, CFG, store)
+    assert not again.reused and calls
+    assert (tmp_path / "soft_labels" / key / "manifest.json").exists()
+
+
+def _bad_teacher(tracking_uri, **kwargs) -> LoadedTeacher:
+    module = WrappedTeacher(BagTeacher(**kwargs), WordHashTokenizer(), labels=("fresh", "rotten"))
+    name, version = log_teacher(module, "broken-teacher", tracking_uri)
+    return load_teacher(name, version, tracking_uri)
+
+
+def test_nan_teacher_names_the_rows_and_stores_nothing(small_dataset, tracking_uri, tmp_path):
+    texts = small_dataset.split("transfer")["text"].tolist()
+    word = next(w for w in texts[3].lower().split() if w.isalpha())
+    teacher = _bad_teacher(tracking_uri, poison=word)
+    with pytest.raises(SoftLabelError) as err:
+        generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path))
+    poisoned = hashed_ngrams(word, 1, 512)[0]
+    bad_rows = [i for i, t in enumerate(texts) if poisoned in hashed_ngrams(t, 1, 512)]
+    assert f"in soft labels (transfer) for {len(bad_rows)} of {len(texts)} rows" in str(err.value)
+    first_bad = bad_rows[0]
+    assert f"(first: row {first_bad}," in str(err.value)
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_wrongly_shaped_teacher_is_refused(small_dataset, tracking_uri, tmp_path):
+    module = WrappedTeacher(BagTeacher(extra_classes=1), WordHashTokenizer(), labels=("fresh", "rotten"))
+    teacher = LoadedTeacher(module, "shape-teacher", "1", content_digest(module))
+    with pytest.raises(TeacherError, match=r"returned logits of shape \(32, 3\); expected \(32, 2\)"):
+        generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path))
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_labels_round_trip_through_s3(registered_teacher, small_dataset, tracking_uri, s3_env):
+    teacher = load_teacher(*registered_teacher, tracking_uri)
+    store = open_store(f"s3://{s3_env}/distill")
+    first = generate_soft_labels(teacher, small_dataset, CFG, store)
+    assert store.exists(f"soft_labels/{first.key}/manifest.json")
+    second = generate_soft_labels(teacher, small_dataset, CFG, open_store(f"s3://{s3_env}/distill"))
+    assert second.reused
+    np.testing.assert_array_equal(second.logits["test"], first.logits["test"])
