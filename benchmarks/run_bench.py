@@ -1,0 +1,200 @@
+"""`make bench`: the pipeline's overheads against bare torch loops, and distillation quality on real data.
+
+Everything in one process and one run, medians of interleaved repetitions. Results go to
+benchmarks/results.json and benchmarks/results.md (the README quotes the latter).
+
+    python benchmarks/run_bench.py [--skip-quality] [--quality-only] [--recipe recipes/bench.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from distill_core.data import prepare_dataset  # noqa: E402
+from distill_core.recipe import DataConfig, LossTerm, SoftLabelConfig, StudentConfig, TrainConfig  # noqa: E402
+from distill_core.soft_labels import teacher_logits  # noqa: E402
+from distill_core.students import build_student  # noqa: E402
+from distill_core.teachers import LoadedTeacher, TextClassifier, content_digest, length_batches, load_minilm  # noqa: E402
+from distill_core.train import Distiller  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+REPEATS = 5
+
+
+def interleaved(a, b, repeats: int = REPEATS) -> tuple[list[float], list[float]]:
+    """Time two callables alternately (a, b, a, b, ...) after one warm-up each; seconds per call."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def bench_soft_labels(teacher: TextClassifier, texts: list[str]) -> dict[str, float]:
+    """Our labeling path vs a bare inference loop over the same teacher and the same batches."""
+    cfg = SoftLabelConfig(batch_size=64, max_length=64)
+    loaded = LoadedTeacher(teacher, "bench-teacher", "1", content_digest(teacher))
+    batches = length_batches(texts, cfg.batch_size)
+
+    def ours() -> None:
+        teacher_logits(loaded, texts, cfg)
+
+    @torch.inference_mode()
+    def bare() -> None:
+        out = torch.empty(len(texts), 2)
+        for batch in batches:
+            enc = teacher.tokenizer([texts[i] for i in batch], padding=True, truncation=True, max_length=64,
+                                    return_tensors="pt")
+            out[batch] = teacher(enc["input_ids"], enc["attention_mask"])
+
+    t_ours, t_bare = interleaved(ours, bare)
+    ours_tp, bare_tp = len(texts) / statistics.median(t_ours), len(texts) / statistics.median(t_bare)
+    return {"rows": len(texts), "ours_rows_per_s": ours_tp, "bare_rows_per_s": bare_tp, "ratio": ours_tp / bare_tp}
+
+
+def bench_train_step(teacher: TextClassifier, texts: list[str], student_cfg: StudentConfig) -> dict[str, float]:
+    """One Distiller.step vs a bare KD step (forward, T²-scaled KL + CE, backward, AdamW) on the same batch."""
+    cfg = TrainConfig(losses=[LossTerm(function="forward_kl", weight=0.5, temperature=2.0),
+                              LossTerm(function="ce", weight=0.5)], batch_size=32)
+    torch.manual_seed(0)
+    batch_texts = texts[:32]
+    labels = torch.randint(0, 2, (32,))
+    t_logits = torch.randn(32, 2)
+    ours_student = build_student(student_cfg, teacher, ("a", "b"), texts, 64, log=lambda _: None)
+    bare_student = build_student(student_cfg, teacher, ("a", "b"), texts, 64, log=lambda _: None)
+    batch = ours_student.tokenize(batch_texts)
+    distiller = Distiller(ours_student, cfg, student_cfg)
+    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=student_cfg.lr or cfg.lr, weight_decay=0.01)
+
+    def ours() -> None:
+        for _ in range(10):
+            distiller.step(batch, labels, t_logits)
+
+    def bare() -> None:
+        bare_student.train()
+        for _ in range(10):
+            logits = bare_student(**batch)
+            kl = F.kl_div(F.log_softmax(logits / 2, -1), F.log_softmax(t_logits / 2, -1), log_target=True,
+                          reduction="batchmean") * 4
+            loss = 0.5 * kl + 0.5 * F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    t_ours, t_bare = interleaved(ours, bare)
+    ours_ms, bare_ms = statistics.median(t_ours) * 100, statistics.median(t_bare) * 100  # per step
+    return {"ours_ms_per_step": ours_ms, "bare_ms_per_step": bare_ms, "ratio": ours_ms / bare_ms}
+
+
+def overheads() -> dict[str, object]:
+    torch.manual_seed(0)
+    work = HERE / ".work"
+    data = prepare_dataset(DataConfig(max_rows=3000, augment_copies=0), work / "overhead-data")
+    texts = data.split("train")["text"].tolist()[:1024]
+    encoder, tokenizer = load_minilm()
+    teacher = TextClassifier(encoder, tokenizer, data.labels).eval()
+    results: dict[str, object] = {"soft_labels": bench_soft_labels(teacher, texts)}
+    for cfg in (StudentConfig(name="minilm-1L-e192", family="transformer", teacher_layers=[0], embedding_dim=192,
+                              lr=1e-4),
+                StudentConfig(name="ngram-bag", family="embedding_bag", lr=5e-3)):
+        results[f"train_step/{cfg.name}"] = bench_train_step(teacher, texts, cfg)
+    return results
+
+
+def quality(recipe_path: Path) -> dict[str, object]:
+    """The whole pipeline on the full data set: teacher, distilled and hard-label students."""
+    from distill_core import steps
+    from distill_core.recipe import load_recipe
+    from distill_core.settings import load_settings
+
+    recipe = load_recipe(recipe_path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("DISTILL_STORE", None)
+    home = HERE / ".work" / "quality"
+    shutil.rmtree(home, ignore_errors=True)  # a cold run: new teacher, new labels, new students
+    settings = load_settings(home)
+    started = time.perf_counter()
+    dataset = steps.prepare(recipe, settings)
+    name, version = steps.train_and_register_teacher(recipe, settings, dataset, log=print)
+    teacher_seconds = time.perf_counter() - started
+    reports, out = steps.run_pipeline(recipe, settings, name, version, log=print)
+    report = json.loads((out / "report.json").read_text())
+    return {"recipe": str(recipe_path.relative_to(ROOT)), "dataset": dataset.counts, "teacher_seconds": teacher_seconds,
+            "total_seconds": time.perf_counter() - started, "reports": report["reports"],
+            "training": {k: {kk: v[kk] for kk in ("steps", "best_step", "stopped_early", "seconds")}
+                         for k, v in report["training"].items()},
+            "table": (out / "report.md").read_text()}
+
+
+def markdown(results: dict[str, object]) -> str:
+    lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
+    over = results.get("overheads")
+    if isinstance(over, dict):
+        sl = over["soft_labels"]
+        lines += ["## Overheads against bare torch loops (medians of 5 interleaved repetitions)", "",
+                  "| measurement | ours | bare torch | ratio | goal |", "|---|---|---|---|---|",
+                  f"| soft-label throughput, MiniLM teacher, {sl['rows']} texts | {sl['ours_rows_per_s']:.0f} rows/s | "
+                  f"{sl['bare_rows_per_s']:.0f} rows/s | {sl['ratio']:.3f} | ≥ 0.9 |"]
+        for key, value in over.items():
+            if key.startswith("train_step/"):
+                lines.append(f"| training step, {key.split('/')[1]}, batch 32 | {value['ours_ms_per_step']:.2f} ms | "
+                             f"{value['bare_ms_per_step']:.2f} ms | {value['ratio']:.3f} | ≤ 1.1 |")
+        lines.append("")
+    qual = results.get("quality")
+    if isinstance(qual, dict):
+        lines += [f"## Distillation on Rotten Tomatoes ({qual['recipe']}, test split of {qual['dataset']['test']} "
+                  f"reviews, CPU batch-1 latency)", "", qual["table"].strip(), "",
+                  f"Teacher training {qual['teacher_seconds']:.0f} s; whole run {qual['total_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--quality-only", action="store_true")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "bench.yaml")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    results: dict[str, object] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "python": sys.version.split()[0],
+    }
+    if not args.quality_only:
+        results["overheads"] = overheads()
+        print(json.dumps(results["overheads"], indent=2))
+    if not args.skip_quality:
+        results["quality"] = quality(args.recipe.resolve())
+    previous = HERE / "results.json"
+    if previous.exists():  # keep the part not rerun
+        old = json.loads(previous.read_text())
+        for key in ("overheads", "quality"):
+            if key not in results and key in old:
+                results[key] = old[key]
+    previous.write_text(json.dumps(results, indent=2, default=float))
+    (HERE / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
