@@ -133,6 +133,34 @@ class EvalConfig(_Strict):
 
     latency_samples: int = Field(default=100, ge=5, le=10000)
     throughput_batch: int = Field(default=64, ge=1, le=8192)
+    hard_label_baseline: bool = True  # train each student's hard-label twin, to show what distillation bought
+
+
+class GateConfig(_Strict):
+    """Thresholds a student must meet to be promoted; unset ones are not checked."""
+
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    min_retention: float | None = Field(default=0.9, ge=0, le=2)  # student accuracy / teacher accuracy
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # top-1 agreement with the teacher
+    max_p95_ms: float | None = Field(default=None, gt=0)  # CPU latency at batch 1
+    max_param_ratio: float | None = Field(default=0.5, gt=0)  # student params / teacher params
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_regression: float = Field(default=0.01, ge=0, le=1)  # accuracy the champion may lead by
+
+
+class ChecksConfig(_Strict):
+    """Data checks (Great Expectations) that stop a run before training."""
+
+    max_duplicate_share: float = Field(default=0.05, ge=0, le=1)  # share of repeated texts in a labeled split
+    max_class_kl: float = Field(default=0.25, gt=0)  # teacher's predicted classes vs the train label balance
+    max_row_sum_error: float = Field(default=1e-4, gt=0)  # |sum of probabilities - 1| per soft-label row
+
+
+class PromotionConfig(_Strict):
+    """What happens to a student that passes the gates."""
+
+    policy: Literal["auto", "manual"] = "auto"  # auto: champion if it beats the champion; manual: challenger
+    override_manual_champion: bool = False  # may the pipeline replace a champion a person set by hand?
 
 
 class Recipe(_Strict):
@@ -147,6 +175,9 @@ class Recipe(_Strict):
     students: list[StudentConfig] = Field(min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @model_validator(mode="after")
     def _students_consistent(self) -> Recipe:

@@ -14,6 +14,7 @@ class Settings:
     home: Path
     tracking_uri: str
     store_uri: str
+    ledger_uri: str
 
     @property
     def artifact_root(self) -> str:
@@ -30,9 +31,10 @@ class Settings:
 
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Read DISTILL_HOME, MLFLOW_TRACKING_URI and DISTILL_STORE, falling back to the embedded default."""
+    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_STORE and DISTILL_LEDGER_URI, else the embedded default."""
     root = Path(home or os.environ.get("DISTILL_HOME") or ".distill").resolve()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     store = os.environ.get("DISTILL_STORE") or str(root / "store")
+    ledger = os.environ.get("DISTILL_LEDGER_URI") or f"sqlite:///{root / 'ledger.db'}"
     root.mkdir(parents=True, exist_ok=True)
-    return Settings(home=root, tracking_uri=tracking, store_uri=store)
+    return Settings(home=root, tracking_uri=tracking, store_uri=store, ledger_uri=ledger)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,12 @@ class StudentOutcome:
 
     config: StudentConfig
     distilled: TrainResult
-    baseline: TrainResult
+    baseline: TrainResult | None  # None when the recipe skips the hard-label twin
+    reports: dict[str, Report] = field(default_factory=dict)  # by kind, filled by evaluate_all
+
+    def results(self) -> list[tuple[str, TrainResult]]:
+        pairs = [("distilled", self.distilled), ("hard-label", self.baseline)]
+        return [(kind, result) for kind, result in pairs if result is not None]
 
 
 def run_dir(recipe: Recipe, settings: Settings, teacher: LoadedTeacher) -> Path:
@@ -123,7 +128,7 @@ def distill_student(
             transfer_frame["text"].tolist(), transfer_frame["label"].to_numpy(), labels.logits["transfer"]
         )
         cfg = recipe.train
-    kind = "baseline" if baseline else "distilled"
+    kind = "hard-label" if baseline else "distilled"
     fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
     log(f"training {student_cfg.name} ({kind}, {len(transfer.texts)} rows)")
     return train_student(
@@ -147,12 +152,13 @@ def distill_all(
     out_dir: Path,
     log: Log = print,
 ) -> list[StudentOutcome]:
-    """Every student candidate of the recipe, each beside its hard-label twin."""
+    """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it)."""
+    twin = recipe.evaluation.hard_label_baseline
     return [
         StudentOutcome(
             cfg,
             distill_student(recipe, cfg, dataset, labels, teacher, out_dir, baseline=False, log=log),
-            distill_student(recipe, cfg, dataset, labels, teacher, out_dir, baseline=True, log=log),
+            distill_student(recipe, cfg, dataset, labels, teacher, out_dir, baseline=True, log=log) if twin else None,
         )
         for cfg in recipe.students
     ]
@@ -177,8 +183,10 @@ def evaluate_all(
     teacher_report = report(f"teacher {teacher.name} v{teacher.version}", teacher.module, teacher_logits)
     reports = [teacher_report]
     for outcome in outcomes:
-        for kind, result in (("distilled", outcome.distilled), ("hard-label", outcome.baseline)):
-            reports.append(relative_to(report(f"{outcome.config.name} ({kind})", result.student), teacher_report))
+        for kind, result in outcome.results():
+            measured = report(f"{outcome.config.name} ({kind})", result.student)
+            outcome.reports[kind] = relative_to(measured, teacher_report)
+            reports.append(outcome.reports[kind])
     return reports
 
 
@@ -188,7 +196,7 @@ def save_outcomes(
     """Write each student (torch.save of the module), report.json and report.md; the report goes last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for outcome in outcomes:
-        for kind, result in (("distilled", outcome.distilled), ("baseline", outcome.baseline)):
+        for kind, result in outcome.results():
             path = out_dir / outcome.config.name / f"{kind}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -206,7 +214,7 @@ def save_outcomes(
                 "history": r.history,
             }
             for o in outcomes
-            for k, r in (("distilled", o.distilled), ("baseline", o.baseline))
+            for k, r in o.results()
         },
     }
     (out_dir / "report.md").write_text(comparison_table(reports) + "\n")

@@ -91,7 +91,7 @@ def build_transformer_student(
     if cfg.embedding_dim is not None and cfg.embedding_dim < hidden:
         # Factorised embeddings V×e then e×H, initialised from the teacher's by truncated SVD.
         u, s, vh = torch.linalg.svd(words, full_matrices=False)
-        e = cfg.embedding_dim
+        e = min(cfg.embedding_dim, words.shape[0])  # a rank cannot exceed the number of kept wordpieces
         small = nn.Embedding(words.shape[0], e, padding_idx=None)
         small.weight.data.copy_(u[:, :e] * s[:e])
         project = nn.Linear(e, hidden, bias=False)

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect keeps cache records and its ephemeral database under PREFECT_HOME: one private home per session,
+# shared with the CLI subprocesses the tests start (so they migrate the database once, not every time).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="distill-tests-prefect-")
 
 S3_SERVER_START_TIMEOUT_S = 20.0
 

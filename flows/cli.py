@@ -1,4 +1,4 @@
-"""The `distill` command."""
+"""The `distill` command: the composition root that reaches both the core and the Prefect flows."""
 
 from __future__ import annotations
 
@@ -56,33 +56,30 @@ def _echo(message: str) -> None:
 
 @app.command()
 def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
-    """The main job on the embedded default: teacher → soft labels → students → comparison table."""
-    from mlflow.tracking import MlflowClient
+    """The main job on the embedded default: teacher v1 → promoted student; teacher v2 → watcher → re-distilled."""
+    from flows.demo import continuous_demo
 
-    from distill_core import steps
-
-    settings, rcp = _env(home), _recipe(recipe)
+    settings = _env(home)
+    _recipe(recipe)
     started = time.perf_counter()
     typer.echo(
-        f"DISTILL_HOME {settings.home}\nMLflow        {settings.tracking_uri}\nstore         {settings.store_uri}\n"
+        f"DISTILL_HOME {settings.home}\nMLflow       {settings.tracking_uri}\nstore        {settings.store_uri}\n"
     )
-    dataset = steps.open_dataset(rcp, settings)
-    typer.echo(f"dataset {rcp.data.source}: {dataset.counts} digest {dataset.digest}")
-    client = MlflowClient(settings.tracking_uri)
-    versions = client.search_model_versions(
-        f"name='{rcp.teacher.registered_name}'", order_by=["version_number DESC"], max_results=1
+    table = continuous_demo(recipe, settings, echo=typer.echo, log=_echo)
+    typer.echo(f"\n{table}\n\nfinished in {time.perf_counter() - started:.0f} s")
+    typer.echo(
+        "\nLook closer:\n"
+        f"  distill status --home {settings.home}            ledger, aliases, lineage, alias history\n"
+        f"  distill ui --home {settings.home}                MLflow UI: runs (nested per candidate, plots, data docs)"
+        " and the registry\n"
+        "  prefect server start                          Prefect UI: flow runs and their report artifacts\n"
+        f"  distill rollback {load_recipe_names(recipe)[1]} --home {settings.home}   put the previous champion back"
     )
-    if versions:
-        name, version = rcp.teacher.registered_name, versions[0].version
-        typer.echo(f"using registered teacher {name} v{version}")
-    else:
-        typer.echo("training the teacher (the teacher team's job, done here once)")
-        name, version = steps.train_and_register_teacher(rcp, settings, dataset, log=_echo)
-        typer.echo(f"registered teacher {name} v{version}")
-    reports, out = steps.run_pipeline(rcp, settings, name, str(version), log=_echo)
-    typer.echo("\n" + (out / "report.md").read_text())
-    typer.echo(f"report: {out / 'report.json'}   ({time.perf_counter() - started:.0f} s)")
-    typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
+
+
+def load_recipe_names(path: Path) -> tuple[str, str]:
+    rcp = _recipe(path)
+    return rcp.teacher.registered_name, rcp.student_registered_name
 
 
 @stage_app.command("prepare")
@@ -145,15 +142,50 @@ def _not_yet(verb: str, issue: str) -> None:
 
 
 @app.command()
-def run(teacher: TeacherOpt = "", recipe: RecipeOpt = DEFAULT_RECIPE) -> None:
-    """One pipeline run for one teacher version, with gates and promotion (not there yet)."""
-    _not_yet("run", "the Prefect flows and promotion; use `distill stage distill` for now")
+def run(
+    teacher: TeacherOpt,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    retry: Annotated[bool, typer.Option(help="Run again a version whose last run failed.")] = False,
+) -> None:
+    """One pipeline run for one teacher version: checks, soft labels, students, gates, register, promote."""
+    from distill_core.registry import Ledger, teacher_versions
+
+    settings = _env(home)
+    _recipe(recipe)  # a bad recipe fails here, before any claim
+    name, version = _teacher_ref(teacher)
+    if retry:
+        from mlflow.tracking import MlflowClient
+
+        found = [v for v in teacher_versions(MlflowClient(settings.tracking_uri), name) if v.version == version]
+        if found and found[0].tags.get("distill.status") != "failed":
+            raise typer.BadParameter(f"{name} v{version} did not fail (status {found[0].tags.get('distill.status')})")
+        Ledger(settings.ledger_uri).release(name, version)
+    from flows.distill import distill_teacher_version
+
+    result = distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="cli")
+    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
-def watch(once: Annotated[bool, typer.Option("--once")] = False) -> None:
-    """Poll the registry and start runs for unprocessed teacher versions (not there yet)."""
-    _not_yet("watch", "the registry watcher")
+def watch(
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    interval: Annotated[int, typer.Option(help="Seconds between passes.")] = 60,
+) -> None:
+    """Poll the registry and start runs for unprocessed teacher versions."""
+    from flows.distill import watch_teachers
+
+    settings = _env(home)
+    _recipe(recipe)
+    while True:
+        results = watch_teachers(str(recipe), str(settings.home))
+        for result in results:
+            typer.echo(json.dumps(result))
+        if once:
+            return
+        time.sleep(interval)
 
 
 @app.command()
@@ -163,21 +195,56 @@ def serve() -> None:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Teachers, their ledger, student aliases and headline metrics (not there yet)."""
-    _not_yet("status", "the registry ledger")
+def status(
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Teachers, their ledger, student aliases and headline metrics."""
+    from distill_core.status import collect, render
+
+    settings, rcp = _env(home), _recipe(recipe)
+    state = collect(settings, rcp.teacher.registered_name, rcp.student_registered_name)
+    typer.echo(json.dumps(state, indent=2) if as_json else render(state))
+
+
+def _person() -> str:
+    import getpass
+
+    return f"person:{getpass.getuser()} (distill CLI)"
 
 
 @app.command()
-def promote(name: str, version: str) -> None:
-    """Move `champion` to a student version by hand, recorded (not there yet)."""
-    _not_yet("promote", "aliases and promotion")
+def promote(
+    name: str,
+    version: str,
+    home: HomeOpt = None,
+    reason: Annotated[str, typer.Option(help="Why, for the alias history.")] = "promoted by hand",
+) -> None:
+    """Move `champion` to a student version by hand; the old champion becomes `previous`. Recorded."""
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger, reconcile
+    from distill_core.registry import promote as promote_version
+
+    settings = _env(home)
+    client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
+    reconcile(client, ledger, name)
+    promote_version(client, ledger, name, version, _person(), reason)
+    typer.echo(f"{name}: champion is now v{version}")
 
 
 @app.command()
-def rollback(name: str) -> None:
-    """Restore the `previous` champion, recorded (not there yet)."""
-    _not_yet("rollback", "aliases and promotion")
+def rollback(name: str, home: HomeOpt = None) -> None:
+    """Restore the `previous` champion (the current one becomes `previous`). Recorded."""
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger
+    from distill_core.registry import rollback as rollback_model
+
+    settings = _env(home)
+    target = rollback_model(MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri), name, _person())
+    typer.echo(f"{name}: champion is back to v{target}")
 
 
 @app.command()

@@ -1,0 +1,60 @@
+"""Metric gates: recipe thresholds to a verdict with reasons, and the choice of the smallest passing student."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distill_core.evaluate import Report
+from distill_core.recipe import GateConfig
+
+
+@dataclass
+class Verdict:
+    """Whether a candidate passed every gate, and why not."""
+
+    candidate: str
+    report: Report
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+
+def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, champion: Report | None) -> Verdict:
+    """Check one evaluated student against the recipe's thresholds and, when there is one, the champion."""
+    reasons = []
+
+    def at_least(name: str, value: float, bound: float | None) -> None:
+        if bound is not None and value < bound:
+            reasons.append(f"{name} {value:.4f} < {bound:.4f}")
+
+    def at_most(name: str, value: float, bound: float | None) -> None:
+        if bound is not None and value > bound:
+            reasons.append(f"{name} {value:.4g} > {bound:.4g}")
+
+    at_least("accuracy", report.accuracy, gates.min_accuracy)
+    at_least("retention of teacher accuracy", report.accuracy / max(teacher.accuracy, 1e-9), gates.min_retention)
+    at_least("agreement with teacher", report.agreement, gates.min_agreement)
+    at_most("p95 latency ms", report.p95_ms, gates.max_p95_ms)
+    at_most("parameter ratio", report.params / max(teacher.params, 1), gates.max_param_ratio)
+    at_most("size MB", report.bytes / 1e6, gates.max_size_mb)
+    if champion is not None and report.accuracy < champion.accuracy - gates.max_regression:
+        reasons.append(
+            f"accuracy {report.accuracy:.4f} regresses from the champion's {champion.accuracy:.4f} "
+            f"by more than {gates.max_regression:.4f}"
+        )
+    return Verdict(candidate, report, reasons)
+
+
+def choose(verdicts: list[Verdict]) -> Verdict:
+    """The smallest passing candidate (ties: the most accurate); with none passing, the most accurate failure."""
+    passing = [v for v in verdicts if v.passed]
+    if passing:
+        return min(passing, key=lambda v: (v.report.params, -v.report.accuracy))
+    return max(verdicts, key=lambda v: v.report.accuracy)
+
+
+def beats(candidate: Report, champion: Report | None) -> bool:
+    """Promotion needs strictly better accuracy than the champion on today's test split (or no champion)."""
+    return champion is None or candidate.accuracy > champion.accuracy

@@ -1,0 +1,122 @@
+"""Figures for a distillation run: training curves, teacher vs student calibration, size against quality.
+
+Each function builds a `matplotlib.figure.Figure` on the Agg canvas (no pyplot, no global figure state,
+nothing shown), ready for `mlflow.log_figure(fig, "plots/<name>.png")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from distill_core.evaluate import expected_calibration_error, reliability
+
+PASSED_STYLE = {"marker": "o", "color": "tab:green", "label": "passed gates"}
+FAILED_STYLE = {"marker": "X", "color": "tab:red", "label": "failed gates"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def training_curves(histories: dict[str, list[dict[str, float]]]) -> Figure:
+    """Validation accuracy (left) and training loss (right) against step, one line per run in each panel.
+
+    `histories` maps a run's name (e.g. "minilm (distilled)") to its `TrainResult.history`."""
+    fig = _figure(11, 4)
+    acc_ax, loss_ax = fig.subplots(1, 2, sharex=True)
+    for run, history in histories.items():
+        rows = sorted(history, key=lambda row: row["step"])
+        acc_ax.plot([r["step"] for r in rows], [r["val_accuracy"] for r in rows], marker=".", label=run)
+        with_loss = [r for r in rows if "loss" in r]
+        loss_ax.plot([r["step"] for r in with_loss], [r["loss"] for r in with_loss], marker=".", label=run)
+    acc_ax.set(title="validation accuracy", xlabel="step", ylabel="accuracy")
+    loss_ax.set(title="training loss (last batch before each evaluation)", xlabel="step", ylabel="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        if histories:
+            ax.legend()
+    return fig
+
+
+def reliability_diagram(
+    teacher_logits: np.ndarray,
+    student_logits: np.ndarray,
+    labels: np.ndarray,
+    student_name: str,
+    bins: int = 10,
+    show_counts: bool = True,
+) -> Figure:
+    """Teacher and student calibration: accuracy against mean confidence per bin, with the diagonal of
+    perfect calibration and (when `show_counts`) a panel of rows per bin."""
+    labels = np.asarray(labels)
+    for who, logits in (("teacher", teacher_logits), (student_name, student_logits)):
+        if len(logits) != len(labels):
+            raise ValueError(f"{who} logits have {len(logits)} rows but there are {len(labels)} labels")
+    fig = _figure(6, 7 if show_counts else 5)
+    if show_counts:
+        ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    else:
+        ax, count_ax = fig.subplots(), None
+    width = 0.4 / bins
+    for offset, (who, logits, color) in zip(
+        (-width / 2, width / 2),
+        (("teacher", teacher_logits, "tab:blue"), (student_name, student_logits, "tab:orange")),
+        strict=True,
+    ):
+        rows = reliability(logits, labels, bins)
+        ece = expected_calibration_error(logits, labels, bins)
+        confidence = [r["confidence"] for r in rows]
+        ax.plot(confidence, [r["accuracy"] for r in rows], marker="o", color=color, label=f"{who} (ECE {ece:.3f})")
+        if count_ax is not None:
+            centers = [(r["lo"] + r["hi"]) / 2 + offset for r in rows]
+            count_ax.bar(centers, [r["count"] for r in rows], width=width, color=color, label=who)
+    floor = 1 / teacher_logits.shape[1]  # no prediction is less confident than a uniform guess
+    ax.plot([floor, 1], [floor, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set(title=f"reliability: teacher vs {student_name}", ylabel="accuracy", xlim=(floor, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    if count_ax is not None:
+        count_ax.set(xlabel="confidence", ylabel="rows")
+    else:
+        ax.set_xlabel("confidence")
+    return fig
+
+
+def size_vs_quality(points: Sequence[dict[str, Any]]) -> Figure:
+    """Each candidate's parameter count (log x) against accuracy, marked by whether it passed the gates and
+    annotated with its name; a point with `teacher: True` is drawn as a reference line instead."""
+    teachers = [p for p in points if p.get("teacher")]
+    candidates = [p for p in points if not p.get("teacher")]
+    for point in candidates:
+        missing = [key for key in ("name", "params", "accuracy", "passed") if key not in point]
+        if missing:
+            raise ValueError(f"size_vs_quality point {point.get('name', point)!r} lacks {missing}")
+    fig = _figure(7, 5)
+    ax = fig.subplots()
+    for passed, style in ((True, PASSED_STYLE), (False, FAILED_STYLE)):
+        group = [p for p in candidates if bool(p["passed"]) is passed]
+        if group:
+            ax.scatter([p["params"] for p in group], [p["accuracy"] for p in group], s=60, **style)  # type: ignore[arg-type]
+    for point in candidates:
+        ax.annotate(
+            point["name"], (point["params"], point["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=9
+        )
+    for teacher in teachers:
+        label = str(teacher.get("name", "teacher"))
+        if "params" in teacher:
+            label += f" ({teacher['params']:,} params)"
+        ax.axhline(teacher["accuracy"], linestyle="--", color="grey", label=label)
+    ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the names
+    ax.set(title="size against quality", xlabel="parameters (log scale)", ylabel="test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    if points:
+        ax.legend()
+    return fig

@@ -1,0 +1,157 @@
+"""From evaluated candidates to one registered student version and, by the recipe's policy, an alias."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from distill_core.evaluate import Report, evaluate_model, relative_to
+from distill_core.gates import Verdict, beats, choose, judge
+from distill_core.recipe import Recipe
+from distill_core.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PIPELINE,
+    Ledger,
+    aliases,
+    champion_set_by_hand,
+    find_student_version,
+    move_alias,
+    promote,
+)
+from distill_core.serving import log_student
+from distill_core.steps import StudentOutcome
+
+
+@dataclass
+class Decision:
+    """What the pipeline did with one teacher version's students."""
+
+    verdicts: list[Verdict]
+    chosen: Verdict
+    champion_before: str | None
+    champion_report: Report | None
+    student_version: str = ""
+    alias: str | None = None  # champion, challenger, or None (failed the gates)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the core's own work, by phase
+
+    @property
+    def status(self) -> str:
+        """The teacher version's ledger status."""
+        return "succeeded" if self.chosen.passed else "rejected"
+
+
+def evaluate_champion(
+    recipe: Recipe,
+    texts: list[str],
+    labels: np.ndarray,
+    teacher_logits: np.ndarray,
+    teacher_report: Report,
+    tracking_uri: str,
+) -> tuple[str | None, Report | None]:
+    """The current champion measured on today's test split, so the comparison is like for like."""
+    client = MlflowClient(tracking_uri)
+    version = aliases(client, recipe.student_registered_name).get(CHAMPION)
+    if version is None:
+        return None, None
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{recipe.student_registered_name}/{version}")
+    module = pyfunc.unwrap_python_model().module
+    cfg = recipe.evaluation
+    report = evaluate_model(
+        f"champion v{version}", module, texts, labels, teacher_logits, None, cfg.latency_samples, cfg.throughput_batch
+    )
+    return version, relative_to(report, teacher_report)
+
+
+def judge_all(
+    recipe: Recipe,
+    outcomes: list[StudentOutcome],
+    teacher_report: Report,
+    champion_version: str | None,
+    champion_report: Report | None,
+) -> Decision:
+    """Every distilled candidate against the gates; the smallest passing one is chosen."""
+    verdicts = [
+        judge(o.config.name, o.reports["distilled"], teacher_report, recipe.gates, champion_report) for o in outcomes
+    ]
+    return Decision(verdicts, choose(verdicts), champion_version, champion_report)
+
+
+def register_and_promote(
+    decision: Decision,
+    outcome: StudentOutcome,
+    recipe: Recipe,
+    lineage: dict[str, str],
+    input_texts: list[str],
+    tracking_uri: str,
+    ledger: Ledger,
+) -> Decision:
+    """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says."""
+    client = MlflowClient(tracking_uri)
+    name, verdict = recipe.student_registered_name, decision.chosen
+    key = f"{lineage['teacher_name']}/{lineage['teacher_version']}:{lineage['recipe_hash']}:{verdict.candidate}"
+    existing = find_student_version(client, name, key)
+    if existing is not None:
+        decision.student_version = existing.version
+        decision.notes.append(f"v{existing.version} was already registered for {key}")
+    else:
+        report = verdict.report
+        tags = {
+            **{f"distill.{k}": v for k, v in lineage.items()},
+            "distill.idempotency_key": key,
+            "distill.candidate": verdict.candidate,
+            "distill.gate": "passed" if verdict.passed else "failed",
+            "distill.gate_reasons": "; ".join(verdict.reasons) or "all gates passed",
+            "distill.accuracy": f"{report.accuracy:.4f}",
+            "distill.retention": f"{report.retention:.4f}",
+            "distill.agreement": f"{report.agreement:.4f}",
+            "distill.params": str(report.params),
+            "distill.teacher_accuracy": f"{report.accuracy / max(report.retention, 1e-9):.4f}",
+            "distill.p50_ms": f"{report.p50_ms:.3f}",
+            "distill.p95_ms": f"{report.p95_ms:.3f}",
+            "distill.speedup": f"{report.speedup:.2f}",
+        }
+        description = (
+            f"Student '{verdict.candidate}' distilled from {lineage['teacher_name']} v{lineage['teacher_version']}: "
+            f"accuracy {report.accuracy:.3f} ({report.retention:.1%} of the teacher), {report.params:,} parameters "
+            f"({report.compression:.1f}x smaller), {report.speedup:.1f}x faster at batch 1. Gates: "
+            + ("passed." if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
+        )
+        _, version = log_student(
+            outcome.distilled.student,
+            registered_model_name=name,
+            input_texts=input_texts,
+            tags=tags,
+            description=description,
+        )
+        decision.student_version = str(version)
+    if not verdict.passed:
+        decision.notes.append("failed the gates: no alias moved")
+        return decision
+    reason = f"distilled from {lineage['teacher_name']} v{lineage['teacher_version']}"
+    if recipe.promotion.policy == "manual":
+        decision.notes.append("policy manual: waiting for a person to promote the challenger")
+        return _challenger(decision, client, ledger, name, reason)
+    if champion_set_by_hand(client, ledger, name) and not recipe.promotion.override_manual_champion:
+        decision.notes.append(f"champion v{decision.champion_before} was set by hand and the recipe keeps it")
+        return _challenger(decision, client, ledger, name, reason)
+    if not beats(verdict.report, decision.champion_report):
+        assert decision.champion_report is not None
+        decision.notes.append(
+            f"accuracy {verdict.report.accuracy:.4f} does not beat champion "
+            f"v{decision.champion_before} ({decision.champion_report.accuracy:.4f})"
+        )
+        return _challenger(decision, client, ledger, name, reason)
+    promote(client, ledger, name, decision.student_version, PIPELINE, reason)
+    decision.alias = CHAMPION
+    return decision
+
+
+def _challenger(decision: Decision, client: MlflowClient, ledger: Ledger, name: str, reason: str) -> Decision:
+    move_alias(client, ledger, name, CHALLENGER, decision.student_version, PIPELINE, reason)
+    decision.alias = CHALLENGER
+    return decision
