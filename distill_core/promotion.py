@@ -132,6 +132,10 @@ def register_and_promote(
     if not verdict.passed:
         decision.notes.append("failed the gates: no alias moved")
         return decision
+    if decision.student_version == decision.champion_before:  # a rerun of the run that made the champion
+        decision.alias = CHAMPION
+        decision.notes.append(f"v{decision.student_version} is already the champion")
+        return decision
     reason = f"distilled from {lineage['teacher_name']} v{lineage['teacher_version']}"
     if recipe.promotion.policy == "manual":
         decision.notes.append("policy manual: waiting for a person to promote the challenger")

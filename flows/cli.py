@@ -32,6 +32,8 @@ HomeOpt = Annotated[Path | None, typer.Option("--home", help="DISTILL_HOME (defa
 def _env(home: Path | None):  # noqa: ANN202 - returns Settings; imported lazily to keep --help fast
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     from distill_core.settings import load_settings
 
     return load_settings(home)
@@ -146,21 +148,19 @@ def run(
     teacher: TeacherOpt,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     home: HomeOpt = None,
-    retry: Annotated[bool, typer.Option(help="Run again a version whose last run failed.")] = False,
+    rerun: Annotated[bool, typer.Option(help="Run again a version the ledger already handled.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="With --rerun: also a version marked running (its run was killed).")
+    ] = False,
 ) -> None:
     """One pipeline run for one teacher version: checks, soft labels, students, gates, register, promote."""
-    from distill_core.registry import Ledger, teacher_versions
-
     settings = _env(home)
     _recipe(recipe)  # a bad recipe fails here, before any claim
     name, version = _teacher_ref(teacher)
-    if retry:
-        from mlflow.tracking import MlflowClient
+    if rerun:
+        from flows.distill import release_for_rerun
 
-        found = [v for v in teacher_versions(MlflowClient(settings.tracking_uri), name) if v.version == version]
-        if found and found[0].tags.get("distill.status") != "failed":
-            raise typer.BadParameter(f"{name} v{version} did not fail (status {found[0].tags.get('distill.status')})")
-        Ledger(settings.ledger_uri).release(name, version)
+        release_for_rerun(settings, name, version, force=force)
     from flows.distill import distill_teacher_version
 
     result = distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="cli")

@@ -33,7 +33,10 @@ def _ensure_teacher(settings: Settings, recipe_path: Path, version: int, echo: E
         echo("training teacher v1: a head on frozen MiniLM features (quick, and weaker)")
         overrides: dict[str, object] = {"trainable_layers": 0, "epochs": 5, "lr": 1e-2, "batch_size": 64}
     else:
-        echo(f"training teacher v{version}: MiniLM fine-tuned ({recipe.teacher.trainable_layers} top layers)")
+        layers = recipe.teacher.trainable_layers
+        echo(
+            f"training teacher v{version}: MiniLM fine-tuned ({'end to end' if layers is None else f'top {layers} layers'})"
+        )
         overrides = {}
     name, registered = steps.train_and_register_teacher(recipe, settings, dataset, log, **overrides)
     echo(f"registered teacher {name} v{registered}: the watcher will pick it up")

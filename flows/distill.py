@@ -29,7 +29,7 @@ from distill_core.errors import SoftLabelError
 from distill_core.evaluate import comparison_table, predict
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe, load_recipe
-from distill_core.registry import Ledger, set_ledger, unhandled_versions
+from distill_core.registry import Ledger, RegistryError, set_ledger, unhandled_versions
 from distill_core.settings import Settings, load_settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
 from distill_core.store import open_store
@@ -122,7 +122,9 @@ def _log_candidate(
     test_texts: list[str],
 ) -> None:
     """A nested MLflow run per candidate: params, per-evaluation metrics, plots."""
-    with mlflow.start_run(run_name=outcome.config.name, nested=True):
+    parent = mlflow.active_run()
+    assert parent is not None
+    with mlflow.start_run(run_name=outcome.config.name, nested=True, experiment_id=parent.info.experiment_id):
         mlflow.log_params({f"student.{k}": v for k, v in outcome.config.model_dump().items()})
         for kind, result in outcome.results():
             for row in result.history:
@@ -292,6 +294,17 @@ def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_ver
         description=f"{teacher_name} v{teacher_version}: {decision.status}",
     )
     return decision
+
+
+def release_for_rerun(settings: Settings, teacher_name: str, teacher_version: str, force: bool = False) -> None:
+    """Let a handled teacher version run again on purpose; its labels, students and registration are reused."""
+    client = MlflowClient(settings.tracking_uri)
+    status = client.get_model_version(teacher_name, teacher_version).tags.get("distill.status")
+    if status == "running" and not force:
+        raise RegistryError(
+            f"{teacher_name} v{teacher_version} is marked running: wait for that run, or if it was killed, add --force"
+        )
+    Ledger(settings.ledger_uri).release(teacher_name, teacher_version)
 
 
 @flow(name="watch-teachers", log_prints=True)

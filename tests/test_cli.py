@@ -62,13 +62,14 @@ def tiny_recipe(tmp_path: Path) -> Path:
     recipe.write_text(
         "name: tiny\n"
         "data: {max_rows: 200, augment_copies: 1}\n"
-        "teacher: {trainable_layers: 2, epochs: 1, batch_size: 16, lr: 1.0e-4}\n"
+        "teacher: {trainable_layers: 2, epochs: 3, batch_size: 16, lr: 1.0e-4}\n"
         "students:\n"
         "  - {name: small-tf, family: transformer, teacher_layers: [5], embedding_dim: 32, lr: 3.0e-4}\n"
         "  - {name: bag, family: embedding_bag, buckets: 4096, dim: 16, lr: 0.02}\n"
         "train: {epochs: 2, batch_size: 32, eval_every: 100}\n"
         "evaluation: {latency_samples: 10, throughput_batch: 8}\n"
         "gates: {min_retention: 0.5, max_param_ratio: 1.0, max_regression: 0.2}\n"
+        "checks: {max_class_kl: 1.0}\n"  # a teacher fine-tuned on 140 reviews may lean to one class
     )
     return recipe
 
@@ -121,3 +122,8 @@ def test_stage_distill_prints_the_comparison_table(tiny_recipe, tmp_path):
     assert (home / "runs" / "tiny-sentiment-teacher-v1" / "bag" / "distilled.pt").exists()
     again = distill("stage", "distill", "--teacher", ref, "--recipe", str(tiny_recipe), home=home)
     assert again.returncode == 0 and "(reused)" in again.stderr and "resumed from checkpoint" in again.stderr
+
+
+def test_rollback_without_previous_is_one_clear_line(tmp_path):
+    out = distill("rollback", "no-such-student", home=tmp_path)
+    assert out.returncode == 1 and "error: model 'no-such-student' has no 'previous' version" in out.stderr

@@ -265,3 +265,19 @@ def test_watcher_handles_versions_in_order_and_newest_passing_wins(env, small_da
     assert champion.tags["distill.teacher_version"] == second
     assert str(champion.version) == results[1]["student_version"]
     assert watch_teachers(recipe, env["home"]) == []  # nothing left to do
+
+
+def test_rerun_of_a_handled_version_reuses_everything_and_registers_nothing_new(env, small_dataset):
+    from distill_core.settings import load_settings
+    from flows.distill import release_for_rerun
+
+    version = register_toy_teacher(env, small_dataset)
+    recipe = write_recipe(env)
+    first = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    assert distill_teacher_version(env["teacher"], version, recipe, env["home"])["status"] == "skipped"
+    release_for_rerun(load_settings(env["home"]), env["teacher"], version)
+    again = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    assert again["student_version"] == first["student_version"] and again["alias"] == CHAMPION
+    assert len(versions(env, env["student"])) == 1
+    assert aliases(MlflowClient(env["tracking_uri"]), env["student"]) == {CHAMPION: first["student_version"]}
+    assert again["seconds"]["distill"] < first["seconds"]["distill"]  # students resumed from finished checkpoints
