@@ -34,9 +34,8 @@ def _ensure_teacher(settings: Settings, recipe_path: Path, version: int, echo: E
         overrides: dict[str, object] = {"trainable_layers": 0, "epochs": 5, "lr": 1e-2, "batch_size": 64}
     else:
         layers = recipe.teacher.trainable_layers
-        echo(
-            f"training teacher v{version}: MiniLM fine-tuned ({'end to end' if layers is None else f'top {layers} layers'})"
-        )
+        how = "end to end" if layers is None else f"top {layers} layers"
+        echo(f"training teacher v{version}: MiniLM fine-tuned ({how})")
         overrides = {}
     name, registered = steps.train_and_register_teacher(recipe, settings, dataset, log, **overrides)
     echo(f"registered teacher {name} v{registered}: the watcher will pick it up")
