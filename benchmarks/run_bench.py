@@ -257,7 +257,9 @@ def markdown(results: dict[str, object]) -> str:
             "",
             qual["table"].strip(),
             "",
-            f"Teacher training {qual['teacher_seconds']:.0f} s; whole run {qual['total_seconds']:.0f} s.",
+            ("Teacher reused from an earlier bench run (--reuse-teacher); " if qual.get("teacher_reused")
+             else f"Teacher training {qual['teacher_seconds']:.0f} s; ")
+            + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]
     return "\n".join(lines)
