@@ -96,7 +96,7 @@ def register_and_promote(
     key = f"{lineage['teacher_name']}/{lineage['teacher_version']}:{lineage['recipe_hash']}:{verdict.candidate}"
     existing = find_student_version(client, name, key)
     if existing is not None:
-        decision.student_version = existing.version
+        decision.student_version = str(existing.version)
         decision.notes.append(f"v{existing.version} was already registered for {key}")
     else:
         report = verdict.report

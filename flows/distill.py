@@ -25,7 +25,7 @@ from prefect.tasks import exponential_backoff
 
 from distill_core import checks, plots, steps
 from distill_core.data import PreparedDataset
-from distill_core.errors import SoftLabelError
+from distill_core.errors import DistillError, SoftLabelError
 from distill_core.evaluate import comparison_table, predict
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe, load_recipe
@@ -35,12 +35,19 @@ from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_ke
 from distill_core.store import open_store
 from distill_core.teachers import LoadedTeacher, load_teacher
 
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups, not bad input: the pipeline's own errors name a problem a retry will not fix."""
+    return not isinstance(getattr(state, "data", None), DistillError)
+
+
 # I/O steps retry with backoff; nothing is cached by its inputs (models and datasets hash slowly, if at all).
-IO_RETRIES: dict[str, Any] = {
+RETRIES: dict[str, Any] = {
     "retries": 3,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-    "cache_policy": NO_CACHE,
+    "retry_condition_fn": _transient,
 }
+IO_RETRIES: dict[str, Any] = {**RETRIES, "cache_policy": NO_CACHE}
 
 
 @task(**IO_RETRIES)
@@ -63,12 +70,7 @@ def _soft_label_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"soft-labels-{soft_label_key(teacher.identity, dataset.digest, recipe.soft_labels, recipe.task)}-{store}"
 
 
-@task(
-    cache_key_fn=_soft_label_cache_key,
-    persist_result=True,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-)
+@task(cache_key_fn=_soft_label_cache_key, persist_result=True, **RETRIES)
 def soft_labels_task(recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher) -> str:
     """Label (or reuse) and return the content key; Prefect skips this task when the key is cached."""
     return steps.label(recipe, settings, dataset, teacher).key
