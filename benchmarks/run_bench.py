@@ -158,6 +158,7 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
     teacher_seconds = time.perf_counter() - started
     reports, out = steps.run_pipeline(recipe, settings, name, version, log=print)
     report = json.loads((out / "report.json").read_text())
+    training = json.loads((out / "training.json").read_text())
     return {
         "recipe": str(recipe_path.relative_to(ROOT)),
         "dataset": dataset.counts,
@@ -165,8 +166,7 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
         "total_seconds": time.perf_counter() - started,
         "reports": report["reports"],
         "training": {
-            k: {kk: v[kk] for kk in ("steps", "best_step", "stopped_early", "seconds")}
-            for k, v in report["training"].items()
+            k: {kk: v[kk] for kk in ("steps", "best_step", "stopped_early", "seconds")} for k, v in training.items()
         },
         "table": (out / "report.md").read_text(),
         "teacher_reused": reuse_teacher,
@@ -257,8 +257,11 @@ def markdown(results: dict[str, object]) -> str:
             "",
             qual["table"].strip(),
             "",
-            ("Teacher reused from an earlier bench run (--reuse-teacher); " if qual.get("teacher_reused")
-             else f"Teacher training {qual['teacher_seconds']:.0f} s; ")
+            (
+                "Teacher reused from an earlier bench run (--reuse-teacher); "
+                if qual.get("teacher_reused")
+                else f"Teacher training {qual['teacher_seconds']:.0f} s; "
+            )
             + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]

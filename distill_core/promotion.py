@@ -120,6 +120,12 @@ def register_and_promote(
             f"accuracy {report.accuracy:.3f} ({report.retention:.1%} of the teacher), {report.params:,} parameters "
             f"({report.compression:.1f}x smaller), {report.speedup:.1f}x faster at batch 1. Gates: "
             + ("passed." if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
+            + (
+                f" Data: {lineage['dataset_path']} at git {lineage['dataset_rev']} of {lineage['dataset_repo']}"
+                f" (DVC md5 {lineage['dataset_digest']})."
+                if "dataset_rev" in lineage
+                else ""
+            )
         )
         _, version = log_student(
             outcome.distilled.student,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from distill_core.errors import RecipeError
 
@@ -24,6 +24,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DvcDataRef(_Strict):
+    """A prepared dataset tracked by DVC: a path in a repository at a git revision (the data's identity)."""
+
+    path: str = Field(min_length=1)  # the DVC-tracked folder, relative to the repository root
+    repo: str = "."  # a local repository (relative to the recipe file) or a git URL
+    rev: str | None = None  # a git revision; None: the repository's workspace, which must match its dvc.lock
+
+
 class DataConfig(_Strict):
     """Where the labeled text comes from and how it is split."""
 
@@ -33,12 +41,14 @@ class DataConfig(_Strict):
     test_fraction: Fraction = 0.2
     seed: int = 0
     augment_copies: int = Field(default=1, ge=0, le=10)  # teacher-labeled augmented copies in the transfer split
+    dvc: DvcDataRef | None = None  # set: runs read the prepared data through DVC, and lineage names its version
 
 
 class TeacherConfig(_Strict):
     """The teacher's registered name, and how the local helper trains one (it stands in for the teacher's team)."""
 
     registered_name: str = Field(default="sentiment-teacher", min_length=1)
+    version: str | None = Field(default=None, pattern=r"^[1-9][0-9]*$")  # the version the DVC stages distill
     # top encoder layers to fine-tune: None = all (best), 0 = only the head on frozen features (fast, weaker)
     trainable_layers: int | None = Field(default=None, ge=0, le=48)
     epochs: float = Field(default=1.0, gt=0, le=20)
@@ -178,6 +188,7 @@ class Recipe(_Strict):
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
     def _students_consistent(self) -> Recipe:
@@ -199,6 +210,11 @@ class Recipe(_Strict):
             if s.name == name:
                 return s
         raise RecipeError(f"recipe '{self.name}' has no student '{name}'; it has {[s.name for s in self.students]}")
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder of the recipe file, against which its relative paths (data.dvc.repo) resolve."""
+        return self._base_dir
 
     def recipe_hash(self) -> str:
         """A stable hash of every setting: equal recipes hash equal whatever their YAML layout."""
@@ -259,4 +275,6 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from None
-    return parse_recipe(data, source=str(path))
+    recipe = parse_recipe(data, source=str(path))
+    recipe._base_dir = path.resolve().parent
+    return recipe

@@ -1,4 +1,9 @@
-"""Where things live: the embedded default under DISTILL_HOME, or what the environment points at."""
+"""Where things live: the embedded default under DISTILL_HOME, or what the environment points at.
+
+One switch puts every artifact in S3: DISTILL_S3=s3://bucket/prefix sends the soft-label store to
+<prefix>/soft-labels, MLflow's artifacts to <prefix>/mlflow and the DVC remote to <prefix>/dvc;
+DISTILL_STORE, DISTILL_ARTIFACTS and DISTILL_DVC_REMOTE override one each (other buckets, say).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,27 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill_core.errors import StoreError
+
+# What S3-compatible servers (MinIO, Ceph, moto) need from every boto3 client in the process, MLflow's
+# and DVC's included: no default CRC checksums (boto3 >= 1.36, boto3#4392) and path-style addressing.
+S3_COMPATIBLE_DEFAULTS = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE": "path",
+}
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Locations of the tracking store, the artifact store and the working folders."""
+    """Locations of the tracking store, the artifact stores and the working folders."""
 
     home: Path
     tracking_uri: str
     store_uri: str
     ledger_uri: str
-
-    @property
-    def artifact_root(self) -> str:
-        """Where MLflow puts run artifacts when the tracking store is the embedded SQLite file."""
-        return (self.home / "mlartifacts").resolve().as_uri()
+    artifacts_uri: str | None = None  # MLflow artifact root for the experiments we create; None: MLflow decides
+    dvc_remote: str | None = None  # DVC remote for the prepared data; None: the repository's own config
 
     @property
     def data_dir(self) -> Path:
@@ -29,12 +41,46 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
+    def experiment_location(self, experiment: str) -> str | None:
+        """Artifact location for a new experiment: DISTILL_ARTIFACTS, else next to the embedded SQLite store."""
+        if self.artifacts_uri:
+            return f"{self.artifacts_uri.rstrip('/')}/{experiment}"
+        if self.tracking_uri.startswith("sqlite"):
+            return f"{(self.home / 'mlartifacts').resolve().as_uri()}/{experiment}"
+        return None  # a tracking server decides (its --artifacts-destination)
+
+    def s3_locations(self) -> dict[str, str]:
+        """The S3 URIs in use, by the setting that names them."""
+        named = {
+            "DISTILL_STORE": self.store_uri,
+            "DISTILL_ARTIFACTS": self.artifacts_uri,
+            "DISTILL_DVC_REMOTE": self.dvc_remote,
+        }
+        return {name: uri for name, uri in named.items() if uri and uri.startswith("s3://")}
+
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_STORE and DISTILL_LEDGER_URI, else the embedded default."""
+    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_S3 and its overrides, DISTILL_LEDGER_URI; else defaults."""
     root = Path(home or os.environ.get("DISTILL_HOME") or ".distill").resolve()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    store = os.environ.get("DISTILL_STORE") or str(root / "store")
     ledger = os.environ.get("DISTILL_LEDGER_URI") or f"sqlite:///{root / 'ledger.db'}"
+    s3 = os.environ.get("DISTILL_S3", "").rstrip("/")
+    if s3 and not s3.startswith("s3://"):
+        raise StoreError(f"DISTILL_S3={s3!r} must look like s3://bucket or s3://bucket/prefix")
+
+    def pick(variable: str, below_s3: str) -> str | None:
+        return os.environ.get(variable) or (f"{s3}/{below_s3}" if s3 else None)
+
     root.mkdir(parents=True, exist_ok=True)
-    return Settings(home=root, tracking_uri=tracking, store_uri=store, ledger_uri=ledger)
+    settings = Settings(
+        home=root,
+        tracking_uri=tracking,
+        store_uri=pick("DISTILL_STORE", "soft-labels") or str(root / "store"),
+        ledger_uri=ledger,
+        artifacts_uri=pick("DISTILL_ARTIFACTS", "mlflow"),
+        dvc_remote=pick("DISTILL_DVC_REMOTE", "dvc"),
+    )
+    if settings.s3_locations():
+        for name, value in S3_COMPATIBLE_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    return settings

@@ -24,7 +24,17 @@ HEADLINE = (
     "speedup",
 )
 LEDGER: tuple[str, ...] = ("student_version", "alias", "run_id", "reasons", "error")
-LINEAGE = ("teacher_name", "teacher_version", "dataset_digest", "soft_labels_key", "recipe_hash", "run_id")
+LINEAGE = (
+    "teacher_name",
+    "teacher_version",
+    "dataset_digest",
+    "dataset_repo",
+    "dataset_path",
+    "dataset_rev",
+    "soft_labels_key",
+    "recipe_hash",
+    "run_id",
+)
 
 
 def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
@@ -84,6 +94,11 @@ def render(state: dict[str, Any]) -> str:
             f"gate {s.get('gate', '?'):<6} acc {s.get('accuracy', '?')} ({s.get('retention', '?')} of teacher) "
             f"params {s.get('params', '?')} from teacher v{s.get('teacher_version', '?')}"
         )
+        if "dataset_rev" in s:
+            lines.append(
+                f"       data {s['dataset_path']} @ {s['dataset_rev']} in {s['dataset_repo']}"
+                f" (DVC md5 {s['dataset_digest']})"
+            )
     if state["alias_history"]:
         lines += ["", "alias history (newest last)"]
         for m in state["alias_history"][-10:]:

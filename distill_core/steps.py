@@ -9,20 +9,27 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from mlflow.tracking import MlflowClient
 
 from distill_core.data import PreparedDataset, load_prepared, prepare_dataset
+from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import Report, comparison_table, evaluate_model, predict, relative_to
 from distill_core.recipe import Recipe, StudentConfig
+from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
 from distill_core.students import build_student
 from distill_core.teachers import LoadedTeacher, TextModule, load_teacher, log_teacher, picklable, train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
+from distill_core.versioning import open_versioned
 
 Log = Callable[[str], None]
 
@@ -37,7 +44,9 @@ def prepare(recipe: Recipe, settings: Settings, out_dir: Path | None = None) -> 
 
 
 def open_dataset(recipe: Recipe, settings: Settings) -> PreparedDataset:
-    """The recipe's prepared dataset, preparing it first when there is none."""
+    """The recipe's prepared dataset: through DVC when the recipe says so, else prepared under DISTILL_HOME."""
+    if recipe.data.dvc is not None:
+        return open_versioned(recipe.data.dvc, recipe.base_dir, settings)
     root = dataset_dir(recipe, settings)
     return load_prepared(root) if (root / "dataset.json").exists() else prepare(recipe, settings)
 
@@ -60,13 +69,30 @@ def train_and_register_teacher(
             "distill.trainable_layers": str(cfg.trainable_layers),
         },
         metrics={"test_accuracy": acc},
-        artifact_location=_artifact_location(settings, "teachers"),
+        artifact_location=settings.experiment_location("teachers"),
     )
 
 
-def _artifact_location(settings: Settings, experiment: str) -> str | None:
-    """Artifacts next to the embedded SQLite store; a tracking server decides for itself."""
-    return f"{settings.artifact_root}/{experiment}" if settings.tracking_uri.startswith("sqlite") else None
+def ensure_teacher(recipe: Recipe, settings: Settings, log: Log = print) -> tuple[str, str]:
+    """The recipe's pinned teacher version (teacher.version), as the DVC stages distill it.
+
+    On a local SQLite registry (the embedded default) a missing version is made by the stand-in teacher
+    helper, so `dvc repro` works from a fresh clone; a shared registry must already hold it.
+    """
+    name, wanted = recipe.teacher.registered_name, recipe.teacher.version
+    if wanted is None:
+        raise RecipeError("teacher.version is not set in the recipe: name the registered teacher version to distill")
+    versions = {int(v.version) for v in teacher_versions(MlflowClient(settings.tracking_uri), name)}
+    if int(wanted) in versions:
+        return name, wanted
+    latest = max(versions, default=0)
+    if not settings.tracking_uri.startswith("sqlite") or int(wanted) != latest + 1:
+        raise RegistryError(
+            f"teacher {name} v{wanted} is not registered at {settings.tracking_uri} "
+            f"(latest: {f'v{latest}' if latest else 'none'}); register it or change teacher.version"
+        )
+    log(f"{name} v{wanted} is not registered yet: training the stand-in teacher on the local registry")
+    return train_and_register_teacher(recipe, settings, open_dataset(recipe, settings), log)
 
 
 def label(
@@ -190,38 +216,105 @@ def evaluate_all(
     return reports
 
 
-def save_outcomes(
-    out_dir: Path, outcomes: list[StudentOutcome], reports: list[Report], meta: Mapping[str, object]
-) -> Path:
-    """Write each student (torch.save of the module), report.json and report.md; the report goes last."""
+KINDS = ("distilled", "hard-label")
+
+
+def _replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
+    """Each student (torch.save of the module), then training.json, written last: its presence means complete."""
+    (out_dir / "training.json").unlink(missing_ok=True)
+    for outcome in outcomes:
+        for kind, result in outcome.results():
+            save = partial(torch.save, picklable(result.student))
+            _replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", save)
+    training = {
+        f"{o.config.name}/{k}": {
+            "steps": r.steps,
+            "best_step": r.best_step,
+            "best_accuracy": r.best_accuracy,
+            "stopped_early": r.stopped_early,
+            "seconds": round(r.seconds, 1),
+            "history": r.history,
+        }
+        for o in outcomes
+        for k, r in o.results()
+    }
+    _replace_atomic(out_dir / "training.json", lambda p: p.write_text(json.dumps(training, indent=2, default=float)))
+
+
+def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
+    """The students save_students wrote for this recipe, ready to evaluate."""
+    index = out_dir / "training.json"
+    if not index.is_file():
+        raise DistillError(f"{out_dir} holds no complete set of trained students: run `distill stage train` first")
+    training = json.loads(index.read_text())
+    outcomes = []
+    for cfg in recipe.students:
+        results: dict[str, TrainResult] = {}
+        for kind in KINDS:
+            meta = training.get(f"{cfg.name}/{kind}")
+            if meta is None:
+                continue
+            module = torch.load(out_dir / cfg.name / f"{kind}.pt", weights_only=False)
+            results[kind] = TrainResult(
+                module, meta["history"], meta["steps"], meta["best_step"], meta["best_accuracy"], meta["stopped_early"]
+            )
+        if "distilled" not in results:
+            raise DistillError(f"student '{cfg.name}' of recipe '{recipe.name}' is not in {out_dir}: train it again")
+        outcomes.append(StudentOutcome(cfg, results["distilled"], results.get("hard-label")))
+    return outcomes
+
+
+def headline_metrics(reports: list[Report]) -> dict[str, Any]:
+    """The numbers a person compares, as `dvc metrics show` prints them: teacher.accuracy, bag.distilled.accuracy."""
+    keys = ("accuracy", "macro_f1", "retention", "agreement", "kl_to_teacher", "params", "p50_ms", "speedup")
+    teacher, *students = reports
+    metrics: dict[str, Any] = {"teacher": {k: getattr(teacher, k) for k in keys}}
+    for report in students:
+        name, _, kind = report.name.rpartition(" (")
+        metrics.setdefault(name, {})[kind.rstrip(")")] = {k: getattr(report, k) for k in keys}
+    return metrics
+
+
+def write_training_curves(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
+    """One CSV per student and kind (step, epoch, val_accuracy, loss terms): DVC plots them as curves."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for outcome in outcomes:
         for kind, result in outcome.results():
-            path = out_dir / outcome.config.name / f"{kind}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(picklable(result.student), tmp)
-            os.replace(tmp, path)
-    report = {
-        **meta,
-        "reports": [r.as_dict() for r in reports],
-        "training": {
-            f"{o.config.name}/{k}": {
-                "steps": r.steps,
-                "best_step": r.best_step,
-                "stopped_early": r.stopped_early,
-                "seconds": round(r.seconds, 1),
-                "history": r.history,
-            }
-            for o in outcomes
-            for k, r in o.results()
-        },
-    }
+            frame = pd.DataFrame(result.history)
+            frame.to_csv(out_dir / f"{outcome.config.name}.{kind}.csv", index=False, float_format="%.5g")
+
+
+def write_report(out_dir: Path, reports: list[Report], meta: Mapping[str, object]) -> Path:
+    """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(comparison_table(reports) + "\n")
-    tmp = out_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    os.replace(tmp, out_dir / "report.json")
+    pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
+    metrics = json.dumps(headline_metrics(reports), indent=2, default=float)
+    _replace_atomic(out_dir / "metrics.json", lambda p: p.write_text(metrics))
+    report = json.dumps({**meta, "reports": [r.as_dict() for r in reports]}, indent=2, default=float)
+    _replace_atomic(out_dir / "report.json", lambda p: p.write_text(report))
     return out_dir
+
+
+def lineage_meta(
+    recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, teacher: LoadedTeacher
+) -> dict[str, str]:
+    """What a report was made from."""
+    return {
+        "recipe": recipe.name,
+        "recipe_hash": recipe.recipe_hash(),
+        "teacher": teacher.identity,
+        "dataset_digest": dataset.digest,
+        **(dataset.version.tags() if dataset.version else {}),
+        "soft_labels_key": labels.key,
+    }
 
 
 def run_pipeline(
@@ -234,12 +327,6 @@ def run_pipeline(
     log(f"soft labels {labels.key} ({'reused' if labels.reused else 'generated'})")
     out = run_dir(recipe, settings, teacher)
     outcomes = distill_all(recipe, dataset, labels, teacher, out, log)
+    save_students(out, outcomes)
     reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
-    meta = {
-        "recipe": recipe.name,
-        "recipe_hash": recipe.recipe_hash(),
-        "teacher": teacher.identity,
-        "dataset_digest": dataset.digest,
-        "soft_labels_key": labels.key,
-    }
-    return reports, save_outcomes(out, outcomes, reports, meta)
+    return reports, write_report(out, reports, lineage_meta(recipe, dataset, labels, teacher))

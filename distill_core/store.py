@@ -176,9 +176,12 @@ def s3_client(*, connect_timeout: float = 5, read_timeout: float = 60, max_attem
 class S3Store(ArtifactStore):
     """Artifacts as objects under s3://bucket/prefix; the bucket is checked once, on first use."""
 
-    def __init__(self, bucket: str, prefix: str = "", client: Any = None, page_size: int = 1000) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", client: Any = None, page_size: int = 1000, setting: str = "DISTILL_STORE"
+    ) -> None:
         if not bucket:
             raise ValueError("S3Store needs a bucket name")
+        self.setting = setting  # the configuration that chose this location, named in errors
         self.bucket, self.prefix = bucket, check_key(prefix.strip("/"), prefix=True)
         self.client = client if client is not None else s3_client()
         self.endpoint: str = self.client.meta.endpoint_url  # AWS_ENDPOINT_URL or the AWS default
@@ -200,11 +203,12 @@ class S3Store(ArtifactStore):
             code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
             if code == "NoSuchBucket" or (key is None and code in _MISSING):
                 return StoreError(
-                    f"bucket '{self.bucket}' does not exist at {self.endpoint}: create it or fix DISTILL_STORE"
+                    f"bucket '{self.bucket}' ({self.setting}) does not exist at {self.endpoint}: "
+                    f"create it or fix {self.setting}"
                 )
             if exc.response["ResponseMetadata"].get("HTTPStatusCode") == 403 or code == "ExpiredToken":
                 return StoreError(
-                    f"access to bucket '{self.bucket}' was refused ({code}: {message}) while "
+                    f"access to bucket '{self.bucket}' ({self.setting}) was refused ({code}: {message}) while "
                     f"{action} {where}: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
                 )
             if key is not None and code in _MISSING:
@@ -212,7 +216,7 @@ class S3Store(ArtifactStore):
             return StoreError(f"S3 error while {action} {where} at {self.endpoint}: {code}: {message}")
         if isinstance(exc, BotoConnectionError | HTTPClientError):
             return StoreError(
-                f"cannot reach the S3 endpoint {self.endpoint} while {action} {where}: "
+                f"cannot reach the S3 endpoint {self.endpoint} while {action} {where} ({self.setting}): "
                 f"start the server or fix AWS_ENDPOINT_URL ({exc})"
             )
         if isinstance(exc, NoCredentialsError):
@@ -280,15 +284,21 @@ class S3Store(ArtifactStore):
                     raise StoreError(f"{len(errors)} deletes failed in {self.describe()}: {errors[0]}")
 
 
-def open_store(uri: str) -> ArtifactStore:
+def open_store(uri: str, setting: str = "DISTILL_STORE") -> ArtifactStore:
     """'s3://bucket/prefix' gives an S3Store; a folder path (optionally 'file://...') gives a LocalStore."""
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
-            raise StoreError(f"store URI {uri!r} names no bucket: use s3://bucket/prefix")
-        return S3Store(bucket, prefix)
+            raise StoreError(f"store URI {uri!r} ({setting}) names no bucket: use s3://bucket/prefix")
+        return S3Store(bucket, prefix, setting=setting)
     if uri.startswith("file://"):
         return LocalStore(uri[len("file://") :])
     if "://" in uri:
         raise StoreError(f"store URI {uri!r} has an unknown scheme: use s3://bucket/prefix or a folder path")
     return LocalStore(uri)
+
+
+def check_locations(locations: dict[str, str]) -> None:
+    """Fail before any work, naming the bucket and the setting, if an S3 location cannot be used."""
+    for setting, uri in locations.items():
+        open_store(uri, setting).check()

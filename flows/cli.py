@@ -84,12 +84,46 @@ def load_recipe_names(path: Path) -> tuple[str, str]:
     return rcp.teacher.registered_name, rcp.student_registered_name
 
 
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Where to write this step's output (DVC's outs).")]
+LabelsOpt = Annotated[Path, typer.Option("--labels", help="The label step's JSON output.")]
+OptionalTeacher = Annotated[
+    str | None, typer.Option("--teacher", "-t", help="NAME/VERSION (default: the recipe's teacher.version).")
+]
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Recipe, Settings -> LoadedTeacher
+    from distill_core.teachers import load_teacher
+
+    if ref is not None:
+        return load_teacher(*_teacher_ref(ref), settings.tracking_uri)
+    if rcp.teacher.version is None:
+        raise typer.BadParameter("give --teacher NAME/VERSION, or set teacher.version in the recipe")
+    return load_teacher(rcp.teacher.registered_name, rcp.teacher.version, settings.tracking_uri)
+
+
+def _stage_labels(rcp, settings, labels_file: Path):  # noqa: ANN001, ANN202 - Recipe, Settings -> SoftLabels
+    from distill_core.errors import SoftLabelError
+    from distill_core.soft_labels import load_soft_labels
+    from distill_core.store import open_store
+
+    if not labels_file.is_file():
+        raise SoftLabelError(f"{labels_file} does not exist: run `distill stage label --out {labels_file}` first")
+    return load_soft_labels(open_store(settings.store_uri), json.loads(labels_file.read_text())["key"])
+
+
 @stage_app.command("prepare")
-def stage_prepare(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
+def stage_prepare(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None, out: OutOpt = None) -> None:
     """Load, check and split the recipe's data into parquet files with a digest."""
     from distill_core import steps
 
-    dataset = steps.prepare(_recipe(recipe), _env(home))
+    dataset = steps.prepare(_recipe(recipe), _env(home), out)
     typer.echo(json.dumps({"path": str(dataset.root), "digest": dataset.digest, "counts": dataset.counts}))
 
 
@@ -100,41 +134,104 @@ def stage_teacher(
     trainable_layers: Annotated[
         int | None, typer.Option(help="Top encoder layers to fine-tune (0: only the head).")
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Resolve the recipe's teacher.version instead (training the stand-in only where the "
+            "local registry lacks it) and write its identity here.",
+        ),
+    ] = None,
 ) -> None:
-    """Train the stand-in MiniLM teacher and register it as a new version."""
+    """Train the stand-in MiniLM teacher and register it as a new version (or, with --out, pin one)."""
     from distill_core import steps
+    from distill_core.teachers import load_teacher
 
     settings, rcp = _env(home), _recipe(recipe)
-    overrides = {"trainable_layers": trainable_layers} if trainable_layers is not None else {}
-    name, version = steps.train_and_register_teacher(
-        rcp, settings, steps.open_dataset(rcp, settings), _echo, **overrides
-    )
+    if out is not None:
+        name, version = steps.ensure_teacher(rcp, settings, _echo)
+        teacher = load_teacher(name, version, settings.tracking_uri)
+        _write_json(out, {"name": name, "version": version, "identity": teacher.identity})
+    else:
+        overrides = {"trainable_layers": trainable_layers} if trainable_layers is not None else {}
+        name, version = steps.train_and_register_teacher(
+            rcp, settings, steps.open_dataset(rcp, settings), _echo, **overrides
+        )
     typer.echo(f"{name}/{version}")
 
 
 @stage_app.command("label")
 def stage_label(
-    teacher: TeacherOpt,
+    teacher: OptionalTeacher = None,
     recipe: RecipeOpt = DEFAULT_RECIPE,
     home: HomeOpt = None,
     force: Annotated[bool, typer.Option(help="Relabel even if the key exists.")] = False,
+    out: OutOpt = None,
 ) -> None:
     """Soft labels for every split (reused when the content key already exists)."""
     from distill_core import steps
-    from distill_core.teachers import load_teacher
 
     settings, rcp = _env(home), _recipe(recipe)
-    loaded = load_teacher(*_teacher_ref(teacher), settings.tracking_uri)
+    loaded = _stage_teacher(rcp, settings, teacher)
     labels = steps.label(rcp, settings, steps.open_dataset(rcp, settings), loaded, force=force)
-    typer.echo(json.dumps({"key": labels.key, "reused": labels.reused, "rows": labels.manifest["rows"]}))
+    identity = {"key": labels.key, "teacher": loaded.identity}  # the same labels, the same file (DVC's dep)
+    if out is not None:
+        _write_json(out, identity)
+    summary = {**identity, "store": settings.store_uri, "reused": labels.reused, "rows": labels.manifest["rows"]}
+    typer.echo(json.dumps(summary))
+
+
+@stage_app.command("train")
+def stage_train(
+    labels: LabelsOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained students.")],
+    teacher: OptionalTeacher = None,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    plots: Annotated[Path | None, typer.Option(help="Folder for per-student training curves (CSV).")] = None,
+) -> None:
+    """Distill every student of the recipe (and its hard-label twin) from stored soft labels."""
+    from distill_core import steps
+
+    settings, rcp = _env(home), _recipe(recipe)
+    loaded = _stage_teacher(rcp, settings, teacher)
+    outcomes = steps.distill_all(
+        rcp, steps.open_dataset(rcp, settings), _stage_labels(rcp, settings, labels), loaded, out, _echo
+    )
+    steps.save_students(out, outcomes)
+    if plots is not None:
+        steps.write_training_curves(plots, outcomes)
+    typer.echo(json.dumps({f"{o.config.name}/{k}": r.best_accuracy for o in outcomes for k, r in o.results()}))
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(
+    labels: LabelsOpt,
+    students: Annotated[Path, typer.Option("--students", help="The train step's folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md, report.json and metrics.json.")],
+    teacher: OptionalTeacher = None,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+) -> None:
+    """The teacher, each distilled student and its hard-label twin on the test split: the comparison table."""
+    from distill_core import steps
+
+    settings, rcp = _env(home), _recipe(recipe)
+    loaded, dataset = _stage_teacher(rcp, settings, teacher), steps.open_dataset(rcp, settings)
+    soft = _stage_labels(rcp, settings, labels)
+    reports = steps.evaluate_all(rcp, dataset, soft, loaded, steps.load_students(students, rcp))
+    steps.write_report(out, reports, steps.lineage_meta(rcp, dataset, soft, loaded))
+    typer.echo((out / "report.md").read_text())
 
 
 @stage_app.command("distill")
-def stage_distill(teacher: TeacherOpt, recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
-    """Distill every student of the recipe (with its hard-label twin) and write the comparison report."""
+def stage_distill(teacher: OptionalTeacher = None, recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
+    """Label, train and evaluate in one step, under DISTILL_HOME/runs (train + evaluate without DVC)."""
     from distill_core import steps
 
-    reports, out = steps.run_pipeline(_recipe(recipe), _env(home), *_teacher_ref(teacher), log=_echo)
+    settings, rcp = _env(home), _recipe(recipe)
+    loaded = _stage_teacher(rcp, settings, teacher)
+    reports, out = steps.run_pipeline(rcp, settings, loaded.name, loaded.version, log=_echo)
     typer.echo((out / "report.md").read_text())
 
 
@@ -192,6 +289,42 @@ def watch(
 def serve() -> None:
     """Scheduled watcher plus the MLflow webhook receiver (not there yet)."""
     _not_yet("serve", "the production topology")
+
+
+@app.command()
+def storage(
+    home: HomeOpt = None,
+    configure_dvc: Annotated[
+        bool, typer.Option(help="Make DISTILL_DVC_REMOTE this repository's default DVC remote (.dvc/config.local).")
+    ] = False,
+) -> None:
+    """Where soft labels, MLflow artifacts and DVC data go (DISTILL_S3 and friends), checked one by one."""
+    from distill_core.store import check_locations
+    from distill_core.versioning import DVC_REMOTE_NAME
+
+    settings = _env(home)
+    rows = {
+        "soft labels (DISTILL_STORE)": settings.store_uri,
+        "MLflow artifacts (DISTILL_ARTIFACTS)": settings.artifacts_uri or "decided by the tracking server",
+        "DVC remote (DISTILL_DVC_REMOTE)": settings.dvc_remote or "the repository's own DVC config",
+    }
+    for what, where in rows.items():
+        typer.echo(f"{what:<38} {where}")
+    check_locations(settings.s3_locations())
+    typer.echo(f"S3 endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS default')}: every S3 location answers")
+    if configure_dvc:
+        if not settings.dvc_remote:
+            raise typer.BadParameter("set DISTILL_S3 or DISTILL_DVC_REMOTE first", param_hint="--configure-dvc")
+        _dvc("remote", "add", "--local", "--force", "--default", DVC_REMOTE_NAME, settings.dvc_remote)
+        typer.echo(f"DVC remote '{DVC_REMOTE_NAME}' -> {settings.dvc_remote} (default, in .dvc/config.local)")
+
+
+def _dvc(*args: str) -> None:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DistillError(f"dvc {' '.join(args)} failed: {done.stderr.strip()}")
 
 
 @app.command()

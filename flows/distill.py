@@ -32,7 +32,7 @@ from distill_core.recipe import Recipe, load_recipe
 from distill_core.registry import Ledger, RegistryError, set_ledger, unhandled_versions
 from distill_core.settings import Settings, load_settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
-from distill_core.store import open_store
+from distill_core.store import check_locations, open_store
 from distill_core.teachers import LoadedTeacher, load_teacher
 
 
@@ -112,8 +112,7 @@ def _experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = f"{settings.artifact_root}/{name}" if settings.tracking_uri.startswith("sqlite") else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=settings.experiment_location(name))
 
 
 def _log_candidate(
@@ -224,6 +223,7 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, run_id: str) -> Decision:
+    check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
     docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
     mlflow.log_params(
         {
@@ -238,7 +238,9 @@ def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_ver
         dataset = check_dataset_task(recipe, settings, docs_dir)
     finally:
         mlflow.log_artifacts(str(docs_dir), "data_docs")
-    mlflow.log_param("dataset_digest", dataset.digest)
+    data_lineage = {"dataset_digest": dataset.digest, **(dataset.version.tags() if dataset.version else {})}
+    mlflow.log_params(data_lineage)
+    mlflow.log_dict(recipe.model_dump(mode="json"), "recipe.yaml")
     teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
     timings: dict[str, float] = {}
     with _timed(timings, "soft_labels"):
@@ -279,7 +281,7 @@ def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_ver
     lineage = {
         "teacher_name": teacher_name,
         "teacher_version": teacher_version,
-        "dataset_digest": dataset.digest,
+        **data_lineage,
         "soft_labels_key": key,
         "recipe_hash": recipe.recipe_hash(),
         "run_id": run_id,

@@ -11,8 +11,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import boto3
@@ -96,6 +98,32 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def _credentials_enforced(endpoint_url: str) -> Iterator[None]:
+    """Switch the moto server to checking signatures against its IAM users (moto's reset-auth API)."""
+
+    def set_count(count: str) -> None:
+        request = urllib.request.Request(
+            f"{endpoint_url}/moto-api/reset-auth",
+            data=count.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=5).close()
+
+    set_count("0")
+    try:
+        yield
+    finally:
+        set_count("inf")
+
+
+@pytest.fixture
+def credentials_enforced(s3_server: S3Server) -> Callable[[], AbstractContextManager[None]]:
+    """`with credentials_enforced():` the test S3 server refuses keys that are not its IAM users'."""
+    return partial(_credentials_enforced, s3_server.endpoint_url)
 
 
 @pytest.fixture

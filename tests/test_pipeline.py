@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from toy_models import BagTeacher, WordHashTokenizer
 
+from distill_core.errors import StoreError
 from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, promote, rollback
 from distill_core.teachers import WrappedTeacher, log_teacher
 from flows.distill import distill_teacher_version, watch_teachers
@@ -241,6 +242,20 @@ def test_corrupt_dataset_stops_the_run_and_the_ledger_says_failed(env, small_dat
     assert ledger["distill.status"] == "failed" and "dataset checks failed" in ledger["distill.error"]
     assert "unique" in ledger["distill.error"].lower()
     assert versions(env, env["student"]) == []
+
+
+def test_a_missing_s3_bucket_stops_the_run_before_any_work_and_the_ledger_names_it(
+    env, small_dataset, s3_env, monkeypatch
+):
+    missing = f"gone-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("DISTILL_S3", f"s3://{missing}/team")
+    version = register_toy_teacher(env, small_dataset)
+    with pytest.raises(StoreError, match=f"bucket '{missing}' \\(DISTILL_STORE\\) does not exist"):
+        distill_teacher_version(env["teacher"], version, write_recipe(env), env["home"])
+    tags = teacher_tags(env, version)
+    assert tags["distill.status"] == "failed" and f"bucket '{missing}'" in tags["distill.error"]
+    assert not versions(env, env["student"])
+    assert not (Path(env["home"]) / "data").exists()  # stopped before any data work
 
 
 def test_nan_soft_labels_stop_the_run(env, small_dataset):

@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -184,9 +181,9 @@ def test_s3_missing_bucket_error_names_bucket_endpoint_and_fix(s3_env: str, s3_s
     with pytest.raises(StoreError) as err:
         store.check()
     assert str(err.value) == (
-        f"bucket '{missing}' does not exist at {s3_server.endpoint_url}: create it or fix DISTILL_STORE"
+        f"bucket '{missing}' (DISTILL_STORE) does not exist at {s3_server.endpoint_url}: create it or fix DISTILL_STORE"
     )
-    with pytest.raises(StoreError, match=f"bucket '{missing}' does not exist"):
+    with pytest.raises(StoreError, match=f"bucket '{missing}' \\(DISTILL_STORE\\) does not exist"):
         store.exists("model.bin")  # checked on first use: a bare 404 on HEAD would look like "no such key"
 
 
@@ -196,7 +193,7 @@ def test_s3_upload_into_a_bucket_deleted_mid_run_names_the_bucket(s3_env: str, t
     store.client.delete_bucket(Bucket=s3_env)  # e.g. a cleanup job; boto3 wraps this upload's error
     source = tmp_path / "checkpoint.pt"
     source.write_bytes(b"weights")
-    with pytest.raises(StoreError, match=f"bucket '{s3_env}' does not exist .*fix DISTILL_STORE"):
+    with pytest.raises(StoreError, match=f"bucket '{s3_env}' \\(DISTILL_STORE\\) does not exist .*fix DISTILL_STORE"):
         store.upload_file("checkpoint.pt", source)
 
 
@@ -212,29 +209,9 @@ def test_s3_unreachable_endpoint_error_names_the_endpoint(s3_env: str, monkeypat
     assert time.monotonic() - started < 5
 
 
-@contextmanager
-def _credentials_enforced(endpoint_url: str) -> Iterator[None]:
-    """Switch the moto server to checking signatures against its IAM users (moto's reset-auth API)."""
-
-    def set_count(count: str) -> None:
-        request = urllib.request.Request(
-            f"{endpoint_url}/moto-api/reset-auth",
-            data=count.encode(),
-            method="POST",
-            headers={"Content-Type": "text/plain"},
-        )
-        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=5).close()
-
-    set_count("0")
-    try:
-        yield
-    finally:
-        set_count("inf")
-
-
 @pytest.mark.parametrize("case", ["unknown key id", "wrong secret", "user without permissions"])
 def test_s3_refused_credentials_error_names_bucket_and_fix(
-    s3_env: str, s3_server, monkeypatch: pytest.MonkeyPatch, case: str
+    s3_env: str, s3_server, credentials_enforced, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     iam = boto3.client("iam", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
     user = f"distill-{uuid.uuid4().hex[:8]}"
@@ -249,15 +226,15 @@ def test_s3_refused_credentials_error_names_bucket_and_fix(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     store = S3Store(s3_env, client=s3_client(max_attempts=1))
 
-    with _credentials_enforced(s3_server.endpoint_url), pytest.raises(StoreError) as err:
+    with credentials_enforced(), pytest.raises(StoreError) as err:
         store.read_bytes("model.bin")
     message = str(err.value)
-    assert f"access to bucket '{s3_env}' was refused (403" in message
+    assert f"access to bucket '{s3_env}' (DISTILL_STORE) was refused (403" in message
     assert message.endswith("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
 
 
 def test_s3_refused_error_carries_the_server_code_when_it_sends_one(
-    s3_env: str, s3_server, monkeypatch: pytest.MonkeyPatch
+    s3_env: str, s3_server, credentials_enforced, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = S3Store(s3_env, "runs")
     store.check()  # the bucket check passes with the right keys; the key is then revoked
@@ -268,9 +245,9 @@ def test_s3_refused_error_carries_the_server_code_when_it_sends_one(
         aws_access_key_id="AKIAREVOKEDREVOKED00",
         aws_secret_access_key="x",
     )
-    with _credentials_enforced(s3_server.endpoint_url), pytest.raises(StoreError) as err:
+    with credentials_enforced(), pytest.raises(StoreError) as err:
         store.read_bytes("model.bin")  # a GET, unlike HEAD, has a body with the error code
-    assert f"access to bucket '{s3_env}' was refused (InvalidAccessKeyId:" in str(err.value)
+    assert f"access to bucket '{s3_env}' (DISTILL_STORE) was refused (InvalidAccessKeyId:" in str(err.value)
     assert f"s3://{s3_env}/runs/model.bin" in str(err.value)
 
 
