@@ -48,7 +48,7 @@ class TeacherConfig(_Strict):
     """The teacher's registered name, and how the local helper trains one (it stands in for the teacher's team)."""
 
     registered_name: str = Field(default="sentiment-teacher", min_length=1)
-    version: str | None = Field(default=None, pattern=r"^[1-9][0-9]*$")  # the version the DVC stages distill
+    version: int | None = Field(default=None, ge=1)  # the registered version the DVC stages distill
     # top encoder layers to fine-tune: None = all (best), 0 = only the head on frozen features (fast, weaker)
     trainable_layers: int | None = Field(default=None, ge=0, le=48)
     epochs: float = Field(default=1.0, gt=0, le=20)

@@ -96,13 +96,18 @@ def render(state: dict[str, Any]) -> str:
         )
         if "dataset_rev" in s:
             lines.append(
-                f"       data {s['dataset_path']} @ {s['dataset_rev']} in {s['dataset_repo']}"
+                f"        data {s['dataset_path']} @ {s['dataset_rev']} in {s['dataset_repo']}"
                 f" (DVC md5 {s['dataset_digest']})"
             )
     if state["alias_history"]:
         lines += ["", "alias history (newest last)"]
         for m in state["alias_history"][-10:]:
             lines.append(
-                f"  {m['at']} {m['alias']}: v{m['from_version']} -> v{m['version']} by {m['actor']} ({m['reason']})"
+                f"  {m['at']} {m['alias']}: {_v(m['from_version'])} -> {_v(m['version'])}"
+                f" by {m['actor']} ({m['reason']})"
             )
     return "\n".join(lines)
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"

@@ -83,10 +83,10 @@ def ensure_teacher(recipe: Recipe, settings: Settings, log: Log = print) -> tupl
     if wanted is None:
         raise RecipeError("teacher.version is not set in the recipe: name the registered teacher version to distill")
     versions = {int(v.version) for v in teacher_versions(MlflowClient(settings.tracking_uri), name)}
-    if int(wanted) in versions:
-        return name, wanted
+    if wanted in versions:
+        return name, str(wanted)
     latest = max(versions, default=0)
-    if not settings.tracking_uri.startswith("sqlite") or int(wanted) != latest + 1:
+    if not settings.tracking_uri.startswith("sqlite") or wanted != latest + 1:
         raise RegistryError(
             f"teacher {name} v{wanted} is not registered at {settings.tracking_uri} "
             f"(latest: {f'v{latest}' if latest else 'none'}); register it or change teacher.version"

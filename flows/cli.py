@@ -105,7 +105,7 @@ def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Re
         return load_teacher(*_teacher_ref(ref), settings.tracking_uri)
     if rcp.teacher.version is None:
         raise typer.BadParameter("give --teacher NAME/VERSION, or set teacher.version in the recipe")
-    return load_teacher(rcp.teacher.registered_name, rcp.teacher.version, settings.tracking_uri)
+    return load_teacher(rcp.teacher.registered_name, str(rcp.teacher.version), settings.tracking_uri)
 
 
 def _stage_labels(rcp, settings, labels_file: Path):  # noqa: ANN001, ANN202 - Recipe, Settings -> SoftLabels
