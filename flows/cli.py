@@ -195,9 +195,9 @@ def stage_train(
 
     settings, rcp = _env(home), _recipe(recipe)
     loaded = _stage_teacher(rcp, settings, teacher)
-    outcomes = steps.distill_all(
-        rcp, steps.open_dataset(rcp, settings), _stage_labels(rcp, settings, labels), loaded, out, _echo
-    )
+    checkpoints = steps.run_dir(rcp, settings, loaded)  # under DISTILL_HOME: a killed stage resumes; DVC keeps out
+    dataset, soft = steps.open_dataset(rcp, settings), _stage_labels(rcp, settings, labels)
+    outcomes = steps.distill_all(rcp, dataset, soft, loaded, checkpoints, _echo)
     steps.save_students(out, outcomes)
     if plots is not None:
         steps.write_training_curves(plots, outcomes)

@@ -101,6 +101,13 @@ def locked_md5(repo: Path, path: str = "data/prepared") -> str:
     return next(out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", []) if out["path"] == path)
 
 
+@pytest.fixture
+def embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs on the repository's embedded default (mlflow.set_tracking_uri leaves the variable set)."""
+    for name in ("MLFLOW_TRACKING_URI", "DISTILL_HOME", "DISTILL_STORE", "DISTILL_S3", "DISTILL_LEDGER_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
@@ -177,7 +184,9 @@ def test_metrics_and_plots_show_give_a_person_the_numbers(repo: Path) -> None:
     assert {"step", "val_accuracy"} <= set(curve.columns) and len(curve) >= 2
 
 
-def test_the_flow_reads_the_data_through_dvc_and_the_student_names_its_version(repo: Path, prefect_server) -> None:
+def test_the_flow_reads_the_data_through_dvc_and_the_student_names_its_version(
+    repo: Path, prefect_server, embedded
+) -> None:
     home = repo / ".distill"
     result = distill_teacher_version("sentiment-teacher", "1", str(repo / "params.yaml"), str(home))
     assert result["status"] == "succeeded", result
@@ -211,7 +220,7 @@ def test_the_flow_reads_the_data_through_dvc_and_the_student_names_its_version(r
     (repo / "at-rev.yaml").unlink()
 
 
-def test_a_dataset_changed_behind_dvcs_back_stops_with_the_file_named(repo: Path, prefect_server) -> None:
+def test_a_dataset_changed_behind_dvcs_back_stops_with_the_file_named(repo: Path, prefect_server, embedded) -> None:
     test_split = repo / "data/prepared/test.parquet"
     frame = pd.read_parquet(test_split)
     frame.loc[0, "label"] = 1 - frame.loc[0, "label"]
