@@ -242,6 +242,23 @@ def test_a_dataset_changed_behind_dvcs_back_stops_with_the_file_named(repo: Path
     assert "up to date" in dvc(repo, "status").stdout
 
 
+def test_data_that_cannot_be_fetched_is_named_and_leaves_nothing_that_looks_complete(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clone = tmp_path / "elsewhere"  # another machine: git history, but no DVC cache and no reachable remote
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    monkeypatch.setenv("DISTILL_DVC_REMOTE", str(tmp_path / "no-such-remote"))
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"]["dvc"]["rev"] = "HEAD"
+    (clone / "at-head.yaml").write_text(yaml.safe_dump(params))
+    home = tmp_path / "home"
+    with pytest.raises(DatasetError) as err:
+        open_dataset(load_recipe(clone / "at-head.yaml"), load_settings(home))
+    assert "cannot fetch 'data/prepared' at revision HEAD" in str(err.value)
+    assert f"DVC remote {tmp_path / 'no-such-remote'} (DISTILL_DVC_REMOTE)" in str(err.value)
+    assert not list((home / "data").rglob("dataset.json")) and not list((home / "data").rglob("*.partial"))
+
+
 # --- everything in S3 ------------------------------------------------------------------------------------
 
 
