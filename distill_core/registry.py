@@ -45,6 +45,13 @@ alias_moves = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+deliveries = sa.Table(
+    "distill_deliveries",
+    _metadata,
+    sa.Column("key", sa.String(512), primary_key=True),  # 'delivery:<id>' or 'trigger:<teacher>/<version>'
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
 
 class RegistryError(DistillError):
     """A registry operation that cannot be done: no such version, no previous champion, ..."""
@@ -74,6 +81,15 @@ class Ledger:
             conn.execute(
                 claims.delete().where(claims.c.teacher_name == teacher, claims.c.teacher_version == str(version))
             )
+
+    def first_time(self, key: str) -> bool:
+        """True for exactly one caller per key (a webhook delivery id, a trigger): the receiver's idempotency."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(deliveries.insert().values(key=key[:512], received_at=time.time()))
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
     def claimed(self, teacher: str) -> dict[str, str]:
         with self.engine.connect() as conn:

@@ -235,11 +235,6 @@ def stage_distill(teacher: OptionalTeacher = None, recipe: RecipeOpt = DEFAULT_R
     typer.echo((out / "report.md").read_text())
 
 
-def _not_yet(verb: str, issue: str) -> None:
-    typer.echo(f"`distill {verb}` is not there yet: it arrives with {issue}.", err=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def run(
     teacher: TeacherOpt,
@@ -286,9 +281,52 @@ def watch(
 
 
 @app.command()
-def serve() -> None:
-    """Scheduled watcher plus the MLflow webhook receiver (not there yet)."""
-    _not_yet("serve", "the production topology")
+def serve(
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    home: HomeOpt = None,
+    host: Annotated[str, typer.Option(help="Address the webhook receiver listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the webhook receiver.")] = 8765,
+    interval: Annotated[int, typer.Option(help="Seconds between the watcher's passes (the safety net).")] = 300,
+) -> None:
+    """Long-running: the MLflow webhook receiver (POST /webhooks/mlflow) plus the scheduled watcher.
+
+    The shared secret comes from DISTILL_WEBHOOK_SECRET; give MLflow the same one when creating the webhook.
+    """
+    import threading
+
+    from distill_core.registry import Ledger
+    from flows.distill import distill_teacher_version, watch_teachers
+    from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http
+
+    secret = os.environ.get("DISTILL_WEBHOOK_SECRET")
+    if not secret:
+        raise DistillError("DISTILL_WEBHOOK_SECRET is not set: the receiver refuses to run without a shared secret")
+    settings, rcp = _env(home), _recipe(recipe)
+
+    def run(name: str, version: str) -> None:
+        distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="webhook")
+
+    def watch_forever() -> None:
+        while True:
+            try:
+                for result in watch_teachers(str(recipe), str(settings.home)):
+                    _echo(f"watcher: {json.dumps(result)}")
+            except Exception as err:  # the next pass tries again
+                _echo(f"watcher pass failed: {err}")
+            time.sleep(interval)
+
+    receiver = Receiver(
+        secret,
+        rcp.teacher.registered_name,
+        rcp.student_registered_name,
+        settings.tracking_uri,
+        Ledger(settings.ledger_uri),
+        BackgroundRuns(run),
+    )
+    server = serve_http(receiver, host, port)
+    threading.Thread(target=watch_forever, name="distill-watcher", daemon=True).start()
+    _echo(f"receiver on http://{host}:{server.server_address[1]}{PATH}; watcher every {interval} s")
+    server.serve_forever()
 
 
 @app.command()

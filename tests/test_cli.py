@@ -16,6 +16,7 @@ def distill(*args: str, home: Path | None = None, timeout: int = 600) -> subproc
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DISTILL_STORE", None)
+    env.pop("DISTILL_WEBHOOK_SECRET", None)
     if home is not None:
         env["DISTILL_HOME"] = str(home)
     return subprocess.run(
@@ -37,9 +38,9 @@ def test_help_lists_every_verb():
     assert all(step in stages for step in ("prepare", "teacher", "label", "distill"))
 
 
-def test_later_verbs_say_they_are_not_there_yet():
-    out = distill("serve")
-    assert out.returncode == 2 and "not there yet" in out.stderr
+def test_serve_refuses_to_run_without_a_shared_secret(tmp_path):
+    out = distill("serve", home=tmp_path)
+    assert out.returncode == 1 and "DISTILL_WEBHOOK_SECRET is not set" in out.stderr
 
 
 def test_bad_recipe_is_one_clear_line(tmp_path):

@@ -1,0 +1,256 @@
+"""The webhook receiver over real HTTP: signatures, staleness, duplicate deliveries; then a real `mlflow server`
+delivering its own webhooks for a teacher registered through it, which ends in a promoted student."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+from mlflow.tracking import MlflowClient
+
+from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_of
+from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http, sign
+
+SECRET = "shared-secret-for-tests"
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Recorder:
+    """Stands in for starting a run, to count what the receiver starts (the real start is tested below)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, version: str) -> None:
+        with self.lock:
+            self.calls.append((name, version))
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path, tracking_uri: str) -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+    receiver = Receiver(
+        SECRET, "teacher-a", "student-a", tracking_uri, Ledger(f"sqlite:///{tmp_path / 'ledger.db'}"), recorder
+    )
+    server = serve_http(receiver, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}{PATH}", recorder
+    server.shutdown()
+
+
+def deliver(url: str, event: dict, secret: str = SECRET, delivery_id: str | None = None, at: float | None = None):
+    body = json.dumps(event).encode()
+    delivery_id = delivery_id or str(uuid.uuid4())
+    timestamp = str(int(at if at is not None else time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": timestamp,
+        "X-MLflow-Signature": sign(secret, delivery_id, timestamp, body),
+    }
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with NO_PROXY.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def created(name: str = "teacher-a", version: str = "1") -> dict:
+    return {
+        "entity": "model_version",
+        "action": "created",
+        "timestamp": "now",
+        "data": {"name": name, "version": version},
+    }
+
+
+def test_a_signed_delivery_for_the_watched_teacher_starts_its_run(endpoint) -> None:
+    url, runs = endpoint
+    assert deliver(url, created()) == (202, {"status": "started", "teacher": "teacher-a/1"})
+    assert runs.calls == [("teacher-a", "1")]
+    assert deliver(url, created("someone-elses-model"))[1]["status"] == "ignored"
+    assert runs.calls == [("teacher-a", "1")]
+
+
+@pytest.mark.parametrize("forgery", ["wrong secret", "stale timestamp", "future timestamp", "tampered body"])
+def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(endpoint, forgery: str) -> None:
+    url, runs = endpoint
+    if forgery == "tampered body":
+        body = json.dumps(created()).encode()
+        delivery_id, timestamp = str(uuid.uuid4()), str(int(time.time()))
+        signature = sign(SECRET, delivery_id, timestamp, body)
+        tampered = body.replace(b'"1"', b'"2"')
+        headers = {
+            "X-MLflow-Delivery-Id": delivery_id,
+            "X-MLflow-Timestamp": timestamp,
+            "X-MLflow-Signature": signature,
+        }
+        request = urllib.request.Request(url, data=tampered, headers=headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            NO_PROXY.open(request, timeout=10)
+        status = err.value.code
+    else:
+        secret = "not-the-secret" if forgery == "wrong secret" else SECRET
+        at = {"stale timestamp": time.time() - 3600, "future timestamp": time.time() + 3600}.get(forgery)
+        status, body_out = deliver(url, created(), secret=secret, at=at)
+        assert "error" in body_out
+    assert status == 401 and runs.calls == []
+
+
+def test_an_unsigned_post_is_refused(endpoint) -> None:
+    url, runs = endpoint
+    request = urllib.request.Request(url, data=json.dumps(created()).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        NO_PROXY.open(request, timeout=10)
+    assert err.value.code == 401 and runs.calls == []
+
+
+def test_twenty_duplicate_deliveries_start_one_run(endpoint) -> None:
+    url, runs = endpoint
+    delivery_id = str(uuid.uuid4())
+    with ThreadPoolExecutor(max_workers=20) as pool:  # MLflow's retries: the same delivery id, at once
+        answers = list(pool.map(lambda _: deliver(url, created(), delivery_id=delivery_id), range(20)))
+    assert sorted(status for status, _ in answers) == [200] * 19 + [202]
+    with ThreadPoolExecutor(max_workers=20) as pool:  # and twenty distinct deliveries of the same version
+        answers = list(pool.map(lambda _: deliver(url, created()), range(20)))
+    assert {body["status"] for _, body in answers} == {"already triggered"}
+    assert runs.calls == [("teacher-a", "1")]
+
+
+# --- a real MLflow server delivering its own webhooks ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",  # the receiver is on loopback here; dev-only in MLflow's words
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(root / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            NO_PROXY.open(f"{url}/health", timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    else:
+        raise AssertionError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
+    mlflow_server: str, prefect_server, tmp_path: Path, small_dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_pipeline import register_toy_teacher
+
+    from flows.distill import distill_teacher_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    suffix = uuid.uuid4().hex[:8]
+    teacher, student, home = f"teacher-{suffix}", f"student-{suffix}", tmp_path / "home"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "hook",
+                "student_registered_name": student,
+                "data": {"max_rows": 300},
+                "teacher": {"registered_name": teacher},
+                "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
+                "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
+                "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
+                "gates": {"min_retention": 0.5, "max_param_ratio": 10.0},
+            }
+        )
+    )
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("DISTILL_LEDGER_URI", f"sqlite:///{tmp_path / 'ledger.db'}")
+    runs = BackgroundRuns(lambda name, version: distill_teacher_version(name, version, str(recipe), str(home), "hook"))
+    receiver = Receiver(SECRET, teacher, student, mlflow_server, ledger, runs)
+    server = serve_http(receiver, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = MlflowClient(mlflow_server)
+    hook = client.create_webhook(
+        name=f"distill-{suffix}",
+        url=f"http://127.0.0.1:{server.server_address[1]}{PATH}",
+        events=["model_version.created", "model_version_alias.created"],
+        secret=SECRET,
+    )
+    try:
+        time.sleep(1.5)  # MLflow caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL (1 s here)
+        env = {"teacher": teacher, "tracking_uri": mlflow_server, "tmp": tmp_path}
+        version = register_toy_teacher(env, small_dataset)
+        wait_for(lambda: runs.started, 30, "the webhook to start a run")
+        assert runs.started == [(teacher, version)]
+        wait_for(lambda: ledger_of(client.get_model_version(teacher, version)).get("status") in ("succeeded",
+                 "rejected", "failed"), 300, "the run to finish")  # fmt: skip
+        assert ledger_of(client.get_model_version(teacher, version))["status"] == "succeeded"
+        champion = aliases(client, student)[CHAMPION]
+
+        client.set_registered_model_alias(student, CHALLENGER, champion)  # a person, in the MLflow UI
+        wait_for(
+            lambda: [m for m in ledger.alias_history(student, CHALLENGER) if m["actor"] == OUTSIDE],
+            30,
+            "the alias event to be recorded",
+        )
+    finally:
+        client.delete_webhook(hook.webhook_id)
+        server.shutdown()
+        runs.shutdown()
