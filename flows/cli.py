@@ -348,8 +348,11 @@ def storage(
     }
     for what, where in rows.items():
         typer.echo(f"{what:<38} {where}")
-    check_locations(settings.s3_locations())
-    typer.echo(f"S3 endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS default')}: every S3 location answers")
+    if settings.s3_locations():
+        check_locations(settings.s3_locations())
+        typer.echo(f"S3 endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS default')}: every S3 location answers")
+    else:
+        typer.echo("no S3 location configured (DISTILL_S3): everything stays local")
     if configure_dvc:
         if not settings.dvc_remote:
             raise typer.BadParameter("set DISTILL_S3 or DISTILL_DVC_REMOTE first", param_hint="--configure-dvc")
