@@ -341,9 +341,10 @@ def storage(
     from distill_core.versioning import DVC_REMOTE_NAME
 
     settings = _env(home)
+    artifacts = settings.experiment_location("<experiment>")
     rows = {
         "soft labels (DISTILL_STORE)": settings.store_uri,
-        "MLflow artifacts (DISTILL_ARTIFACTS)": settings.artifacts_uri or "decided by the tracking server",
+        "MLflow artifacts (DISTILL_ARTIFACTS)": artifacts.rsplit("/", 1)[0] if artifacts else "the tracking server's",
         "DVC remote (DISTILL_DVC_REMOTE)": settings.dvc_remote or "the repository's own DVC config",
     }
     for what, where in rows.items():
