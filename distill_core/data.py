@@ -48,6 +48,10 @@ class PreparedDataset:
     counts: dict[str, int]
     version: DataVersion | None = None
 
+    def lineage(self) -> dict[str, str]:
+        """What identifies this data in lineage tags: the digest, and where DVC keeps it when it came through DVC."""
+        return {"dataset_digest": self.digest, **(self.version.tags() if self.version else {})}
+
     def split(self, name: str) -> pd.DataFrame:
         if name not in SPLITS:
             raise DatasetError(f"unknown split '{name}'; splits are {SPLITS}")

@@ -219,6 +219,11 @@ def evaluate_all(
 KINDS = ("distilled", "hard-label")
 
 
+def write_json(path: Path, data: object) -> None:
+    """Write data as JSON under a temporary name, then rename: a reader never sees half a file."""
+    _replace_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, default=float) + "\n"))
+
+
 def _replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -245,7 +250,7 @@ def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
         for o in outcomes
         for k, r in o.results()
     }
-    _replace_atomic(out_dir / "training.json", lambda p: p.write_text(json.dumps(training, indent=2, default=float)))
+    write_json(out_dir / "training.json", training)
 
 
 def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
@@ -296,10 +301,8 @@ def write_report(out_dir: Path, reports: list[Report], meta: Mapping[str, object
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(comparison_table(reports) + "\n")
     pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
-    metrics = json.dumps(headline_metrics(reports), indent=2, default=float)
-    _replace_atomic(out_dir / "metrics.json", lambda p: p.write_text(metrics))
-    report = json.dumps({**meta, "reports": [r.as_dict() for r in reports]}, indent=2, default=float)
-    _replace_atomic(out_dir / "report.json", lambda p: p.write_text(report))
+    write_json(out_dir / "metrics.json", headline_metrics(reports))
+    write_json(out_dir / "report.json", {**meta, "reports": [r.as_dict() for r in reports]})
     return out_dir
 
 
@@ -311,8 +314,7 @@ def lineage_meta(
         "recipe": recipe.name,
         "recipe_hash": recipe.recipe_hash(),
         "teacher": teacher.identity,
-        "dataset_digest": dataset.digest,
-        **(dataset.version.tags() if dataset.version else {}),
+        **dataset.lineage(),
         "soft_labels_key": labels.key,
     }
 

@@ -91,13 +91,6 @@ OptionalTeacher = Annotated[
 ]
 
 
-def _write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Recipe, Settings -> LoadedTeacher
     from distill_core.teachers import load_teacher
 
@@ -151,7 +144,7 @@ def stage_teacher(
     if out is not None:
         name, version = steps.ensure_teacher(rcp, settings, _echo)
         teacher = load_teacher(name, version, settings.tracking_uri)
-        _write_json(out, {"name": name, "version": version, "identity": teacher.identity})
+        steps.write_json(out, {"name": name, "version": version, "identity": teacher.identity})
     else:
         overrides = {"trainable_layers": trainable_layers} if trainable_layers is not None else {}
         name, version = steps.train_and_register_teacher(
@@ -176,7 +169,7 @@ def stage_label(
     labels = steps.label(rcp, settings, steps.open_dataset(rcp, settings), loaded, force=force)
     identity = {"key": labels.key, "teacher": loaded.identity}  # the same labels, the same file (DVC's dep)
     if out is not None:
-        _write_json(out, identity)
+        steps.write_json(out, identity)
     summary = {**identity, "store": settings.store_uri, "reused": labels.reused, "rows": labels.manifest["rows"]}
     typer.echo(json.dumps(summary))
 

@@ -238,7 +238,7 @@ def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_ver
         dataset = check_dataset_task(recipe, settings, docs_dir)
     finally:
         mlflow.log_artifacts(str(docs_dir), "data_docs")
-    data_lineage = {"dataset_digest": dataset.digest, **(dataset.version.tags() if dataset.version else {})}
+    data_lineage = dataset.lineage()
     mlflow.log_params(data_lineage)
     mlflow.log_dict(recipe.model_dump(mode="json"), "recipe.yaml")
     teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
