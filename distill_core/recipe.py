@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -264,6 +265,15 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"{source} is not a valid recipe:\n{_format_errors(err)}") from None
+
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+
+
+def recipe_location(path: str | Path | None = None) -> Path:
+    """The recipe to use: the one given, else DISTILL_RECIPE (how deployments and workers are configured), else
+    the demo's."""
+    return Path(path or os.environ.get("DISTILL_RECIPE") or DEFAULT_RECIPE)
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -91,6 +91,11 @@ class Ledger:
             return False
         return True
 
+    def forget(self, *keys: str) -> None:
+        """Undo first_time for these keys (what they started did not start after all, so a retry may)."""
+        with self.engine.begin() as conn:
+            conn.execute(deliveries.delete().where(deliveries.c.key.in_([k[:512] for k in keys])))
+
     def claimed(self, teacher: str) -> dict[str, str]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(claims).where(claims.c.teacher_name == teacher))

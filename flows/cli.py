@@ -12,8 +12,7 @@ from typing import Annotated
 import typer
 
 from distill_core.errors import DistillError
-
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+from distill_core.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
     help="Continuous distillation: every new teacher version becomes a validated student.",
@@ -24,7 +23,7 @@ app = typer.Typer(
 stage_app = typer.Typer(help="Run one pipeline step (the DVC stages call these).", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 
-RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")]
+RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", envvar="DISTILL_RECIPE", help="Recipe YAML file.")]
 TeacherOpt = Annotated[str, typer.Option("--teacher", "-t", help="Registered teacher as NAME/VERSION.")]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="DISTILL_HOME (default ./.distill).")]
 
@@ -279,7 +278,17 @@ def serve(
     home: HomeOpt = None,
     host: Annotated[str, typer.Option(help="Address the webhook receiver listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the webhook receiver.")] = 8765,
-    interval: Annotated[int, typer.Option(help="Seconds between the watcher's passes (the safety net).")] = 300,
+    interval: Annotated[
+        int, typer.Option(help="Seconds between the watcher's passes (the safety net); 0: no watcher here.")
+    ] = 300,
+    deployment: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DISTILL_DEPLOYMENT",
+            help="Queue runs on this Prefect deployment (FLOW/DEPLOYMENT, e.g. "
+            "distill-teacher-version/distill-teacher-version) for its workers, instead of running them here.",
+        ),
+    ] = None,
 ) -> None:
     """Long-running: the MLflow webhook receiver (POST /webhooks/mlflow) plus the scheduled watcher.
 
@@ -288,21 +297,34 @@ def serve(
     import threading
 
     from distill_core.registry import Ledger
-    from flows.distill import distill_teacher_version, watch_teachers
-    from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http
+    from flows.distill import distill_teacher_version, submit_to_deployment, watch_teachers
+    from flows.receiver import PATH, BackgroundRuns, Receiver, Starter, serve_http
 
     secret = os.environ.get("DISTILL_WEBHOOK_SECRET")
     if not secret:
         raise DistillError("DISTILL_WEBHOOK_SECRET is not set: the receiver refuses to run without a shared secret")
+    if deployment and not os.environ.get("PREFECT_API_URL"):
+        raise DistillError(f"--deployment {deployment} needs a Prefect server: set PREFECT_API_URL")
     settings, rcp = _env(home), _recipe(recipe)
 
-    def run(name: str, version: str) -> None:
-        distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="webhook")
+    start: Starter
+    if deployment:
+
+        def start(name: str, version: str) -> None:
+            run_id = submit_to_deployment(name, version, "webhook", deployment)
+            _echo(f"webhook: {name} v{version} queued on {deployment} as flow run {run_id}")
+
+    else:
+        start = BackgroundRuns(
+            lambda name, version: distill_teacher_version(
+                name, version, str(recipe), str(settings.home), claimant="webhook"
+            )
+        )
 
     def watch_forever() -> None:
         while True:
             try:
-                for result in watch_teachers(str(recipe), str(settings.home)):
+                for result in watch_teachers(str(recipe), str(settings.home), deployment):
                     _echo(f"watcher: {json.dumps(result)}")
             except Exception as err:  # the next pass tries again
                 _echo(f"watcher pass failed: {err}")
@@ -314,11 +336,14 @@ def serve(
         rcp.student_registered_name,
         settings.tracking_uri,
         Ledger(settings.ledger_uri),
-        BackgroundRuns(run),
+        start,
     )
     server = serve_http(receiver, host, port)
-    threading.Thread(target=watch_forever, name="distill-watcher", daemon=True).start()
-    _echo(f"receiver on http://{host}:{server.server_address[1]}{PATH}; watcher every {interval} s")
+    if interval > 0:
+        threading.Thread(target=watch_forever, name="distill-watcher", daemon=True).start()
+    runs = f"queued on {deployment}" if deployment else "run in this process"
+    watcher = f"watcher every {interval} s" if interval > 0 else "no watcher here (a scheduled deployment is)"
+    _echo(f"receiver on http://{host}:{server.server_address[1]}{PATH}; runs {runs}; {watcher}")
     server.serve_forever()
 
 

@@ -1,194 +1,59 @@
 """Prefect flows: one teacher version through the pipeline, and the watcher that starts them.
 
-Orchestration only: every step is a function in distill_core; here they become tasks with retries, a cache
-on the soft-label key, a claim so a teacher version runs once, MLflow runs and a Prefect report artifact.
+Light on purpose: a worker loads this module before it marks a run as started, so the heavy pipeline
+(flows/pipeline.py: torch, GX, matplotlib) is imported inside the run. A claim makes each teacher version
+run once; the ledger tags on the teacher version say how it went.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
 
-from distill_core import checks, plots, steps
-from distill_core.data import PreparedDataset
-from distill_core.errors import DistillError, SoftLabelError
-from distill_core.evaluate import comparison_table, predict
-from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
-from distill_core.recipe import Recipe, load_recipe
-from distill_core.registry import Ledger, RegistryError, set_ledger, unhandled_versions
+from distill_core.recipe import load_recipe, recipe_location
 from distill_core.settings import Settings, load_settings
-from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
-from distill_core.store import check_locations, open_store
-from distill_core.teachers import LoadedTeacher, load_teacher
 
-
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O hiccups, not bad input: the pipeline's own errors name a problem a retry will not fix."""
-    return not isinstance(getattr(state, "data", None), DistillError)
-
-
-# I/O steps retry with backoff; nothing is cached by its inputs (models and datasets hash slowly, if at all).
-RETRIES: dict[str, Any] = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-    "retry_condition_fn": _transient,
-}
-IO_RETRIES: dict[str, Any] = {**RETRIES, "cache_policy": NO_CACHE}
-
-
-@task(**IO_RETRIES)
-def load_teacher_task(name: str, version: str, tracking_uri: str) -> LoadedTeacher:
-    return load_teacher(name, version, tracking_uri)
-
-
-@task(cache_policy=NO_CACHE)
-def check_dataset_task(recipe: Recipe, settings: Settings, docs_dir: Path) -> PreparedDataset:
-    dataset = steps.open_dataset(recipe, settings)
-    checks.raise_on_failure(
-        checks.check_dataset(dataset, docs_dir, max_duplicate_share=recipe.checks.max_duplicate_share)
-    )
-    return dataset
-
-
-def _soft_label_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    teacher, dataset, recipe = parameters["teacher"], parameters["dataset"], parameters["recipe"]
-    store = hashlib.sha256(parameters["settings"].store_uri.encode()).hexdigest()[:12]
-    return f"soft-labels-{soft_label_key(teacher.identity, dataset.digest, recipe.soft_labels, recipe.task)}-{store}"
-
-
-@task(cache_key_fn=_soft_label_cache_key, persist_result=True, **RETRIES)
-def soft_labels_task(recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher) -> str:
-    """Label (or reuse) and return the content key; Prefect skips this task when the key is cached."""
-    return steps.label(recipe, settings, dataset, teacher).key
-
-
-@task(cache_policy=NO_CACHE)
-def check_soft_labels_task(labels: SoftLabels, dataset: PreparedDataset, recipe: Recipe, docs_dir: Path) -> None:
-    cfg = recipe.checks
-    result = checks.check_soft_labels(
-        labels, dataset, docs_dir, max_row_sum_error=cfg.max_row_sum_error, max_class_kl=cfg.max_class_kl
-    )
-    checks.raise_on_failure(result)
-
-
-@task(cache_policy=NO_CACHE)
-def distill_candidates_task(
-    recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, teacher: LoadedTeacher, out_dir: Path
-) -> list[steps.StudentOutcome]:
-    logger = get_run_logger()
-    return steps.distill_all(recipe, dataset, labels, teacher, out_dir, log=logger.info)
-
-
-@task(**IO_RETRIES)
-def register_task(
-    decision: Decision,
-    outcome: steps.StudentOutcome,
-    recipe: Recipe,
-    lineage: dict[str, str],
-    input_texts: list[str],
-    settings: Settings,
-) -> Decision:
-    return register_and_promote(
-        decision, outcome, recipe, lineage, input_texts, settings.tracking_uri, Ledger(settings.ledger_uri)
-    )
-
-
-def _experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str:
-    name = f"distill-{recipe.student_registered_name}"
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=settings.experiment_location(name))
-
-
-def _log_candidate(
-    outcome: steps.StudentOutcome,
-    verdict_reasons: list[str],
-    teacher_logits: Any,
-    test_labels: Any,
-    test_texts: list[str],
-) -> None:
-    """A nested MLflow run per candidate: params, per-evaluation metrics, plots."""
-    parent = mlflow.active_run()
-    assert parent is not None
-    with mlflow.start_run(run_name=outcome.config.name, nested=True, experiment_id=parent.info.experiment_id):
-        mlflow.log_params({f"student.{k}": v for k, v in outcome.config.model_dump().items()})
-        for kind, result in outcome.results():
-            for row in result.history:
-                metrics = {f"{kind}.{k}": float(v) for k, v in row.items() if k not in ("step", "epoch")}
-                mlflow.log_metrics(metrics, step=int(row["step"]))
-            report = outcome.reports[kind]
-            mlflow.log_metrics(
-                {f"{kind}.test_{k}": float(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))}
-            )
-        mlflow.set_tag("distill.gate", "passed" if not verdict_reasons else "failed")
-        mlflow.set_tag("distill.gate_reasons", "; ".join(verdict_reasons) or "all gates passed")
-        histories = {f"{outcome.config.name} ({kind})": r.history for kind, r in outcome.results()}
-        mlflow.log_figure(plots.training_curves(histories), "plots/training_curves.png")
-        student_logits = predict(outcome.distilled.student, test_texts)
-        mlflow.log_figure(
-            plots.reliability_diagram(teacher_logits, student_logits, test_labels, outcome.config.name),
-            "plots/reliability.png",
-        )
-
-
-def _summary_markdown(teacher: LoadedTeacher, decision: Decision, table: str, docs_uri: str, run_id: str) -> str:
-    lines = [
-        f"# Distillation of {teacher.name} v{teacher.version}",
-        "",
-        f"**Student version:** {decision.student_version}  ",
-        f"**Alias:** {decision.alias or 'none'}  ",
-        f"**Ledger:** {decision.status}  ",
-        f"**MLflow run:** `{run_id}`  ",
-        f"**Data docs (GX):** {docs_uri}",
-        "",
-        "## Candidates",
-        "",
-        "| candidate | params | accuracy | gate | reasons |",
-        "|---|---|---|---|---|",
-    ]
-    for v in decision.verdicts:
-        lines.append(
-            f"| {v.candidate}{' (chosen)' if v is decision.chosen else ''} | {v.report.params:,} | "
-            f"{v.report.accuracy:.4f} | {'passed' if v.passed else 'failed'} | {'; '.join(v.reasons)} |"
-        )
-    lines += ["", "## Test split", "", table, "", *[f"- {note}" for note in decision.notes]]
-    return "\n".join(lines)
+# The deployment a Prefect server runs this flow as (infra/prefect.yaml): "<flow name>/<deployment name>".
+DISTILL_DEPLOYMENT = "distill-teacher-version/distill-teacher-version"
 
 
 @flow(name="distill-teacher-version", log_prints=True)
 def distill_teacher_version(
-    teacher_name: str, teacher_version: str, recipe_path: str, home: str | None = None, claimant: str = "direct"
+    teacher_name: str,
+    teacher_version: str,
+    recipe_path: str | None = None,
+    home: str | None = None,
+    claimant: str = "direct",
 ) -> dict[str, Any]:
-    """One teacher version: checks → soft labels → candidates → evaluation → gates → register → promote."""
+    """One teacher version: checks → soft labels → candidates → evaluation → gates → register → promote.
+
+    recipe_path and home default to DISTILL_RECIPE and DISTILL_HOME: a deployment's worker sets them.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger, set_ledger
+    from flows.pipeline import experiment, run_pipeline
+
     started = time.perf_counter()
     logger = get_run_logger()
-    settings, recipe = load_settings(home), load_recipe(recipe_path)
+    settings, recipe = load_settings(home), load_recipe(recipe_location(recipe_path))
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
     if not ledger.claim(teacher_name, str(teacher_version), who):
         logger.info(f"{teacher_name} v{teacher_version} is already claimed by another run: nothing to do")
         return {"teacher_version": str(teacher_version), "status": "skipped"}
     mlflow.set_tracking_uri(settings.tracking_uri)
-    experiment_id = _experiment(client, recipe, settings)
+    experiment_id = experiment(client, recipe, settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{teacher_name}-v{teacher_version}") as run:
         set_ledger(client, teacher_name, str(teacher_version), "running", run_id=run.info.run_id, claimed_by=who)
         try:
-            decision = _pipeline(recipe, settings, teacher_name, str(teacher_version), run.info.run_id)
+            decision = run_pipeline(recipe, settings, teacher_name, str(teacher_version), run.info.run_id)
         except Exception as err:
             set_ledger(client, teacher_name, str(teacher_version), "failed", error=f"{type(err).__name__}: {err}")
             mlflow.set_tag("distill.error", str(err)[:4900])
@@ -212,96 +77,12 @@ def distill_teacher_version(
     }
 
 
-@contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Time the core's own work, so the pipeline's overhead (the rest) can be measured."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
-
-
-def _pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, run_id: str) -> Decision:
-    check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
-    docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
-    mlflow.log_params(
-        {
-            "recipe": recipe.name,
-            "recipe_hash": recipe.recipe_hash(),
-            "teacher": teacher_name,
-            "teacher_version": teacher_version,
-            "policy": recipe.promotion.policy,
-        }
-    )
-    try:
-        dataset = check_dataset_task(recipe, settings, docs_dir)
-    finally:
-        mlflow.log_artifacts(str(docs_dir), "data_docs")
-    data_lineage = dataset.lineage()
-    mlflow.log_params(data_lineage)
-    mlflow.log_dict(recipe.model_dump(mode="json"), "recipe.yaml")
-    teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
-    timings: dict[str, float] = {}
-    with _timed(timings, "soft_labels"):
-        key = soft_labels_task(recipe, settings, dataset, teacher)
-        try:
-            labels = load_soft_labels(open_store(settings.store_uri), key)
-        except SoftLabelError:  # cached key but the store lost the entry: label again
-            key = soft_labels_task.with_options(refresh_cache=True)(recipe, settings, dataset, teacher)
-            labels = load_soft_labels(open_store(settings.store_uri), key)
-    mlflow.log_param("soft_labels_key", key)
-    try:
-        check_soft_labels_task(labels, dataset, recipe, docs_dir)
-    finally:
-        mlflow.log_artifacts(str(docs_dir), "data_docs")
-    with _timed(timings, "distill"):
-        outcomes = distill_candidates_task(recipe, dataset, labels, teacher, steps.run_dir(recipe, settings, teacher))
-    test = dataset.split("test")
-    texts, y = test["text"].tolist(), test["label"].to_numpy()
-    with _timed(timings, "evaluate"):
-        reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes)
-        champion_version, champion_report = evaluate_champion(
-            recipe, texts, y, labels.logits["test"], reports[0], settings.tracking_uri
-        )
-    if champion_report is not None:
-        reports.append(champion_report)
-    checks.raise_on_failure(checks.check_evaluation([r.as_dict() for r in reports], docs_dir))
-    decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
-    for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
-        _log_candidate(outcome, verdict.reasons, labels.logits["test"], y, texts)
-    points = [
-        {"name": v.candidate, "params": v.report.params, "accuracy": v.report.accuracy, "passed": v.passed}
-        for v in decision.verdicts
-    ]
-    points.append({"name": "teacher", "params": reports[0].params, "accuracy": reports[0].accuracy, "teacher": True})
-    mlflow.log_figure(plots.size_vs_quality(points), "plots/size_vs_quality.png")
-    table = comparison_table(reports)
-    mlflow.log_text(table, "report.md")
-    lineage = {
-        "teacher_name": teacher_name,
-        "teacher_version": teacher_version,
-        **data_lineage,
-        "soft_labels_key": key,
-        "recipe_hash": recipe.recipe_hash(),
-        "run_id": run_id,
-    }
-    chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
-    decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings)
-    mlflow.log_artifacts(str(docs_dir), "data_docs")
-    docs_uri = f"{mlflow.get_artifact_uri('data_docs')}/index.html"
-    decision.timings = timings
-    mlflow.log_metrics({f"seconds.{phase}": value for phase, value in timings.items()})
-    create_markdown_artifact(
-        _summary_markdown(teacher, decision, table, docs_uri, run_id),
-        key=f"distill-{teacher_name}-v{teacher_version}".lower().replace("_", "-"),
-        description=f"{teacher_name} v{teacher_version}: {decision.status}",
-    )
-    return decision
-
-
 def release_for_rerun(settings: Settings, teacher_name: str, teacher_version: str, force: bool = False) -> None:
     """Let a handled teacher version run again on purpose; its labels, students and registration are reused."""
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger, RegistryError
+
     client = MlflowClient(settings.tracking_uri)
     status = client.get_model_version(teacher_name, teacher_version).tags.get("distill.status")
     if status == "running" and not force:
@@ -311,15 +92,49 @@ def release_for_rerun(settings: Settings, teacher_name: str, teacher_version: st
     Ledger(settings.ledger_uri).release(teacher_name, teacher_version)
 
 
+def submit_to_deployment(
+    teacher_name: str, teacher_version: str, trigger: str, deployment: str = DISTILL_DEPLOYMENT
+) -> str:
+    """Queue the version's run on a Prefect server's deployment (a worker runs it); returns the flow run id.
+
+    The webhook and the watcher submit under one idempotency key per teacher version, and the server keeps one
+    flow run per key and flow: whoever comes second gets the first one's run back.
+    """
+    run = run_deployment(
+        name=deployment,
+        parameters={"teacher_name": teacher_name, "teacher_version": str(teacher_version), "claimant": trigger},
+        timeout=0,  # queue it and return: the worker runs it
+        idempotency_key=f"{teacher_name}/{teacher_version}",
+        tags=[f"trigger:{trigger}"],
+        as_subflow=False,  # its own run, not a child the watcher's run would wait for or take down with it
+    )
+    return str(run.id)
+
+
 @flow(name="watch-teachers", log_prints=True)
-def watch_teachers(recipe_path: str, home: str | None = None) -> list[dict[str, Any]]:
-    """Start a run for every teacher version the ledger has not handled, oldest first."""
+def watch_teachers(
+    recipe_path: str | None = None, home: str | None = None, deployment: str | None = None
+) -> list[dict[str, Any]]:
+    """Start a run for every teacher version the ledger has not handled, oldest first.
+
+    Without a deployment the runs happen here, one after the other; with one (`<flow>/<deployment>`, the
+    production set-up) each version is queued on that deployment for the workers, and this returns at once.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger, unhandled_versions
+
+    recipe_path = str(recipe_location(recipe_path))
     settings, recipe = load_settings(home), load_recipe(recipe_path)
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     pending = unhandled_versions(client, ledger, recipe.teacher.registered_name)
     get_run_logger().info(f"{len(pending)} unhandled version(s) of {recipe.teacher.registered_name}: {pending}")
-    results = []
+    results: list[dict[str, Any]] = []
     for version in pending:
+        if deployment:
+            run_id = submit_to_deployment(recipe.teacher.registered_name, version, "watcher", deployment)
+            results.append({"teacher_version": version, "status": "submitted", "flow_run_id": run_id})
+            continue
         try:
             results.append(
                 distill_teacher_version(recipe.teacher.registered_name, version, recipe_path, home, claimant="watcher")

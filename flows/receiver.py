@@ -4,8 +4,9 @@ MLflow signs each delivery: header X-MLflow-Signature is "v1," + base64(HMAC-SHA
 "<delivery id>.<timestamp>.<raw body>")). A delivery with a bad or missing signature, or a timestamp
 outside the tolerance, is answered 401 and starts nothing. MLflow retries a delivery it thinks failed, so
 the receiver is idempotent twice over: on the delivery id and on the teacher version it triggers (both
-recorded in the ledger database, which every process shares). The watcher stays the safety net for
-deliveries that never arrive (MLflow drops them after its retries).
+recorded in the ledger database, which every process shares). A run that cannot be started (the Prefect
+server is down) is answered 503 and forgotten, so MLflow's retry starts it. The watcher stays the safety
+net for deliveries that never arrive (MLflow drops them after its retries).
 """
 
 from __future__ import annotations
@@ -95,10 +96,15 @@ class Receiver:
         if not self.ledger.first_time(f"delivery:{delivery_id}"):
             return HTTPStatus.OK, {"status": "duplicate delivery", "delivery_id": delivery_id}
         if kind == "model_version.created" and name == self.teacher_name:
-            version = str(data["version"])
-            if not self.ledger.first_time(f"trigger:{name}/{version}"):
+            version, trigger = str(data["version"]), f"trigger:{name}/{data['version']}"
+            if not self.ledger.first_time(trigger):
                 return HTTPStatus.OK, {"status": "already triggered", "teacher": f"{name}/{version}"}
-            self.start(name, version)
+            try:
+                self.start(name, version)
+            except Exception as err:  # Prefect unreachable, say: forget the delivery so MLflow's retry can start it
+                self.ledger.forget(f"delivery:{delivery_id}", trigger)
+                log.exception("could not start the distillation of %s v%s", name, version)
+                return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"could not start {name}/{version}: {err}"}
             return HTTPStatus.ACCEPTED, {"status": "started", "teacher": f"{name}/{version}"}
         if kind.startswith("model_version_alias.") and name == self.student_name:
             recorded = reconcile(MlflowClient(self.tracking_uri), self.ledger, name)
@@ -135,7 +141,11 @@ def serve_http(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.info("%s %s", self.address_string(), format % args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # MLflow delivers from a pool of 10 threads and retries: never reset a burst
+
+    return Server((host, port), Handler)
 
 
 class BackgroundRuns:

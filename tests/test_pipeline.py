@@ -94,9 +94,9 @@ def register_toy_teacher(
         optimizer.step()
     module.poison = poison
     teacher = WrappedTeacher(module, tokenizer, labels=small_dataset.labels)
-    return log_teacher(
-        teacher, env["teacher"], env["tracking_uri"], artifact_location=(env["tmp"] / "teacher-artifacts").as_uri()
-    )[1]
+    # env["artifacts"] = None: wherever the tracking server puts artifacts (its proxied store)
+    location = env["artifacts"] if "artifacts" in env else (env["tmp"] / "teacher-artifacts").as_uri()
+    return log_teacher(teacher, env["teacher"], env["tracking_uri"], artifact_location=location)[1]
 
 
 def versions(env, name: str) -> list:

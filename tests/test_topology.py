@@ -1,0 +1,205 @@
+"""The production topology (infra/) as real processes on loopback: `mlflow server` on PostgreSQL with its
+artifacts proxied to an S3-compatible server, `prefect server` on PostgreSQL with infra/prefect.yaml deployed,
+a process worker, and the webhook receiver (`distill serve --deployment ...`); see tests/stack.py.
+
+The tests run in order on one stack: a forged delivery starts nothing; a teacher registered through the
+MLflow server becomes a promoted student through the webhook; duplicate deliveries give one run; with the
+webhook switched off the scheduled watcher picks the next version up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.entities.webhook import WebhookStatus
+from mlflow.tracking import MlflowClient
+from stack import NO_PROXY, WATCH_DEPLOYMENT, Stack, postgres_missing, wait_for
+from test_pipeline import register_toy_teacher
+
+from distill_core.registry import CHAMPION, aliases, ledger_of
+from flows.receiver import sign
+
+SECRET = "topology-test-secret"
+WATCH_INTERVAL_S = 20
+RUN_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(bool(postgres_missing()), reason=f"integration topology: {postgres_missing()}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("topology")
+    suffix = uuid.uuid4().hex[:8]
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "topology",
+                "student_registered_name": f"student-{suffix}",
+                "data": {"max_rows": 300},
+                "teacher": {"registered_name": f"teacher-{suffix}"},
+                "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
+                "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
+                "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
+                "gates": {"min_retention": 0.5, "max_param_ratio": 10.0, "max_regression": 0.5},
+            }
+        )
+    )
+    stack = Stack(root, recipe, SECRET, watch_interval=WATCH_INTERVAL_S).start()
+    stack.names = {"teacher": f"teacher-{suffix}", "student": f"student-{suffix}"}  # type: ignore[attr-defined]
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> MlflowClient:
+    return MlflowClient(stack.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def webhook(stack: Stack, client: MlflowClient) -> Any:
+    """The webhook an operator creates once (README, production setup)."""
+    hook = client.create_webhook(
+        name="distill-receiver",
+        url=stack.receiver_url,
+        events=["model_version.created", "model_version_alias.created", "model_version_alias.deleted"],
+        secret=SECRET,
+    )
+    time.sleep(1.5)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL (1 s here)
+    return hook
+
+
+def deliver(stack: Stack, event: dict, secret: str = SECRET, delivery_id: str | None = None) -> tuple[int, dict]:
+    body = json.dumps(event).encode()
+    delivery_id = delivery_id or str(uuid.uuid4())
+    timestamp = str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": timestamp,
+        "X-MLflow-Signature": sign(secret, delivery_id, timestamp, body),
+    }
+    request = urllib.request.Request(stack.receiver_url, data=body, headers=headers, method="POST")
+    try:
+        with NO_PROXY.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def created(teacher: str, version: str) -> dict:
+    return {
+        "entity": "model_version",
+        "action": "created",
+        "timestamp": "now",
+        "data": {"name": teacher, "version": version},
+    }
+
+
+def runs_for(stack: Stack, version: str) -> list[Any]:
+    return [r for r in stack.flow_runs() if r.parameters.get("teacher_version") == version]
+
+
+def register(stack: Stack, small_dataset, seed: int) -> str:
+    env = {"teacher": stack.names["teacher"], "tracking_uri": stack.mlflow_url, "artifacts": None}  # type: ignore[attr-defined]
+    return register_toy_teacher(env, small_dataset, seed=seed)
+
+
+def finished(stack: Stack, version: str) -> Any:
+    """The version's one flow run, once it is final (fails the test with the worker's log if it crashed)."""
+    run = wait_for(
+        lambda: next((r for r in runs_for(stack, version) if r.state and r.state.is_final()), None),
+        RUN_TIMEOUT_S,
+        f"the flow run of teacher v{version} to finish",
+        every=1,
+    )
+    assert run.state_name == "Completed", f"{run.state_name}: {run.state.message}\n{stack.log('worker')}"
+    return run
+
+
+def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(stack: Stack) -> None:
+    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    assert deliver(stack, created(teacher, "1"), secret="not-the-secret")[0] == 401
+    request = urllib.request.Request(stack.receiver_url, data=json.dumps(created(teacher, "1")).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as unsigned:
+        NO_PROXY.open(request, timeout=10)
+    assert unsigned.value.code == 401
+    assert stack.flow_runs() == []  # the receiver queues before it answers: nothing was queued
+
+
+def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
+    stack: Stack, client: MlflowClient, webhook: Any, small_dataset
+) -> None:
+    teacher, student = stack.names["teacher"], stack.names["student"]  # type: ignore[attr-defined]
+    version = register(stack, small_dataset, seed=0)
+    registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
+
+    queued = wait_for(lambda: runs_for(stack, version), 30, "the webhook to queue a flow run")
+    assert len(queued) == 1 and "trigger:webhook" in queued[0].tags
+    assert queued[0].idempotency_key == f"{teacher}/{version}"
+    run = finished(stack, version)
+    print(f"registration -> flow run created {run.created.timestamp() - registered_at:.2f} s, "
+          f"-> running {run.start_time.timestamp() - registered_at:.2f} s")  # fmt: skip
+
+    ledger = ledger_of(client.get_model_version(teacher, version))
+    assert ledger["status"] == "succeeded", ledger
+    champion = aliases(client, student)[CHAMPION]
+    assert champion == ledger["student_version"]
+    # Artifacts went through the MLflow server into S3; soft labels straight into S3.
+    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    model_files = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
+    assert any(key.endswith("MLmodel") for key in model_files)
+    labels = [o["Key"] for o in s3.list_objects_v2(Bucket="distill", Prefix="soft-labels/").get("Contents", [])]
+    assert any(key.endswith("manifest.json") for key in labels), labels
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    served = mlflow.pyfunc.load_model(f"models:/{student}@{CHAMPION}")
+    prediction = served.predict(pd.DataFrame({"text": ["a warm, funny and moving film", "a tedious mess"]}))
+    assert len(prediction) == 2 and set(prediction["label"]) <= set(small_dataset.labels)
+
+
+def test_twenty_duplicate_deliveries_give_one_run(stack: Stack) -> None:
+    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    delivery_id = str(uuid.uuid4())
+    with ThreadPoolExecutor(max_workers=20) as pool:  # MLflow retrying one delivery, all at once
+        same = list(pool.map(lambda _: deliver(stack, created(teacher, "1"), delivery_id=delivery_id), range(20)))
+    with ThreadPoolExecutor(max_workers=20) as pool:  # twenty distinct deliveries of the same version
+        distinct = list(pool.map(lambda _: deliver(stack, created(teacher, "1")), range(20)))
+    assert {status for status, _ in same + distinct} == {200}
+    # one copy gets past the delivery id, to find the version triggered already (by MLflow's own delivery)
+    assert sorted(body["status"] for _, body in same) == ["already triggered"] + ["duplicate delivery"] * 19
+    assert {body["status"] for _, body in distinct} == {"already triggered"}
+    assert len(runs_for(stack, "1")) == 1
+
+
+def test_with_the_webhook_off_the_scheduled_watcher_picks_up_the_new_version(
+    stack: Stack, client: MlflowClient, webhook: Any, small_dataset
+) -> None:
+    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    client.update_webhook(webhook.webhook_id, status=WebhookStatus.DISABLED)
+    time.sleep(1.5)
+    version = register(stack, small_dataset, seed=1)
+    registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
+
+    queued = wait_for(lambda: runs_for(stack, version), WATCH_INTERVAL_S + 60, "the watcher to queue a flow run")
+    assert len(queued) == 1 and "trigger:watcher" in queued[0].tags
+    run = finished(stack, version)
+    print(f"watcher: registration -> running {run.start_time.timestamp() - registered_at:.2f} s")
+    assert ledger_of(client.get_model_version(teacher, version))["status"] in ("succeeded", "rejected")
+    watcher_runs = [r for r in stack.flow_runs(WATCH_DEPLOYMENT) if r.state_name == "Completed"]
+    assert watcher_runs, "the watch-teachers schedule never ran"
+    assert len(runs_for(stack, version)) == 1  # later watcher passes queued nothing more
