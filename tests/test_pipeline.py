@@ -13,14 +13,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from toy_models import BagTeacher, WordHashTokenizer
+from toy_models import register_toy_teacher
 
 from distill_core.errors import StoreError
 from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, promote, rollback
-from distill_core.teachers import WrappedTeacher, log_teacher
+from distill_core.teachers import log_teacher
 from flows.distill import distill_teacher_version, watch_teachers
 
 BAG_STUDENTS = [
@@ -71,32 +70,6 @@ def write_recipe(env, students=BAG_STUDENTS, **overrides) -> str:
     path = env["tmp"] / f"recipe-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
-
-
-def register_toy_teacher(
-    env, small_dataset, seed: int = 0, epochs: int = 40, poison: str | None = None, shuffled: bool = False
-) -> str:
-    """A plain torch teacher (hashed words), trained for a moment on the real reviews (or, shuffled, on labels
-    that say nothing), registered."""
-    torch.manual_seed(seed)
-    module = BagTeacher(poison=None)
-    tokenizer = WordHashTokenizer()
-    train = small_dataset.split("train")
-    batch = tokenizer(train["text"].tolist())
-    labels = torch.tensor(train["label"].to_numpy())
-    if shuffled:
-        labels = labels[torch.randperm(len(labels))]
-    optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
-    for _ in range(epochs):
-        loss = torch.nn.functional.cross_entropy(module(**batch), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    module.poison = poison
-    teacher = WrappedTeacher(module, tokenizer, labels=small_dataset.labels)
-    # env["artifacts"] = None: wherever the tracking server puts artifacts (its proxied store)
-    location = env["artifacts"] if "artifacts" in env else (env["tmp"] / "teacher-artifacts").as_uri()
-    return log_teacher(teacher, env["teacher"], env["tracking_uri"], artifact_location=location)[1]
 
 
 def versions(env, name: str) -> list:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 from mlflow.tracking import MlflowClient
+from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_of
 from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http, sign
@@ -198,28 +199,13 @@ def wait_for(predicate, timeout: float, what: str):
 def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
     mlflow_server: str, prefect_server, tmp_path: Path, small_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_pipeline import register_toy_teacher
-
     from flows.distill import distill_teacher_version
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     suffix = uuid.uuid4().hex[:8]
     teacher, student, home = f"teacher-{suffix}", f"student-{suffix}", tmp_path / "home"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "hook",
-                "student_registered_name": student,
-                "data": {"max_rows": 300},
-                "teacher": {"registered_name": teacher},
-                "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
-                "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
-                "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
-                "gates": {"min_retention": 0.5, "max_param_ratio": 10.0},
-            }
-        )
-    )
+    recipe.write_text(yaml.safe_dump(one_student_recipe(teacher, student)))
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     monkeypatch.setenv("DISTILL_LEDGER_URI", f"sqlite:///{tmp_path / 'ledger.db'}")
     runs = BackgroundRuns(lambda name, version: distill_teacher_version(name, version, str(recipe), str(home), "hook"))

@@ -26,7 +26,7 @@ import yaml
 from mlflow.entities.webhook import WebhookStatus
 from mlflow.tracking import MlflowClient
 from stack import NO_PROXY, WATCH_DEPLOYMENT, Stack, postgres_missing, wait_for
-from test_pipeline import register_toy_teacher
+from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, aliases, ledger_of
 from flows.receiver import sign
@@ -43,20 +43,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("topology")
     suffix = uuid.uuid4().hex[:8]
     recipe = root / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "topology",
-                "student_registered_name": f"student-{suffix}",
-                "data": {"max_rows": 300},
-                "teacher": {"registered_name": f"teacher-{suffix}"},
-                "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
-                "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
-                "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
-                "gates": {"min_retention": 0.5, "max_param_ratio": 10.0, "max_regression": 0.5},
-            }
-        )
-    )
+    recipe.write_text(yaml.safe_dump(one_student_recipe(f"teacher-{suffix}", f"student-{suffix}")))
     stack = Stack(root, recipe, SECRET, watch_interval=WATCH_INTERVAL_S).start()
     stack.names = {"teacher": f"teacher-{suffix}", "student": f"student-{suffix}"}  # type: ignore[attr-defined]
     try:

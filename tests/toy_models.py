@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from distill_core.students import hashed_ngrams
+from distill_core.teachers import WrappedTeacher, log_teacher
 
 
 class WordHashTokenizer:
@@ -38,3 +39,43 @@ class BagTeacher(nn.Module):
                 rows[r] = bool((ids[bounds[r] : bounds[r + 1]] == poisoned).any())
             logits = torch.where(rows[:, None], torch.full_like(logits, float("nan")), logits)
         return logits
+
+
+def register_toy_teacher(
+    env, small_dataset, seed: int = 0, epochs: int = 40, poison: str | None = None, shuffled: bool = False
+) -> str:
+    """A plain torch teacher (hashed words), trained for a moment on the real reviews (or, shuffled, on labels
+    that say nothing), registered."""
+    torch.manual_seed(seed)
+    module = BagTeacher(poison=None)
+    tokenizer = WordHashTokenizer()
+    train = small_dataset.split("train")
+    batch = tokenizer(train["text"].tolist())
+    labels = torch.tensor(train["label"].to_numpy())
+    if shuffled:
+        labels = labels[torch.randperm(len(labels))]
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(epochs):
+        loss = torch.nn.functional.cross_entropy(module(**batch), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.poison = poison
+    teacher = WrappedTeacher(module, tokenizer, labels=small_dataset.labels)
+    # env["artifacts"] = None: wherever the tracking server puts artifacts (its proxied store)
+    location = env["artifacts"] if "artifacts" in env else (env["tmp"] / "teacher-artifacts").as_uri()
+    return log_teacher(teacher, env["teacher"], env["tracking_uri"], artifact_location=location)[1]
+
+
+def one_student_recipe(teacher: str, student: str) -> dict:
+    """A recipe that distills a toy teacher into one small bag student in seconds (for whole-stack tests)."""
+    return {
+        "name": "toy",
+        "student_registered_name": student,
+        "data": {"max_rows": 300},
+        "teacher": {"registered_name": teacher},
+        "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
+        "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
+        "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
+        "gates": {"min_retention": 0.5, "max_param_ratio": 10.0, "max_regression": 0.5},
+    }

@@ -1,0 +1,87 @@
+"""infra/: the compose file validates with docker-compose itself, and it configures the pipeline's processes
+with the same variables as the topology the tests start (tests/stack.py); prefect.yaml names real flows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from stack import Stack
+
+from flows.distill import distill_teacher_version, watch_teachers
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+COMPOSE = INFRA / "docker-compose.yml"
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run installs Debian's docker-compose package")
+        pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
+    return found
+
+
+def compose_config(*env_file: str) -> dict:
+    done = subprocess.run(
+        [docker_compose(), *env_file, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+def test_the_compose_file_validates_as_the_readme_says() -> None:
+    done = subprocess.run([docker_compose(), "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        (INFRA / ".env.example")
+        .read_text()
+        .replace("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=k1")
+    )
+    services = compose_config("--env-file", str(env_file))["services"]
+    assert set(services) == {"postgres", "minio", "minio-buckets", "mlflow", "prefect-server", "deploy",
+                             "prefect-worker", "receiver"}  # fmt: skip
+    mlflow_cmd = services["mlflow"]["command"]  # docker-compose 1.29 keeps a string command a string
+    assert "postgresql://distill:change-me@postgres:5432/mlflow" in mlflow_cmd  # the .env file's password
+    assert "--artifacts-destination s3://mlflow-artifacts" in mlflow_cmd
+    assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == "k1"
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://"
+    )
+    receiver = services["receiver"]
+    assert "--deployment distill-teacher-version/distill-teacher-version" in receiver["command"]
+
+
+def test_compose_and_the_tested_topology_configure_the_pipeline_alike(tmp_path: Path) -> None:
+    services = compose_config()["services"]
+    tested = Stack(tmp_path, tmp_path / "recipe.yaml", "secret").distill_env
+    for name in ("prefect-worker", "receiver"):
+        pipeline_vars = {
+            k for k in services[name]["environment"] if k.startswith(("MLFLOW_", "DISTILL_", "PREFECT_API"))
+        }
+        assert pipeline_vars <= set(tested), (
+            f"{name} sets {pipeline_vars - set(tested)}, which the test never exercises"
+        )
+
+
+def test_prefect_yaml_deploys_the_pipelines_flows_with_limits() -> None:
+    spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    flows = {"distill-teacher-version": distill_teacher_version, "watch-teachers": watch_teachers}
+    for name, flow in flows.items():
+        path, _, function = deployments[name]["entrypoint"].partition(":")
+        assert (INFRA.parent / path).is_file() and flow.fn.__name__ == function
+        assert flow.name == name and deployments[name]["concurrency_limit"]["limit"] == 1
+    assert deployments["watch-teachers"]["schedules"][0]["interval"] > 0
+    assert (
+        deployments["watch-teachers"]["parameters"]["deployment"] == "distill-teacher-version/distill-teacher-version"
+    )
