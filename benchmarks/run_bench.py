@@ -242,6 +242,7 @@ def trigger(webhook_samples: int = 7, watcher_samples: int = 3, interval_s: int 
         time.sleep(1.5)  # MLflow's webhook cache (1 s on this stack)
         env = {"teacher": "bench-teacher", "tracking_uri": stack.mlflow_url, "artifacts": None}
         for path, count in (("webhook", webhook_samples), ("watcher", watcher_samples)):
+            stack.schedule_watcher(active=path == "watcher")  # one path at a time, so each sample is its own
             if path == "watcher":
                 client.update_webhook(hook.webhook_id, status=WebhookStatus.DISABLED)
                 time.sleep(1.5)
@@ -282,6 +283,7 @@ def trigger(webhook_samples: int = 7, watcher_samples: int = 3, interval_s: int 
         }
 
     return {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "webhook": summary(samples["webhook"]),
         "watcher": {**summary(samples["watcher"]), "interval_s": interval_s},
     }
@@ -344,7 +346,7 @@ def markdown(results: dict[str, object]) -> str:
         hook, watch = trig["webhook"], trig["watcher"]
         lines += [
             "## Teacher registered → its flow run (tests/stack.py topology: PostgreSQL-backed MLflow and Prefect "
-            "servers, S3, process worker polling every 1 s, receiver)",
+            f"servers, S3, process worker polling every 1 s, receiver; measured {trig['when']})",
             "",
             "| path | samples | median to queued | median to running | slowest to running | goal |",
             "|---|---|---|---|---|---|",

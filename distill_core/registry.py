@@ -63,7 +63,10 @@ class Ledger:
     def __init__(self, url: str):
         args = {"timeout": 30} if url.startswith("sqlite") else {}
         self.engine = sa.create_engine(url, connect_args=args)
-        _metadata.create_all(self.engine)
+        try:
+            _metadata.create_all(self.engine)
+        except sa.exc.DBAPIError:  # another process created the tables in the same instant (PostgreSQL says so)
+            _metadata.create_all(self.engine)
 
     def claim(self, teacher: str, version: str, claimant: str) -> bool:
         """True for exactly one caller per teacher version; everyone else gets False."""

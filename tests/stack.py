@@ -17,8 +17,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +247,30 @@ class Stack:
 
     # --- the Prefect side, read back ---------------------------------------------------------------------
 
-    def flow_runs(self, deployment: str = DISTILL_DEPLOYMENT) -> list[Any]:
-        """Every flow run of a deployment, oldest first."""
+    @contextmanager
+    def _prefect(self) -> Iterator[Any]:
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-        from prefect.client.schemas.sorting import FlowRunSort
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: self.prefect_api}), get_client(sync_client=True) as client:
+            yield client
+
+    def flow_runs(self, deployment: str = DISTILL_DEPLOYMENT) -> list[Any]:
+        """Every flow run of a deployment, oldest first."""
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with self._prefect() as client:
             dep = client.read_deployment_by_name(deployment)
             return client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC,
                 limit=200,
             )
+
+    def schedule_watcher(self, active: bool) -> None:
+        """Pause or resume the watch-teachers schedule (what the Prefect UI's toggle does)."""
+        with self._prefect() as client:
+            dep = client.read_deployment_by_name(WATCH_DEPLOYMENT)
+            for schedule in dep.schedules:
+                client.update_deployment_schedule(dep.id, schedule.id, active=active)

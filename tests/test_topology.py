@@ -132,6 +132,7 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     stack: Stack, client: MlflowClient, webhook: Any, small_dataset
 ) -> None:
     teacher, student = stack.names["teacher"], stack.names["student"]  # type: ignore[attr-defined]
+    stack.schedule_watcher(active=False)  # else a watcher pass at the same instant may queue the run first
     version = register(stack, small_dataset, seed=0)
     registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
 
@@ -178,6 +179,7 @@ def test_with_the_webhook_off_the_scheduled_watcher_picks_up_the_new_version(
 ) -> None:
     teacher = stack.names["teacher"]  # type: ignore[attr-defined]
     client.update_webhook(webhook.webhook_id, status=WebhookStatus.DISABLED)
+    stack.schedule_watcher(active=True)
     time.sleep(1.5)
     version = register(stack, small_dataset, seed=1)
     registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
