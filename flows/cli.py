@@ -305,6 +305,9 @@ def serve(
         raise DistillError("DISTILL_WEBHOOK_SECRET is not set: the receiver refuses to run without a shared secret")
     if deployment and not os.environ.get("PREFECT_API_URL"):
         raise DistillError(f"--deployment {deployment} needs a Prefect server: set PREFECT_API_URL")
+    # Fail fast when Prefect is down: the receiver answers 503 and MLflow retries within its 30 s timeout,
+    # rather than the client retrying past it (Prefect's default, 5 retries with backoff).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
     settings, rcp = _env(home), _recipe(recipe)
 
     start: Starter

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from distill_core.errors import RecipeError
 from distill_core.recipe import load_recipe, recipe_location
 from distill_core.settings import Settings, load_settings
 
@@ -43,16 +44,26 @@ def distill_teacher_version(
     started = time.perf_counter()
     logger = get_run_logger()
     settings, recipe = load_settings(home), load_recipe(recipe_location(recipe_path))
+    if teacher_name != recipe.teacher.registered_name:  # a worker configured with another team's recipe, say
+        raise RecipeError(
+            f"recipe {recipe.name!r} distills {recipe.teacher.registered_name!r}, not {teacher_name!r}: "
+            "check DISTILL_RECIPE (or --recipe) where this run was started"
+        )
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
     if not ledger.claim(teacher_name, str(teacher_version), who):
         logger.info(f"{teacher_name} v{teacher_version} is already claimed by another run: nothing to do")
         return {"teacher_version": str(teacher_version), "status": "skipped"}
     mlflow.set_tracking_uri(settings.tracking_uri)
-    experiment_id = experiment(client, recipe, settings)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{teacher_name}-v{teacher_version}") as run:
-        set_ledger(client, teacher_name, str(teacher_version), "running", run_id=run.info.run_id, claimed_by=who)
+    try:
+        experiment_id = experiment(client, recipe, settings)
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=f"{teacher_name}-v{teacher_version}")
+    except Exception:  # MLflow unreachable: nothing is recorded, so give the claim back for the next attempt
+        ledger.release(teacher_name, str(teacher_version))
+        raise
+    with active as run:
         try:
+            set_ledger(client, teacher_name, str(teacher_version), "running", run_id=run.info.run_id, claimed_by=who)
             decision = run_pipeline(recipe, settings, teacher_name, str(teacher_version), run.info.run_id)
         except Exception as err:
             set_ledger(client, teacher_name, str(teacher_version), "failed", error=f"{type(err).__name__}: {err}")
@@ -98,17 +109,24 @@ def submit_to_deployment(
     """Queue the version's run on a Prefect server's deployment (a worker runs it); returns the flow run id.
 
     The webhook and the watcher submit under one idempotency key per teacher version, and the server keeps one
-    flow run per key and flow: whoever comes second gets the first one's run back.
+    flow run per key and flow: whoever comes second gets the first one's run back. Callers only ask for versions
+    the ledger has not recorded, so a finished run under the key is one that died before it claimed the version.
     """
-    run = run_deployment(
-        name=deployment,
-        parameters={"teacher_name": teacher_name, "teacher_version": str(teacher_version), "claimant": trigger},
-        timeout=0,  # queue it and return: the worker runs it
-        idempotency_key=f"{teacher_name}/{teacher_version}",
-        tags=[f"trigger:{trigger}"],
-        as_subflow=False,  # its own run, not a child the watcher's run would wait for or take down with it
-    )
-    return str(run.id)
+    key = f"{teacher_name}/{teacher_version}"
+    while True:
+        run = run_deployment(
+            name=deployment,
+            parameters={"teacher_name": teacher_name, "teacher_version": str(teacher_version), "claimant": trigger},
+            timeout=0,  # queue it and return: the worker runs it
+            idempotency_key=key,
+            tags=[f"trigger:{trigger}"],
+            as_subflow=False,  # its own run, not a child the watcher's run would wait for or take down with it
+        )
+        if run.state is None or not run.state.is_final():
+            return str(run.id)
+        # The key's run is over, yet the version is still asked for: it ended before claiming the version
+        # (cancelled, crashed, a worker restart). Queue a fresh attempt under a key that follows that run.
+        key = f"{teacher_name}/{teacher_version}/after-{run.id}"
 
 
 @flow(name="watch-teachers", log_prints=True)

@@ -269,8 +269,31 @@ class Stack:
             )
 
     def schedule_watcher(self, active: bool) -> None:
-        """Pause or resume the watch-teachers schedule (what the Prefect UI's toggle does)."""
+        """Pause or resume the watch-teachers schedule (what the Prefect UI's toggle does). Pausing drops the
+        scheduled passes; this also waits for a pass already under way to end."""
         with self._prefect() as client:
             dep = client.read_deployment_by_name(WATCH_DEPLOYMENT)
             for schedule in dep.schedules:
                 client.update_deployment_schedule(dep.id, schedule.id, active=active)
+        if not active:
+            wait_for(
+                lambda: (
+                    not [r for r in self.flow_runs(WATCH_DEPLOYMENT) if r.state.is_pending() or r.state.is_running()]
+                ),
+                120,
+                "the watcher pass under way to end",
+                every=0.5,
+            )
+
+    def pause_pool(self, paused: bool) -> None:
+        """Pause or resume the work pool `distill` (`prefect work-pool pause|resume distill`): runs stay queued."""
+        from prefect.client.schemas.actions import WorkPoolUpdate
+
+        with self._prefect() as client:
+            client.update_work_pool("distill", WorkPoolUpdate(is_paused=paused))
+
+    def cancel(self, flow_run_id: Any) -> None:
+        from prefect.states import Cancelled
+
+        with self._prefect() as client:
+            client.set_flow_run_state(flow_run_id, Cancelled(message="cancelled by the test"), force=True)

@@ -40,20 +40,18 @@ def test_the_compose_file_validates_as_the_readme_says() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3(tmp_path: Path) -> None:
-    env_file = tmp_path / ".env"
-    env_file.write_text(
-        (INFRA / ".env.example")
-        .read_text()
-        .replace("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=k1")
-    )
-    services = compose_config("--env-file", str(env_file))["services"]
+def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3() -> None:
+    services = compose_config("--env-file", str(INFRA / ".env.example"))["services"]
     assert set(services) == {"postgres", "minio", "minio-buckets", "mlflow", "prefect-server", "deploy",
                              "prefect-worker", "receiver"}  # fmt: skip
     mlflow_cmd = services["mlflow"]["command"]  # docker-compose 1.29 keeps a string command a string
     assert "postgresql://distill:change-me@postgres:5432/mlflow" in mlflow_cmd  # the .env file's password
     assert "--artifacts-destination s3://mlflow-artifacts" in mlflow_cmd
-    assert services["mlflow"]["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == "k1"
+    assert (
+        services["mlflow"]["environment"]["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"]
+        == "replace-with-a-generated-fernet-key"
+    )
+    assert services["receiver"]["environment"]["DISTILL_WEBHOOK_SECRET"] == "replace-with-a-long-random-string"
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://"
     )

@@ -80,6 +80,15 @@ def teacher_tags(env, version: str) -> dict[str, str]:
     return MlflowClient(env["tracking_uri"]).get_model_version(env["teacher"], version).tags
 
 
+def test_a_run_for_a_teacher_the_recipe_does_not_name_is_refused_before_its_claim(env) -> None:
+    from distill_core.errors import RecipeError
+
+    recipe = write_recipe(env)
+    with pytest.raises(RecipeError, match=f"distills '{env['teacher']}', not 'someone-elses-teacher'"):
+        distill_teacher_version("someone-elses-teacher", "1", recipe, env["home"])
+    assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed("someone-elses-teacher") == {}
+
+
 def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_dataset):
     """The real MiniLM-based path: a transformer and a bag candidate; the smallest passing one is promoted."""
     from distill_core.recipe import TeacherConfig

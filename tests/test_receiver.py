@@ -141,6 +141,29 @@ def test_twenty_duplicate_deliveries_start_one_run(endpoint) -> None:
     assert runs.calls == [("teacher-a", "1")]
 
 
+def test_a_run_that_cannot_be_queued_answers_503_and_mlflows_retry_starts_it(tmp_path: Path, tracking_uri: str) -> None:
+    attempts: list[tuple[str, str]] = []
+
+    def prefect_down_once(name: str, version: str) -> None:
+        attempts.append((name, version))
+        if len(attempts) == 1:
+            raise ConnectionError("Prefect API at http://prefect:4200/api is unreachable")
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    receiver = Receiver(SECRET, "teacher-a", "student-a", tracking_uri, ledger, prefect_down_once)
+    server = serve_http(receiver, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, delivery_id = f"http://127.0.0.1:{server.server_address[1]}{PATH}", str(uuid.uuid4())
+    try:
+        status, body = deliver(url, created(), delivery_id=delivery_id)
+        assert status == 503 and "unreachable" in body["error"]
+        assert deliver(url, created(), delivery_id=delivery_id)[0] == 202  # MLflow's retry: same delivery id
+        assert deliver(url, created(), delivery_id=delivery_id)[1]["status"] == "duplicate delivery"
+    finally:
+        server.shutdown()
+    assert attempts == [("teacher-a", "1"), ("teacher-a", "1")]
+
+
 # --- a real MLflow server delivering its own webhooks ----------------------------------------------------
 
 
