@@ -26,6 +26,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from distill_core.registry import Ledger, reconcile
@@ -96,20 +97,32 @@ class Receiver:
         if not self.ledger.first_time(f"delivery:{delivery_id}"):
             return HTTPStatus.OK, {"status": "duplicate delivery", "delivery_id": delivery_id}
         if kind == "model_version.created" and name == self.teacher_name:
-            version, trigger = str(data["version"]), f"trigger:{name}/{data['version']}"
-            if not self.ledger.first_time(trigger):
-                return HTTPStatus.OK, {"status": "already triggered", "teacher": f"{name}/{version}"}
-            try:
-                self.start(name, version)
-            except Exception as err:  # Prefect unreachable, say: forget the delivery so MLflow's retry can start it
-                self.ledger.forget(f"delivery:{delivery_id}", trigger)
-                log.exception("could not start the distillation of %s v%s", name, version)
-                return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"could not start {name}/{version}: {err}"}
-            return HTTPStatus.ACCEPTED, {"status": "started", "teacher": f"{name}/{version}"}
+            return self._trigger(delivery_id, name, str(data["version"]))
         if kind.startswith("model_version_alias.") and name == self.student_name:
             recorded = reconcile(MlflowClient(self.tracking_uri), self.ledger, name)
             return HTTPStatus.OK, {"status": "alias history updated", "recorded": recorded}
         return HTTPStatus.OK, {"status": "ignored", "event": kind, "name": name}
+
+    def _trigger(self, delivery_id: str, name: str, version: str) -> tuple[int, dict[str, Any]]:
+        """Start the version's run once. Whatever could not be done is forgotten, so MLflow's retry may do it."""
+        delivery, trigger = f"delivery:{delivery_id}", f"trigger:{name}/{version}"
+        try:
+            MlflowClient(self.tracking_uri).get_model_version(name, version)
+        except Exception as err:
+            self.ledger.forget(delivery)
+            if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                # a trigger for a version yet to come would block the real one: refuse it
+                return HTTPStatus.NOT_FOUND, {"error": f"{name} has no version {version} in the registry"}
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"cannot look up {name}/{version} in MLflow: {err}"}
+        if not self.ledger.first_time(trigger):
+            return HTTPStatus.OK, {"status": "already triggered", "teacher": f"{name}/{version}"}
+        try:
+            self.start(name, version)
+        except Exception as err:  # Prefect unreachable, say
+            self.ledger.forget(delivery, trigger)
+            log.exception("could not start the distillation of %s v%s", name, version)
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"could not start {name}/{version}: {err}"}
+        return HTTPStatus.ACCEPTED, {"status": "started", "teacher": f"{name}/{version}"}
 
 
 def serve_http(receiver: Receiver, host: str, port: int) -> ThreadingHTTPServer:

@@ -49,8 +49,17 @@ class Recorder:
             self.calls.append((name, version))
 
 
+@pytest.fixture(scope="module")
+def teacher_a(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """teacher-a v1 in the registry (the receiver only triggers versions that exist)."""
+    client = MlflowClient(tracking_uri)
+    client.create_registered_model("teacher-a")
+    client.create_model_version("teacher-a", source=str(tmp_path_factory.mktemp("teacher-a")))
+    return "teacher-a"
+
+
 @pytest.fixture
-def endpoint(tmp_path: Path, tracking_uri: str) -> Iterator[tuple[str, Recorder]]:
+def endpoint(tmp_path: Path, tracking_uri: str, teacher_a: str) -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder()
     receiver = Receiver(
         SECRET, "teacher-a", "student-a", tracking_uri, Ledger(f"sqlite:///{tmp_path / 'ledger.db'}"), recorder
@@ -94,6 +103,12 @@ def test_a_signed_delivery_for_the_watched_teacher_starts_its_run(endpoint) -> N
     assert runs.calls == [("teacher-a", "1")]
     assert deliver(url, created("someone-elses-model"))[1]["status"] == "ignored"
     assert runs.calls == [("teacher-a", "1")]
+
+
+def test_a_version_the_registry_does_not_have_starts_nothing(endpoint) -> None:
+    url, runs = endpoint
+    assert deliver(url, created(version="99")) == (404, {"error": "teacher-a has no version 99 in the registry"})
+    assert runs.calls == []
 
 
 @pytest.mark.parametrize("forgery", ["wrong secret", "stale timestamp", "future timestamp", "tampered body"])
@@ -141,7 +156,9 @@ def test_twenty_duplicate_deliveries_start_one_run(endpoint) -> None:
     assert runs.calls == [("teacher-a", "1")]
 
 
-def test_a_run_that_cannot_be_queued_answers_503_and_mlflows_retry_starts_it(tmp_path: Path, tracking_uri: str) -> None:
+def test_a_run_that_cannot_be_queued_answers_503_and_mlflows_retry_starts_it(
+    tmp_path: Path, tracking_uri: str, teacher_a: str
+) -> None:
     attempts: list[tuple[str, str]] = []
 
     def prefect_down_once(name: str, version: str) -> None:
