@@ -33,6 +33,7 @@ from distill_core.registry import CHAMPION, aliases, ledger_of
 from flows.receiver import sign
 
 SECRET = "topology-test-secret"
+TEACHER, STUDENT = (f"{role}-{uuid.uuid4().hex[:8]}" for role in ("teacher", "student"))
 WATCH_INTERVAL_S = 20
 RUN_TIMEOUT_S = 300
 
@@ -44,11 +45,9 @@ pytestmark = pytest.mark.skipif(bool(postgres_missing()), reason=f"integration t
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("topology")
-    suffix = uuid.uuid4().hex[:8]
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(one_student_recipe(f"teacher-{suffix}", f"student-{suffix}")))
+    recipe.write_text(yaml.safe_dump(one_student_recipe(TEACHER, STUDENT)))
     stack = Stack(root, recipe, SECRET, watch_interval=WATCH_INTERVAL_S).start()
-    stack.names = {"teacher": f"teacher-{suffix}", "student": f"student-{suffix}"}  # type: ignore[attr-defined]
     try:
         yield stack
     finally:
@@ -105,7 +104,7 @@ def runs_for(stack: Stack, version: str) -> list[Any]:
 
 
 def register(stack: Stack, small_dataset, seed: int) -> str:
-    env = {"teacher": stack.names["teacher"], "tracking_uri": stack.mlflow_url, "artifacts": None}  # type: ignore[attr-defined]
+    env = {"teacher": TEACHER, "tracking_uri": stack.mlflow_url, "artifacts": None}
     return register_toy_teacher(env, small_dataset, seed=seed)
 
 
@@ -122,7 +121,7 @@ def finished(stack: Stack, version: str) -> Any:
 
 
 def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(stack: Stack) -> None:
-    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    teacher = TEACHER
     assert deliver(stack, created(teacher, "1"), secret="not-the-secret")[0] == 401
     request = urllib.request.Request(stack.receiver_url, data=json.dumps(created(teacher, "1")).encode(), method="POST")
     with pytest.raises(urllib.error.HTTPError) as unsigned:
@@ -134,7 +133,7 @@ def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(stack: Stack) 
 def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
     stack: Stack, client: MlflowClient, webhook: Any, small_dataset
 ) -> None:
-    teacher, student = stack.names["teacher"], stack.names["student"]  # type: ignore[attr-defined]
+    teacher, student = TEACHER, STUDENT
     stack.schedule_watcher(active=False)  # else a watcher pass at the same instant may queue the run first
     version = register(stack, small_dataset, seed=0)
     registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
@@ -166,7 +165,7 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
 def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
     stack: Stack, client: MlflowClient, webhook: Any, small_dataset
 ) -> None:
-    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    teacher = TEACHER
     client.update_webhook(webhook.webhook_id, status=WebhookStatus.DISABLED)  # this test delivers by itself
     time.sleep(1.5)
     version = register(stack, small_dataset, seed=1)
@@ -184,7 +183,7 @@ def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
 def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retries_runs_that_died(
     stack: Stack, client: MlflowClient, small_dataset
 ) -> None:
-    teacher = stack.names["teacher"]  # type: ignore[attr-defined]
+    teacher = TEACHER
     # A version whose run died before it claimed the version (cancelled while the work pool was paused).
     stack.pause_pool(True)
     died = register(stack, small_dataset, seed=2)
