@@ -250,14 +250,7 @@ def trigger(webhook_samples: int = 7, watcher_samples: int = 3, interval_s: int 
                 version = register_toy_teacher(env, data, seed=i)
                 registered = client.get_model_version("bench-teacher", version).creation_timestamp / 1000
                 run = wait_for(
-                    lambda v=version: next(
-                        (
-                            r
-                            for r in stack.flow_runs()
-                            if r.parameters.get("teacher_version") == v and r.state.is_final()
-                        ),
-                        None,
-                    ),
+                    lambda v=version: next((r for r in stack.runs_for(v) if r.state.is_final()), None),
                     600,
                     f"the run of v{version}",
                     every=0.5,

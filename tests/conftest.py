@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from stack import free_port
 
 # Offline, quiet and isolated before anything imports transformers, MLflow or Prefect.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,12 +43,6 @@ class S3Server:
     access_key: str
     secret_key: str
     log_path: Path
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_until_answering(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
@@ -77,7 +71,7 @@ def _wait_until_answering(proc: subprocess.Popen[bytes], url: str, log_path: Pat
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """Start `python -m moto.server` on a free loopback port; stop it when the session ends."""
-    port = _free_loopback_port()
+    port = free_port()
     endpoint_url = f"http://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("s3_server") / "moto.log"
     env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}  # accept any keys

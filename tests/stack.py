@@ -8,6 +8,7 @@ Used by tests/test_topology.py and benchmarks/run_bench.py. Every process is sta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -57,6 +58,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def model_version_created(name: str, version: str) -> dict[str, Any]:
+    """The body MLflow sends for `model_version.created`."""
+    return {
+        "entity": "model_version",
+        "action": "created",
+        "timestamp": "now",
+        "data": {"name": name, "version": version},
+    }
+
+
+def send_delivery(
+    url: str, event: dict[str, Any], secret: str, delivery_id: str | None = None, at: float | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST an event to a receiver signed as MLflow signs it; returns (HTTP status, JSON answer)."""
+    from flows.receiver import sign
+
+    body = json.dumps(event).encode()
+    delivery_id = delivery_id or str(uuid.uuid4())
+    timestamp = str(int(at if at is not None else time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery_id,
+        "X-MLflow-Timestamp": timestamp,
+        "X-MLflow-Signature": sign(secret, delivery_id, timestamp, body),
+    }
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with NO_PROXY.open(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
@@ -267,6 +301,10 @@ class Stack:
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC,
                 limit=200,
             )
+
+    def runs_for(self, teacher_version: str) -> list[Any]:
+        """The distill-teacher-version runs of one teacher version, oldest first."""
+        return [r for r in self.flow_runs() if r.parameters.get("teacher_version") == teacher_version]
 
     def schedule_watcher(self, active: bool) -> None:
         """Pause or resume the watch-teachers schedule (what the Prefect UI's toggle does). Pausing drops the

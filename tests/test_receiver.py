@@ -14,27 +14,21 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography.fernet import Fernet
 from mlflow.tracking import MlflowClient
+from stack import NO_PROXY, free_port, model_version_created, send_delivery, wait_for
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_of
 from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http, sign
 
 SECRET = "shared-secret-for-tests"
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+deliver = partial(send_delivery, secret=SECRET)
 
 
 class Recorder:
@@ -70,31 +64,8 @@ def endpoint(tmp_path: Path, tracking_uri: str, teacher_a: str) -> Iterator[tupl
     server.shutdown()
 
 
-def deliver(url: str, event: dict, secret: str = SECRET, delivery_id: str | None = None, at: float | None = None):
-    body = json.dumps(event).encode()
-    delivery_id = delivery_id or str(uuid.uuid4())
-    timestamp = str(int(at if at is not None else time.time()))
-    headers = {
-        "Content-Type": "application/json",
-        "X-MLflow-Delivery-Id": delivery_id,
-        "X-MLflow-Timestamp": timestamp,
-        "X-MLflow-Signature": sign(secret, delivery_id, timestamp, body),
-    }
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with NO_PROXY.open(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def created(name: str = "teacher-a", version: str = "1") -> dict:
-    return {
-        "entity": "model_version",
-        "action": "created",
-        "timestamp": "now",
-        "data": {"name": name, "version": version},
-    }
+    return model_version_created(name, version)
 
 
 def test_a_signed_delivery_for_the_watched_teacher_starts_its_run(endpoint) -> None:
@@ -224,16 +195,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(

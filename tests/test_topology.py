@@ -26,11 +26,11 @@ import pytest
 import yaml
 from mlflow.entities.webhook import WebhookStatus
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, Stack, postgres_missing, wait_for
+from stack import NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
+from stack import model_version_created as created
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, aliases, ledger_of
-from flows.receiver import sign
 
 SECRET = "topology-test-secret"
 TEACHER, STUDENT = (f"{role}-{uuid.uuid4().hex[:8]}" for role in ("teacher", "student"))
@@ -73,34 +73,7 @@ def webhook(stack: Stack, client: MlflowClient) -> Any:
 
 
 def deliver(stack: Stack, event: dict, secret: str = SECRET, delivery_id: str | None = None) -> tuple[int, dict]:
-    body = json.dumps(event).encode()
-    delivery_id = delivery_id or str(uuid.uuid4())
-    timestamp = str(int(time.time()))
-    headers = {
-        "Content-Type": "application/json",
-        "X-MLflow-Delivery-Id": delivery_id,
-        "X-MLflow-Timestamp": timestamp,
-        "X-MLflow-Signature": sign(secret, delivery_id, timestamp, body),
-    }
-    request = urllib.request.Request(stack.receiver_url, data=body, headers=headers, method="POST")
-    try:
-        with NO_PROXY.open(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def created(teacher: str, version: str) -> dict:
-    return {
-        "entity": "model_version",
-        "action": "created",
-        "timestamp": "now",
-        "data": {"name": teacher, "version": version},
-    }
-
-
-def runs_for(stack: Stack, version: str) -> list[Any]:
-    return [r for r in stack.flow_runs() if r.parameters.get("teacher_version") == version]
+    return send_delivery(stack.receiver_url, event, secret, delivery_id)
 
 
 def register(stack: Stack, small_dataset, seed: int) -> str:
@@ -111,7 +84,7 @@ def register(stack: Stack, small_dataset, seed: int) -> str:
 def finished(stack: Stack, version: str) -> Any:
     """The version's latest flow run, once it is final (fails the test with the worker's log if it failed)."""
     run = wait_for(
-        lambda: next((r for r in runs_for(stack, version)[-1:] if r.state and r.state.is_final()), None),
+        lambda: next((r for r in stack.runs_for(version)[-1:] if r.state and r.state.is_final()), None),
         RUN_TIMEOUT_S,
         f"the flow run of teacher v{version} to finish",
         every=1,
@@ -138,7 +111,7 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     version = register(stack, small_dataset, seed=0)
     registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
 
-    queued = wait_for(lambda: runs_for(stack, version), 30, "the webhook to queue a flow run")
+    queued = wait_for(lambda: stack.runs_for(version), 30, "the webhook to queue a flow run")
     assert len(queued) == 1 and "trigger:webhook" in queued[0].tags
     assert queued[0].idempotency_key == f"{teacher}/{version}"
     run = finished(stack, version)
@@ -176,7 +149,7 @@ def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
         answers = list(pool.map(lambda send: send(), same + distinct))
     statuses = sorted(status for status, _ in answers)
     assert statuses == [200] * 39 + [202], answers
-    assert len(runs_for(stack, version)) == 1
+    assert len(stack.runs_for(version)) == 1
     finished(stack, version)
 
 
@@ -188,7 +161,7 @@ def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retr
     stack.pause_pool(True)
     died = register(stack, small_dataset, seed=2)
     assert deliver(stack, created(teacher, died))[0] == 202
-    (first,) = runs_for(stack, died)
+    (first,) = stack.runs_for(died)
     stack.cancel(first.id)
     stack.pause_pool(False)
     # And a version nobody announced: the webhook is off.
@@ -196,14 +169,14 @@ def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retr
     registered_at = client.get_model_version(teacher, new).creation_timestamp / 1000
 
     stack.schedule_watcher(active=True)
-    queued = wait_for(lambda: runs_for(stack, new), WATCH_INTERVAL_S + 60, "the watcher to queue a flow run")
+    queued = wait_for(lambda: stack.runs_for(new), WATCH_INTERVAL_S + 60, "the watcher to queue a flow run")
     assert len(queued) == 1 and "trigger:watcher" in queued[0].tags
     run = finished(stack, new)
     print(f"watcher: registration -> running {run.start_time.timestamp() - registered_at:.2f} s")
     assert ledger_of(client.get_model_version(teacher, new))["status"] in ("succeeded", "rejected")
 
-    retried = wait_for(lambda: len(runs_for(stack, died)) == 2 and runs_for(stack, died), 60, "a second run")
+    retried = wait_for(lambda: len(stack.runs_for(died)) == 2 and stack.runs_for(died), 60, "a second run")
     assert [r.state_name for r in retried][0] == "Cancelled" and "trigger:watcher" in retried[1].tags
     finished(stack, died)
     assert ledger_of(client.get_model_version(teacher, died))["status"] in ("succeeded", "rejected")
-    assert len(runs_for(stack, new)) == 1 and len(runs_for(stack, died)) == 2  # later passes queued nothing more
+    assert len(stack.runs_for(new)) == 1 and len(stack.runs_for(died)) == 2  # later passes queued nothing more
