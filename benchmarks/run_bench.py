@@ -88,7 +88,7 @@ def bench_train_step(teacher: TextClassifier, texts: list[str], student_cfg: Stu
     bare_student = build_student(student_cfg, teacher, ("a", "b"), texts, 64, log=lambda _: None)
     batch = ours_student.tokenize(batch_texts)
     distiller = Distiller(ours_student, cfg, student_cfg)
-    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=student_cfg.lr or cfg.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=student_cfg.learning_rate(cfg), weight_decay=0.01)
 
     def ours() -> None:
         for _ in range(STEPS):
@@ -198,7 +198,7 @@ def pipeline() -> dict[str, object]:
         runs = {}
         for label in ("cold", "rerun"):
             if label == "rerun":
-                release_for_rerun(settings, name, version)
+                release_for_rerun(settings, name, version, recipe.student_registered_name)
             started = time.perf_counter()
             result = distill_teacher_version(name, version, str(recipe_path), str(home), claimant="bench")
             wall = time.perf_counter() - started

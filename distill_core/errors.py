@@ -1,5 +1,7 @@
 """Errors that name the problem and the fix; the CLI prints them without a traceback."""
 
+import re
+
 
 class DistillError(Exception):
     """Base class for every error the pipeline raises on purpose."""
@@ -23,3 +25,12 @@ class StoreError(DistillError):
 
 class SoftLabelError(DistillError):
     """Stored soft labels are missing, incomplete or fail their checksum."""
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]*)@")
+
+
+def redact(text: object) -> str:
+    """The text with the password of every URI in it hidden (scheme://user:***@host): for anything printed,
+    logged or tagged, since MLFLOW_TRACKING_URI and DISTILL_LEDGER_URI may carry credentials."""
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -83,30 +85,66 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
 
 @dataclass
 class Speed:
+    """Latency at batch 1 (tokenisation included), throughput at a larger batch, and the conditions measured in."""
+
     p50_ms: float
     p95_ms: float
     throughput: float  # texts per second at the throughput batch size
+    threads: int = 1  # torch's intra-op threads during the measurement
+    load_average: float = 0.0  # the machine's 1-minute load average when it was taken
+    under_load: bool = False  # the load exceeded the core count, even after one repeat: absolute times are inflated
+
+
+def _interleaved(models: dict[str, TextModule], texts: list[str], batch: int) -> dict[str, Speed]:
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for text in texts[:5]:  # warm-up: first calls allocate and pick kernels
+        for model in models.values():
+            model(**model.tokenize([text]))
+    for i, text in enumerate(texts):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
+            model = models[name]
+            start = time.perf_counter()
+            model(**model.tokenize([text]))
+            timings[name].append((time.perf_counter() - start) * 1000)
+    rounds: dict[str, list[float]] = {name: [] for name in models}
+    chunk = (texts * (1 + batch // max(len(texts), 1)))[:batch]
+    for _ in range(3):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**model.tokenize(chunk))
+            rounds[name].append(batch / (time.perf_counter() - start))
+    speeds = {}
+    for name, times in timings.items():
+        times.sort()
+        speeds[name] = Speed(
+            statistics.median(times), times[int(0.95 * (len(times) - 1))], statistics.median(rounds[name])
+        )
+    return speeds
 
 
 @torch.inference_mode()
-def measure_speed(model: TextModule, texts: list[str], samples: int = 100, batch: int = 64) -> Speed:
-    """CPU latency at batch 1 (tokenisation included) and throughput at a larger batch."""
-    model.eval()
+def measure_latency(
+    models: dict[str, TextModule], texts: list[str], samples: int = 100, batch: int = 64
+) -> dict[str, Speed]:
+    """The project's one latency measurement: every model side by side, repetitions interleaved (in rotating
+    order), after a warm-up, at one thread count, medians. Ratios between the models hold on a busy machine as on
+    an idle one; absolute times come with the thread count and load average, and a measurement taken with the
+    load above the core count is repeated once, then marked `under_load`."""
+    for model in models.values():
+        model.eval()
     texts = (texts * (1 + samples // max(len(texts), 1)))[:samples]
-    for text in texts[:5]:
-        model(**model.tokenize([text]))
-    timings = []
-    for text in texts:
-        start = time.perf_counter()
-        model(**model.tokenize([text]))
-        timings.append((time.perf_counter() - start) * 1000)
-    timings.sort()
-    rounds, chunk = [], (texts * (1 + batch // len(texts)))[:batch]
-    for _ in range(3):
-        start = time.perf_counter()
-        model(**model.tokenize(chunk))
-        rounds.append(batch / (time.perf_counter() - start))
-    return Speed(statistics.median(timings), timings[int(0.95 * (len(timings) - 1))], statistics.median(rounds))
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    for _attempt in range(2):
+        load = os.getloadavg()[0]
+        speeds = _interleaved(models, texts, batch)
+        if load <= cores:
+            break
+    under_load = load > cores
+    return {
+        name: dataclasses.replace(speed, threads=threads, load_average=load, under_load=under_load)
+        for name, speed in speeds.items()
+    }
 
 
 def size_of(model: nn.Module) -> dict[str, int]:
@@ -131,6 +169,9 @@ class Report:
     throughput: float
     params: int
     bytes: int
+    threads: int = 1  # torch threads the latencies were measured with
+    load_average: float = 0.0  # the machine's load average then
+    under_load: bool = False  # load above the core count: absolute latencies are inflated (ratios still hold)
     compression: float = 1.0  # teacher params / params
     speedup: float = 1.0  # teacher p50 / p50
     retention: float = 1.0  # accuracy / teacher accuracy
@@ -148,10 +189,13 @@ def evaluate_model(
     logits: np.ndarray | None = None,
     latency_samples: int = 100,
     throughput_batch: int = 64,
+    speed: Speed | None = None,
 ) -> Report:
-    """Quality, fidelity, calibration, speed and size of one model on labeled texts."""
+    """Quality, fidelity, calibration, speed and size of one model on labeled texts (speed: measured with others
+    by measure_latency, else here alone)."""
     logits = predict(model, texts) if logits is None else logits
-    speed = measure_speed(model, texts, latency_samples, throughput_batch)
+    if speed is None:
+        speed = measure_latency({name: model}, texts, latency_samples, throughput_batch)[name]
     size = size_of(model)
     return Report(
         name=name,
@@ -165,6 +209,9 @@ def evaluate_model(
         throughput=speed.throughput,
         params=size["params"],
         bytes=size["bytes"],
+        threads=speed.threads,
+        load_average=speed.load_average,
+        under_load=speed.under_load,
     )
 
 

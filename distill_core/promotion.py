@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from distill_core.evaluate import Report, evaluate_model, relative_to
+from distill_core.evaluate import Report, evaluate_model, measure_latency, relative_to
 from distill_core.gates import Verdict, beats, choose, judge
 from distill_core.recipe import Recipe
 from distill_core.registry import (
@@ -24,6 +26,7 @@ from distill_core.registry import (
 )
 from distill_core.serving import log_student
 from distill_core.steps import StudentOutcome
+from distill_core.teachers import LoadedTeacher
 
 
 @dataclass
@@ -50,10 +53,12 @@ def evaluate_champion(
     texts: list[str],
     labels: np.ndarray,
     teacher_logits: np.ndarray,
+    teacher: LoadedTeacher,
     teacher_report: Report,
     tracking_uri: str,
 ) -> tuple[str | None, Report | None]:
-    """The current champion measured on today's test split, so the comparison is like for like."""
+    """The current champion measured on today's test split, so the comparison is like for like; its speed-up is
+    measured side by side with the teacher, as the candidates' is."""
     client = MlflowClient(tracking_uri)
     version = aliases(client, recipe.student_registered_name).get(CHAMPION)
     if version is None:
@@ -61,10 +66,13 @@ def evaluate_champion(
     pyfunc = mlflow.pyfunc.load_model(f"models:/{recipe.student_registered_name}/{version}")
     module = pyfunc.unwrap_python_model().module
     cfg = recipe.evaluation
-    report = evaluate_model(
-        f"champion v{version}", module, texts, labels, teacher_logits, None, cfg.latency_samples, cfg.throughput_batch
+    name = f"champion v{version}"
+    speeds = measure_latency(
+        {"teacher": teacher.module, name: module}, texts, cfg.latency_samples, cfg.throughput_batch
     )
-    return version, relative_to(report, teacher_report)
+    report = evaluate_model(name, module, texts, labels, teacher_logits, speed=speeds[name])
+    paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)
+    return version, relative_to(report, paired_teacher)
 
 
 def judge_all(
@@ -75,10 +83,21 @@ def judge_all(
     champion_report: Report | None,
 ) -> Decision:
     """Every distilled candidate against the gates; the smallest passing one is chosen."""
-    verdicts = [
-        judge(o.config.name, o.reports["distilled"], teacher_report, recipe.gates, champion_report) for o in outcomes
-    ]
-    return Decision(verdicts, choose(verdicts), champion_version, champion_report)
+    verdicts, notes = [], []
+    for outcome in outcomes:
+        verdict = judge(
+            outcome.config.name, outcome.reports["distilled"], teacher_report, recipe.gates, champion_report
+        )
+        not_learned = outcome.did_not_learn()
+        if not_learned is not None:
+            verdict.reasons.append(not_learned)
+        if verdict.report.retention > 1.0:  # legitimate (born-again networks rely on it), and worth a look
+            notes.append(
+                f"{outcome.config.name} beats its teacher ({verdict.report.retention:.1%} of the teacher's "
+                "accuracy): a weak teacher, or a student that also learned from the hard labels"
+            )
+        verdicts.append(verdict)
+    return Decision(verdicts, choose(verdicts), champion_version, champion_report, notes=notes)
 
 
 def register_and_promote(
@@ -89,8 +108,12 @@ def register_and_promote(
     input_texts: list[str],
     tracking_uri: str,
     ledger: Ledger,
+    champion_now: Callable[[], tuple[str | None, Report | None]] | None = None,
 ) -> Decision:
-    """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says."""
+    """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says.
+
+    champion_now measures the current champion again, for when another run promoted one meanwhile.
+    """
     client = MlflowClient(tracking_uri)
     name, verdict = recipe.student_registered_name, decision.chosen
     key = f"{lineage['teacher_name']}/{lineage['teacher_version']}:{lineage['recipe_hash']}:{verdict.candidate}"
@@ -138,6 +161,24 @@ def register_and_promote(
     if not verdict.passed:
         decision.notes.append("failed the gates: no alias moved")
         return decision
+    # One promotion decision at a time per student model: runs judged side by side (a burst of teacher versions)
+    # end where promoting them one after the other would.
+    with ledger.lock(f"promote:{name}"):
+        current = aliases(client, name).get(CHAMPION)
+        if current != decision.champion_before and champion_now is not None:
+            decision.notes.append(
+                f"the champion became v{current} while this run was judged (it was "
+                f"{'v' + decision.champion_before if decision.champion_before else 'none'}): compared with v{current}"
+            )
+            decision.champion_before, decision.champion_report = champion_now()
+        return _move_aliases(decision, client, ledger, recipe, lineage)
+
+
+def _move_aliases(
+    decision: Decision, client: MlflowClient, ledger: Ledger, recipe: Recipe, lineage: dict[str, str]
+) -> Decision:
+    """The alias a passing student gets, by the recipe's policy and the champion it was compared with."""
+    name, verdict = recipe.student_registered_name, decision.chosen
     if decision.student_version == decision.champion_before:  # a rerun of the run that made the champion
         decision.alias = CHAMPION
         decision.notes.append(f"v{decision.student_version} is already the champion")

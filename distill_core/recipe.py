@@ -19,6 +19,8 @@ TEACHER_LOSSES = {*DIVERGENCE_NAMES, "feature", "attention"}
 ONLINE_ONLY_LOSSES = {"feature", "attention"}
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
+# Learning rates that train each student family when neither the student nor train.lr sets one.
+FAMILY_LR = {"transformer": 1e-4, "embedding_bag": 5e-3}
 
 
 class _Strict(BaseModel):
@@ -80,7 +82,7 @@ class LossTerm(_Strict):
         "feature",
         "attention",
     ]
-    weight: float = Field(default=1.0, ge=0.0)
+    weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # finite: an infinite weight trains on NaN
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     beta: float = Field(default=0.5, ge=0.0, le=1.0)  # generalized_jsd only
     alpha: float = Field(default=0.1, ge=0.0, le=1.0)  # skew divergences only
@@ -99,7 +101,16 @@ class StudentConfig(_Strict):
     buckets: int = Field(default=2**17, ge=1024, le=2**24)
     dim: int = Field(default=64, ge=4, le=4096)
     ngrams: int = Field(default=2, ge=1, le=3)
-    lr: float | None = Field(default=None, gt=0, lt=1)  # overrides train.lr for this family
+    lr: float | None = Field(default=None, gt=0, lt=1)  # overrides train.lr (and the family's default)
+
+    def learning_rate(self, train: TrainConfig) -> float:
+        """This student's lr: its own, else train.lr when the recipe sets it, else its family's default (a bag
+        needs a far larger step than a transformer copied from the teacher; at 1e-4 it does not learn)."""
+        if self.lr is not None:
+            return self.lr
+        if "lr" in train.model_fields_set:
+            return train.lr
+        return FAMILY_LR[self.family]
 
     @model_validator(mode="after")
     def _layers_valid(self) -> StudentConfig:

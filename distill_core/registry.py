@@ -8,7 +8,13 @@ history of alias moves, which the registry does not keep.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,14 +25,43 @@ from mlflow.tracking import MlflowClient
 from distill_core.errors import DistillError
 
 STATUSES = ("running", "succeeded", "rejected", "failed")
+# The ledger of one student model on a teacher version: tags distill.<student model>.<field>.
+LEDGER_FIELDS = (
+    "status",
+    "student_version",
+    "student_alias",
+    "run_id",
+    "reasons",
+    "error",
+    "rerun_error",  # a rerun of a version that already had an outcome failed: the outcome stays, this says why
+    "claimed_by",
+    "updated_at",
+)
+LEGACY_ALIAS_FIELD = "alias"  # what releases before per-student ledgers called student_alias
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 PIPELINE = "pipeline"
 OUTSIDE = "outside the pipeline (MLflow UI or API)"
+ANY_STUDENT = "*"  # a claim taken before claims were per student model: it holds the version for every recipe
+HEARTBEAT_S = 30.0  # a running flow refreshes its claim this often; three missed beats make the claim stale
+STALE_AFTER_S = 3 * HEARTBEAT_S
 
 _metadata = sa.MetaData()
 claims = sa.Table(
-    "distill_claims",
+    "distill_claims_v2",
     _metadata,
+    sa.Column("teacher_name", sa.String(256), primary_key=True),
+    sa.Column("teacher_version", sa.String(32), primary_key=True),
+    sa.Column("student_name", sa.String(256), primary_key=True),
+    sa.Column("claimed_by", sa.String(256), nullable=False),
+    sa.Column("host", sa.String(256), nullable=False, server_default=""),
+    sa.Column("pid", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("claimed_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),  # None while its run goes on
+)
+legacy_claims = sa.Table(  # releases before claims were per student model; read once, then emptied
+    "distill_claims",
+    sa.MetaData(),
     sa.Column("teacher_name", sa.String(256), primary_key=True),
     sa.Column("teacher_version", sa.String(32), primary_key=True),
     sa.Column("claimed_by", sa.String(256), nullable=False),
@@ -45,10 +80,20 @@ alias_moves = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+locks = sa.Table(  # short-lived named locks across processes (one promotion decision at a time per student model)
+    "distill_locks",
+    _metadata,
+    sa.Column("name", sa.String(512), primary_key=True),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+)
+
 deliveries = sa.Table(
     "distill_deliveries",
     _metadata,
-    sa.Column("key", sa.String(512), primary_key=True),  # 'delivery:<id>' or 'trigger:<teacher>/<version>'
+    # 'delivery:<id>' or 'trigger:<teacher>/<version>/<student model>'
+    sa.Column("key", sa.String(512), primary_key=True),
     sa.Column("received_at", sa.Float, nullable=False),
 )
 
@@ -57,8 +102,50 @@ class RegistryError(DistillError):
     """A registry operation that cannot be done: no such version, no previous champion, ..."""
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a (teacher version, student model) and whether they still beat their heart."""
+
+    teacher_version: str
+    student_name: str
+    claimed_by: str
+    host: str
+    pid: int
+    claimed_at: float
+    heartbeat_at: float
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Its run ended (succeeded, rejected or failed): the claim only says the version was handled."""
+        return self.finished_at is not None
+
+    def age_s(self, now: float | None = None) -> float:
+        return (now or time.time()) - self.claimed_at
+
+    def stale(self, now: float | None = None) -> bool:
+        """Its run neither finished nor goes on: no heartbeat for three intervals (killed, its machine lost), or, on
+        this host, no process with its pid any more (known at once after a kill -9)."""
+        if self.finished:
+            return False
+        if (now or time.time()) - self.heartbeat_at > STALE_AFTER_S:
+            return True
+        return self.host == socket.gethostname() and self.pid > 0 and not _process_exists(self.pid)
+
+    def describe(self, now: float | None = None) -> str:
+        now = now or time.time()
+        if self.finished:
+            return f"claimed by {self.claimed_by}, whose run ended {now - (self.finished_at or now):.0f} s ago"
+        beat = f"last heartbeat {now - self.heartbeat_at:.0f} s ago"
+        return (
+            f"claimed by {self.claimed_by} {self.age_s(now):.0f} s ago ({beat}"
+            + ("; STALE: its process is gone" if self.stale(now) else "")
+            + ")"
+        )
+
+
 class Ledger:
-    """Claims and alias history in a SQL database shared by every process of the pipeline."""
+    """Claims, deliveries and alias history in a SQL database shared by every process of the pipeline."""
 
     def __init__(self, url: str):
         args = {"timeout": 30} if url.startswith("sqlite") else {}
@@ -68,22 +155,145 @@ class Ledger:
         except sa.exc.DBAPIError:  # another process created the tables in the same instant (PostgreSQL says so)
             _metadata.create_all(self.engine)
 
-    def claim(self, teacher: str, version: str, claimant: str) -> bool:
-        """True for exactly one caller per teacher version; everyone else gets False."""
-        row = {"teacher_name": teacher, "teacher_version": str(version), "claimed_by": claimant}
+    def legacy_claims(self) -> list[Any]:
+        """Claims an earlier release took (keyed by teacher version alone), not yet adopted; see upgrade_ledger."""
+        if not sa.inspect(self.engine).has_table(legacy_claims.name):
+            return []
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(legacy_claims)).all())
+
+    def adopt_legacy_claim(self, row: Any, student: str) -> None:
+        """Move one legacy claim to the per-student table, as the claim of `student` (ANY_STUDENT: unknown)."""
+        with self.engine.begin() as conn:
+            with contextlib.suppress(sa.exc.IntegrityError), conn.begin_nested():
+                conn.execute(
+                    claims.insert().values(
+                        teacher_name=row.teacher_name,
+                        teacher_version=row.teacher_version,
+                        student_name=student,
+                        claimed_by=row.claimed_by,
+                        host="",
+                        pid=0,
+                        claimed_at=row.claimed_at,
+                        heartbeat_at=row.claimed_at,  # never beat: it reads as stale, and --rerun --force may take it
+                    )
+                )
+            conn.execute(
+                legacy_claims.delete().where(
+                    legacy_claims.c.teacher_name == row.teacher_name,
+                    legacy_claims.c.teacher_version == row.teacher_version,
+                )
+            )
+
+    def claim(self, teacher: str, version: str, student: str, claimant: str) -> bool:
+        """True for exactly one caller per (teacher version, student model); everyone else gets False."""
+        now = time.time()
+        row = {
+            "teacher_name": teacher,
+            "teacher_version": str(version),
+            "student_name": student,
+            "claimed_by": claimant,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "claimed_at": now,
+            "heartbeat_at": now,
+        }
+        if self.claim_of(teacher, version, ANY_STUDENT) is not None:
+            return False
         try:
             with self.engine.begin() as conn:
-                conn.execute(claims.insert().values(**row, claimed_at=time.time()))
+                conn.execute(claims.insert().values(**row))
         except sa.exc.IntegrityError:
             return False
         return True
 
-    def release(self, teacher: str, version: str) -> None:
+    def _where(self, teacher: str, version: str, student: str) -> Any:
+        return sa.and_(
+            claims.c.teacher_name == teacher,
+            claims.c.teacher_version == str(version),
+            claims.c.student_name.in_([student, ANY_STUDENT]),
+        )
+
+    def beat(self, teacher: str, version: str, student: str) -> None:
+        """Refresh a claim's heartbeat (the running flow does, every HEARTBEAT_S)."""
+        with self.engine.begin() as conn:
+            conn.execute(claims.update().where(self._where(teacher, version, student)).values(heartbeat_at=time.time()))
+
+    @contextlib.contextmanager
+    def heartbeat(self, teacher: str, version: str, student: str, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
+        """Beat for the claim while the block runs, on a daemon thread (it dies with the process, as it should)."""
+        stop = threading.Event()
+
+        def beat_until_stopped() -> None:
+            while not stop.wait(interval_s):
+                with contextlib.suppress(sa.exc.SQLAlchemyError):  # one missed beat is not a failure
+                    self.beat(teacher, version, student)
+
+        thread = threading.Thread(target=beat_until_stopped, name="distill-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def finish(self, teacher: str, version: str, student: str) -> None:
+        """Mark the claim's run as ended: the version stays handled, and a rerun may release the claim."""
+        with self.engine.begin() as conn:
+            conn.execute(claims.update().where(self._where(teacher, version, student)).values(finished_at=time.time()))
+
+    def release(self, teacher: str, version: str, student: str) -> None:
         """Forget a claim, so the version can be run again on purpose (a retry of a failed run)."""
         with self.engine.begin() as conn:
-            conn.execute(
-                claims.delete().where(claims.c.teacher_name == teacher, claims.c.teacher_version == str(version))
-            )
+            conn.execute(claims.delete().where(self._where(teacher, version, student)))
+
+    def claim_of(self, teacher: str, version: str, student: str) -> Claim | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(claims).where(self._where(teacher, version, student))).first()
+        return _claim(row) if row is not None else None
+
+    def claims(self, teacher: str, student: str) -> dict[str, Claim]:
+        """The claims on the teacher's versions that hold them for this student model, by version."""
+        query = sa.select(claims).where(
+            claims.c.teacher_name == teacher, claims.c.student_name.in_([student, ANY_STUDENT])
+        )
+        with self.engine.connect() as conn:
+            return {row.teacher_version: _claim(row) for row in conn.execute(query)}
+
+    def claimed(self, teacher: str, student: str) -> dict[str, str]:
+        """Claimed versions of the teacher for this student model, and who holds each."""
+        return {version: c.claimed_by for version, c in self.claims(teacher, student).items()}
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float = 600.0, held_at_most_s: float = 600.0) -> Iterator[None]:
+        """Hold a named lock shared by every process of the ledger database. A holder that died (its process is
+        gone from its host, or it held the lock longer than held_at_most_s) is taken over."""
+        me = {"name": name[:512], "host": socket.gethostname(), "pid": os.getpid()}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(locks.insert().values(**me, acquired_at=time.time()))
+                break
+            except sa.exc.IntegrityError:
+                with self.engine.connect() as conn:
+                    holder = conn.execute(sa.select(locks).where(locks.c.name == me["name"])).first()
+                if holder is not None and _holder_gone(holder, held_at_most_s):
+                    with self.engine.begin() as conn:
+                        conn.execute(
+                            locks.delete().where(locks.c.name == me["name"], locks.c.acquired_at == holder.acquired_at)
+                        )
+                    continue
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"lock {name!r} is held by pid {holder.pid if holder else '?'}: gave up"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(locks.delete().where(locks.c.name == me["name"], locks.c.pid == me["pid"]))
 
     def first_time(self, key: str) -> bool:
         """True for exactly one caller per key (a webhook delivery id, a trigger): the receiver's idempotency."""
@@ -98,11 +308,6 @@ class Ledger:
         """Undo first_time for these keys (what they started did not start after all, so a retry may)."""
         with self.engine.begin() as conn:
             conn.execute(deliveries.delete().where(deliveries.c.key.in_([k[:512] for k in keys])))
-
-    def claimed(self, teacher: str) -> dict[str, str]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(claims).where(claims.c.teacher_name == teacher))
-            return {r.teacher_version: r.claimed_by for r in rows}
 
     def record_alias(
         self, model: str, alias: str, version: str | None, from_version: str | None, actor: str, reason: str
@@ -129,6 +334,35 @@ class Ledger:
             return [dict(r._mapping) for r in conn.execute(query)]
 
 
+def _holder_gone(holder: Any, held_at_most_s: float) -> bool:
+    if time.time() - holder.acquired_at > held_at_most_s:
+        return True
+    return holder.host == socket.gethostname() and not _process_exists(holder.pid)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _claim(row: Any) -> Claim:
+    return Claim(
+        row.teacher_version,
+        row.student_name,
+        row.claimed_by,
+        row.host,
+        row.pid,
+        row.claimed_at,
+        row.heartbeat_at,
+        row.finished_at,
+    )
+
+
 # --- teachers and the ledger tags --------------------------------------------------------------------------
 
 
@@ -145,27 +379,117 @@ def teacher_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return sorted(versions, key=lambda v: int(v.version))
 
 
-def set_ledger(client: MlflowClient, name: str, version: str, status: str, **fields: str) -> None:
-    """Write the ledger tags on a teacher version: distill.status plus student_version, run_id, error, ..."""
+def require_version(client: MlflowClient, name: str, version: str, what: str = "teacher") -> ModelVersion:
+    """The registered version, or one clear RegistryError naming what exists (checked before anything is claimed)."""
+    if not str(version).isdigit():
+        raise RegistryError(f"{what} version must be a number, got {version!r}")
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    existing = [v.version for v in teacher_versions(client, name)]
+    if not existing:
+        raise RegistryError(
+            f"no registered model {name!r} in the MLflow registry: check the recipe's "
+            f"{'teacher.registered_name' if what == 'teacher' else 'student_registered_name'} and MLFLOW_TRACKING_URI"
+        )
+    raise RegistryError(f"{what} {name!r} has no version {version} (it has {', '.join(f'v{v}' for v in existing)})")
+
+
+def ledger_tag(student: str, field: str) -> str:
+    """The teacher-version tag of one ledger field for one student model: distill.<student>.<field>."""
+    return f"distill.{student}.{field}"
+
+
+def set_ledger(client: MlflowClient, name: str, version: str, student: str, status: str, **fields: str) -> None:
+    """Write one student model's ledger on a teacher version: status plus student_version, run_id, error, ..."""
     if status not in STATUSES:
         raise ValueError(f"ledger status must be one of {STATUSES}, got {status!r}")
-    client.set_model_version_tag(name, version, "distill.status", status)
-    client.set_model_version_tag(name, version, "distill.updated_at", _now())
+    unknown = set(fields) - set(LEDGER_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown ledger fields {sorted(unknown)}; fields are {LEDGER_FIELDS}")
+    client.set_model_version_tag(name, version, ledger_tag(student, "status"), status)
+    client.set_model_version_tag(name, version, ledger_tag(student, "updated_at"), _now())
     for key, value in fields.items():
-        client.set_model_version_tag(name, version, f"distill.{key}", str(value)[:4900])
+        client.set_model_version_tag(name, version, ledger_tag(student, key), str(value)[:4900])
 
 
-def ledger_of(version: ModelVersion) -> dict[str, str]:
-    return {k.removeprefix("distill."): v for k, v in version.tags.items() if k.startswith("distill.")}
+def _legacy_ledger(version: ModelVersion) -> dict[str, str]:
+    """The flat distill.<field> ledger earlier releases wrote (one per teacher version, whoever's student)."""
+    flat = {k.removeprefix("distill."): v for k, v in version.tags.items() if k.startswith("distill.")}
+    entry = {k: flat[k] for k in LEDGER_FIELDS if k in flat}
+    if LEGACY_ALIAS_FIELD in flat:
+        entry.setdefault("student_alias", flat[LEGACY_ALIAS_FIELD])
+    return entry if "status" in entry else {}
 
 
-def unhandled_versions(client: MlflowClient, ledger: Ledger, name: str) -> list[str]:
-    """Ready teacher versions that no run has claimed and the ledger has not recorded, oldest first."""
-    claimed = ledger.claimed(name)
+def _legacy_student(client: MlflowClient, entry: dict[str, str], cache: dict[str, str | None]) -> str | None:
+    """Whose ledger a flat entry is: the student model of its MLflow run's experiment (distill-<student>)."""
+    run_id = entry.get("run_id")
+    if not run_id:
+        return None
+    if run_id not in cache:
+        try:
+            experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+            cache[run_id] = experiment.name.removeprefix("distill-") if experiment.name.startswith("distill-") else None
+        except MlflowException:
+            cache[run_id] = None
+    return cache[run_id]
+
+
+def ledgers_of(
+    client: MlflowClient, version: ModelVersion, cache: dict[str, str | None] | None = None
+) -> dict[str, dict[str, str]]:
+    """Every student model's ledger on a teacher version, by student model (flat entries of earlier releases too)."""
+    cache = {} if cache is None else cache
+    out: dict[str, dict[str, str]] = {}
+    for key, value in version.tags.items():
+        if not key.startswith("distill."):
+            continue
+        student, _, field = key.removeprefix("distill.").rpartition(".")
+        if student and field in LEDGER_FIELDS:
+            out.setdefault(student, {})[field] = value
+    legacy = _legacy_ledger(version)
+    if legacy:
+        owner = _legacy_student(client, legacy, cache) or ANY_STUDENT
+        if owner not in out:
+            out[owner] = legacy
+    return out
+
+
+def ledger_entry(
+    client: MlflowClient, version: ModelVersion, student: str, cache: dict[str, str | None] | None = None
+) -> dict[str, str]:
+    """One student model's ledger on a teacher version ({} when that student model never ran on it)."""
+    entries = ledgers_of(client, version, cache)
+    return entries.get(student) or entries.get(ANY_STUDENT, {})
+
+
+def upgrade_ledger(client: MlflowClient, ledger: Ledger) -> None:
+    """Adopt the claims of an earlier release: each becomes the claim of the student model its teacher version's
+    flat ledger names (through its run's experiment), or of every student model (ANY_STUDENT) when none does."""
+    cache: dict[str, str | None] = {}
+    for row in ledger.legacy_claims():
+        try:
+            version = client.get_model_version(row.teacher_name, row.teacher_version)
+        except MlflowException:
+            owner = None
+        else:
+            legacy = _legacy_ledger(version)
+            owner = _legacy_student(client, legacy, cache) if legacy else None
+        ledger.adopt_legacy_claim(row, owner or ANY_STUDENT)
+
+
+def unhandled_versions(client: MlflowClient, ledger: Ledger, name: str, student: str) -> list[str]:
+    """Ready teacher versions that no run claimed for this student model and its ledger has not recorded."""
+    upgrade_ledger(client, ledger)
+    claimed = ledger.claimed(name, student)
+    cache: dict[str, str | None] = {}  # run id -> student model, for flat ledgers of earlier releases
     return [
         str(v.version)
         for v in teacher_versions(client, name)
-        if v.status == "READY" and str(v.version) not in claimed and "distill.status" not in v.tags
+        if v.status == "READY" and str(v.version) not in claimed and not ledger_entry(client, v, student, cache)
     ]
 
 
@@ -204,8 +528,19 @@ def move_alias(
     ledger.record_alias(model, alias, str(version) if version is not None else None, before, actor, reason)
 
 
+def failed_gates(version: ModelVersion) -> str | None:
+    """Why a student version failed its gates (its distill.gate_reasons), or None when it passed or was not judged."""
+    if version.tags.get("distill.gate") != "failed":
+        return None
+    return version.tags.get("distill.gate_reasons") or "gate failed"
+
+
 def reconcile(client: MlflowClient, ledger: Ledger, model: str) -> list[str]:
-    """Record alias moves made outside the pipeline (the MLflow UI), so the history stays complete."""
+    """Record alias moves made outside the pipeline (the MLflow UI), so the history stays complete.
+
+    A serving alias put by hand on a student that failed its gates is recorded as a forced move of a failed
+    student, with the gates it failed.
+    """
     recorded: dict[str, str | None] = {}
     for move in ledger.alias_history(model):
         recorded[move["alias"]] = move["version"]
@@ -214,7 +549,11 @@ def reconcile(client: MlflowClient, ledger: Ledger, model: str) -> list[str]:
     for alias in sorted(set(recorded) | set(current)):
         now = current.get(alias)
         if recorded.get(alias) != now:
-            ledger.record_alias(model, alias, now, recorded.get(alias), OUTSIDE, "noticed by the pipeline")
+            reason = "noticed by the pipeline"
+            failed = failed_gates(client.get_model_version(model, now)) if now is not None else None
+            if failed is not None:
+                reason = f"FORCED move of a student that failed its gates ({failed}); noticed by the pipeline"
+            ledger.record_alias(model, alias, now, recorded.get(alias), OUTSIDE, reason)
             noticed.append(f"{alias}: {recorded.get(alias)} -> {now}")
     return noticed
 
@@ -226,12 +565,31 @@ def champion_set_by_hand(client: MlflowClient, ledger: Ledger, model: str) -> bo
     return bool(moves) and moves[-1]["version"] is not None and moves[-1]["actor"] != PIPELINE
 
 
-def promote(client: MlflowClient, ledger: Ledger, model: str, version: str, actor: str, reason: str) -> None:
-    """Make a version champion; the old champion becomes previous, a matching challenger alias is cleared."""
+def promote(
+    client: MlflowClient,
+    ledger: Ledger,
+    model: str,
+    version: str,
+    actor: str,
+    reason: str,
+    force: bool = False,
+) -> None:
+    """Make a version champion; the old champion becomes previous, a matching challenger alias is cleared.
+
+    A student that failed its gates is refused unless force, and then the move is recorded as forced, with why.
+    """
     try:
-        client.get_model_version(model, str(version))
+        target = client.get_model_version(model, str(version))
     except MlflowException:
         raise RegistryError(f"model '{model}' has no version {version}") from None
+    failed = failed_gates(target)
+    if failed is not None:
+        if not force:
+            raise RegistryError(
+                f"{model} v{version} failed its gates ({failed}): it is not made champion. If you mean it, "
+                "promote it with --force and a --reason, which the alias history keeps"
+            )
+        reason = f"FORCED although it failed its gates ({failed}): {reason}"
     current = aliases(client, model)
     old = current.get(CHAMPION)
     if old == str(version):

@@ -144,23 +144,21 @@ def log_student(
             signature=student_signature(student.labels),
             input_example=pd.DataFrame({TEXT_COLUMN: list(input_texts[:3])}),
             pip_requirements=pip_requirements(),
-            registered_model_name=registered_model_name,
-            await_registration_for=await_registration_for,
         )
     if registered_model_name is None:
         return LoggedStudent(info, None)
-    if info.registered_model_version is None:
-        raise ServingError(f"MLflow logged {info.model_uri} but did not register it as '{registered_model_name}'")
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    if description is not None:
-        client.update_model_version(registered_model_name, version, description=description)
     version_tags = {
         "distill.role": "student",
         "distill.labels": json.dumps(list(student.labels)),
         "distill.content_digest": content_digest(student),
         **(tags or {}),
     }
-    for key, value in version_tags.items():
-        client.set_model_version_tag(registered_model_name, version, key, value)
+    # The version and its tags in one registry call: a process killed while registering leaves either no version
+    # or one that carries its idempotency key (so a rerun finds it instead of registering a second one).
+    registered = mlflow.register_model(
+        info.model_uri, registered_model_name, await_registration_for=await_registration_for, tags=version_tags
+    )
+    version = str(registered.version)
+    if description is not None:
+        MlflowClient().update_model_version(registered_model_name, version, description=description)
     return LoggedStudent(info, version)

@@ -7,7 +7,17 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from distill_core.registry import Ledger, aliases, ledger_of, reconcile, teacher_versions
+from distill_core.errors import redact
+from distill_core.registry import (
+    ANY_STUDENT,
+    Claim,
+    Ledger,
+    aliases,
+    ledgers_of,
+    reconcile,
+    teacher_versions,
+    upgrade_ledger,
+)
 from distill_core.settings import Settings
 
 HEADLINE = (
@@ -23,7 +33,7 @@ HEADLINE = (
     "p95_ms",
     "speedup",
 )
-LEDGER: tuple[str, ...] = ("student_version", "alias", "run_id", "reasons", "error")
+LEDGER: tuple[str, ...] = ("student_version", "student_alias", "run_id", "reasons", "error", "rerun_error")
 LINEAGE = (
     "teacher_name",
     "teacher_version",
@@ -37,29 +47,65 @@ LINEAGE = (
 )
 
 
+def _ledger_line(
+    entry: dict[str, str], claim: Claim | None, current_aliases: dict[str, list[str]], now: float
+) -> dict[str, Any]:
+    """One student model's line on a teacher version: its ledger, the claim if one is held, the student's aliases
+    as they are now (a person may have moved them since the run wrote its ledger)."""
+    status = entry.get("status") or ("claimed" if claim is not None else "pending")
+    line: dict[str, Any] = {"status": status, **{k: entry[k] for k in LEDGER if entry.get(k)}}
+    if "student_version" in line:
+        line["student_alias"] = ",".join(sorted(current_aliases.get(line["student_version"], []))) or "none"
+    if claim is not None:
+        line |= {"claimed_by": claim.claimed_by, "claim_age_s": round(claim.age_s(now)), "claim": claim.describe(now)}
+        line["claim_stale"] = claim.stale(now)  # its process is gone: `distill run --rerun --force` may take it
+    return line
+
+
 def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
-    """Everything a person asks about the pipeline's state, as plain data."""
+    """Everything a person asks about the pipeline's state, as plain data.
+
+    Each teacher version lists the recipe's student model's ledger at the top level and every student model's
+    (several recipes may distill one teacher) under `students`.
+    """
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
-    claims = ledger.claimed(teacher)
-    teachers: list[dict[str, str]] = []
-    for v in teacher_versions(client, teacher):
-        tags = ledger_of(v)
-        status = tags.get("status") or ("claimed" if str(v.version) in claims else "pending")
-        ledger_fields = {k: tags[k] for k in LEDGER if k in tags}
-        teachers.append({"version": str(v.version), "status": status, **ledger_fields})
+    now = time.time()
+    cache: dict[str, str | None] = {}
+    student_aliases: dict[str, dict[str, list[str]]] = {}
+
+    def aliases_of(model: str) -> dict[str, list[str]]:
+        if model not in student_aliases:
+            by_version: dict[str, list[str]] = {}
+            for alias, version in aliases(client, model).items():
+                by_version.setdefault(version, []).append(alias)
+            student_aliases[model] = by_version
+        return student_aliases[model]
+
     if teacher_versions(client, student):
         reconcile(client, ledger, student)
+    upgrade_ledger(client, ledger)
+    claims = ledger.claims(teacher, student)
+    teachers: list[dict[str, Any]] = []
+    for v in teacher_versions(client, teacher):
+        version = str(v.version)
+        entries = ledgers_of(client, v, cache)
+        lines = {
+            name: _ledger_line(entry, ledger.claim_of(teacher, version, name), aliases_of(name), now)
+            for name, entry in sorted(entries.items())
+            if name != ANY_STUDENT
+        }
+        mine = _ledger_line(entries.get(student) or entries.get(ANY_STUDENT, {}), claims.get(version),
+                            aliases_of(student), now)  # fmt: skip
+        lines[student] = mine
+        teachers.append({"version": version, **mine, "students": lines})
     current = aliases(client, student)
-    by_version: dict[str, list[str]] = {}
-    for alias, version in current.items():
-        by_version.setdefault(version, []).append(alias)
     students: list[dict[str, Any]] = []
     for v in teacher_versions(client, student):
-        tags = ledger_of(v)
+        tags = {k.removeprefix("distill."): value for k, value in v.tags.items() if k.startswith("distill.")}
         students.append(
             {
                 "version": str(v.version),
-                "aliases": sorted(by_version.get(str(v.version), [])),
+                "aliases": sorted(aliases_of(student).get(str(v.version), [])),
                 **{k: tags[k] for k in (*HEADLINE, *LINEAGE) if k in tags},
             }
         )
@@ -68,7 +114,7 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
         for move in ledger.alias_history(student)
     ]
     return {
-        "tracking_uri": settings.tracking_uri,
+        "tracking_uri": redact(settings.tracking_uri),
         "teacher": {"name": teacher, "versions": teachers},
         "student": {"name": student, "aliases": current, "versions": students},
         "alias_history": history,
@@ -79,9 +125,18 @@ def render(state: dict[str, Any]) -> str:
     """The same state as text for a terminal."""
     lines = [f"MLflow {state['tracking_uri']}", "", f"teacher {state['teacher']['name']}"]
     for t in state["teacher"]["versions"]:
-        extra = f"student v{t['student_version']} ({t.get('alias', 'none')})" if "student_version" in t else ""
-        why = t.get("error") or (t.get("reasons") if t["status"] == "rejected" else "")
-        lines.append(f"  v{t['version']:<4} {t['status']:<10} {extra} {why}".rstrip())
+        for name, line in t["students"].items():
+            extra = (
+                f"student v{line['student_version']} ({line.get('student_alias', 'none')})"
+                if "student_version" in line
+                else ""
+            )
+            why = line.get("error") or (line.get("reasons") if line["status"] == "rejected" else "")
+            if line.get("rerun_error"):
+                why = f"{why} (a rerun failed: {line['rerun_error']})".strip()
+            claim = f"[{line['claim']}]" if "claim" in line and line["status"] in ("claimed", "running") else ""
+            who = "" if name == state["student"]["name"] and len(t["students"]) == 1 else f"{name}: "
+            lines.append(f"  v{t['version']:<4} {who}{line['status']:<10} {extra} {why} {claim}".rstrip())
     student = state["student"]
     lines += [
         "",

@@ -18,16 +18,24 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from distill_core.data import PreparedDataset, load_prepared, prepare_dataset
+from distill_core.data import PreparedDataset, load_prepared, preparation_key, prepare_dataset
 from distill_core.errors import DistillError, RecipeError
-from distill_core.evaluate import Report, comparison_table, evaluate_model, predict, relative_to
+from distill_core.evaluate import (
+    Report,
+    accuracy,
+    comparison_table,
+    evaluate_model,
+    measure_latency,
+    predict,
+    relative_to,
+)
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
 from distill_core.students import build_student
-from distill_core.teachers import LoadedTeacher, TextModule, load_teacher, log_teacher, picklable, train_teacher
+from distill_core.teachers import LoadedTeacher, load_teacher, log_teacher, picklable, train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
 from distill_core.versioning import open_versioned
 
@@ -35,7 +43,9 @@ Log = Callable[[str], None]
 
 
 def dataset_dir(recipe: Recipe, settings: Settings) -> Path:
-    return settings.data_dir / recipe.name
+    """The recipe's prepared data under DISTILL_HOME, keyed by what decides its content (not the recipe's name
+    alone: a changed data.source or split setting must never reuse what was prepared before)."""
+    return settings.data_dir / f"{recipe.name}-{preparation_key(recipe.data)}"
 
 
 def prepare(recipe: Recipe, settings: Settings, out_dir: Path | None = None) -> PreparedDataset:
@@ -112,6 +122,21 @@ class StudentOutcome:
     distilled: TrainResult
     baseline: TrainResult | None  # None when the recipe skips the hard-label twin
     reports: dict[str, Report] = field(default_factory=dict)  # by kind, filled by evaluate_all
+    # the distilled student's accuracy on the train split, and chance there (the largest class's share): a
+    # student still at chance did not learn (filled by evaluate_all)
+    train_accuracy: float | None = None
+    chance_accuracy: float | None = None
+
+    def did_not_learn(self, margin: float = 0.02) -> str | None:
+        """Why the distilled student counts as not having learned, or None."""
+        if self.train_accuracy is None or self.chance_accuracy is None:
+            return None
+        if self.train_accuracy > self.chance_accuracy + margin:
+            return None
+        return (
+            f"did not learn: train-split accuracy {self.train_accuracy:.3f} is at chance "
+            f"({self.chance_accuracy:.3f}, the largest class's share); raise students[].lr or train.epochs"
+        )
 
     def results(self) -> list[tuple[str, TrainResult]]:
         pairs = [("distilled", self.distilled), ("hard-label", self.baseline)]
@@ -203,16 +228,27 @@ def evaluate_all(
     teacher_logits = labels.logits["test"]
     cfg = recipe.evaluation
 
-    def report(name: str, model: TextModule, logits: np.ndarray | None = None) -> Report:
-        return evaluate_model(name, model, texts, y, teacher_logits, logits, cfg.latency_samples, cfg.throughput_batch)
-
-    teacher_report = report(f"teacher {teacher.name} v{teacher.version}", teacher.module, teacher_logits)
-    reports = [teacher_report]
+    teacher_name = f"teacher {teacher.name} v{teacher.version}"
+    models = {teacher_name: teacher.module}
     for outcome in outcomes:
-        for kind, result in outcome.results():
-            measured = report(f"{outcome.config.name} ({kind})", result.student)
+        models.update({f"{outcome.config.name} ({kind})": result.student for kind, result in outcome.results()})
+    speeds = measure_latency(models, texts, cfg.latency_samples, cfg.throughput_batch)  # side by side
+
+    def report(name: str, logits: np.ndarray | None = None) -> Report:
+        return evaluate_model(name, models[name], texts, y, teacher_logits, logits, speed=speeds[name])
+
+    teacher_report = report(teacher_name, teacher_logits)
+    reports = [teacher_report]
+    train = dataset.split("train")
+    train_texts, train_labels = train["text"].tolist(), train["label"].to_numpy()
+    chance = float(np.bincount(train_labels).max() / len(train_labels))
+    for outcome in outcomes:
+        for kind, _ in outcome.results():
+            measured = report(f"{outcome.config.name} ({kind})")
             outcome.reports[kind] = relative_to(measured, teacher_report)
             reports.append(outcome.reports[kind])
+        outcome.train_accuracy = accuracy(predict(outcome.distilled.student, train_texts), train_labels)
+        outcome.chance_accuracy = chance
     return reports
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from distill_core.errors import RecipeError
 from distill_core.recipe import StudentConfig
-from distill_core.teachers import Batch, TextClassifier, TextModule, load_minilm
+from distill_core.teachers import Batch, TextClassifier, TextModule, load_minilm, minilm_path
 
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
@@ -51,6 +51,37 @@ def _kept_wordpieces(tokenizer: object, texts: Iterable[str], max_length: int) -
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def _copies_teacher(teacher: TextModule) -> bool:
+    """Whether a transformer student copies this teacher's own encoder (else the packaged MiniLM's)."""
+    return isinstance(teacher, TextClassifier) and hasattr(teacher.encoder, "encoder")
+
+
+def check_fits(cfg: StudentConfig, teacher: TextModule, source_config: Any = None) -> None:
+    """Refuse a transformer student the encoder it is built from cannot give: layers it does not have, embeddings
+    wider than its hidden size. Cheap (a config), so runs check it before they claim a teacher version."""
+    if cfg.family != "transformer":
+        return
+    if source_config is None:
+        if _copies_teacher(teacher):
+            source_config = teacher.encoder.config  # type: ignore[union-attr]
+        else:
+            from transformers import AutoConfig
+
+            source_config = AutoConfig.from_pretrained(minilm_path())
+    what = "teacher" if _copies_teacher(teacher) else "packaged MiniLM (the teacher has no BERT encoder to copy)"
+    n_layers, hidden = source_config.num_hidden_layers, source_config.hidden_size
+    if max(cfg.teacher_layers) >= n_layers:
+        raise RecipeError(
+            f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the {what} "
+            f"encoder has layers 0..{n_layers - 1}"
+        )
+    if cfg.embedding_dim is not None and cfg.embedding_dim > hidden:
+        raise RecipeError(
+            f"student '{cfg.name}': embedding_dim {cfg.embedding_dim} is larger than the {what} encoder's hidden "
+            f"size {hidden}; factorised embeddings must be narrower (or drop embedding_dim for full-width ones)"
+        )
+
+
 def build_transformer_student(
     cfg: StudentConfig,
     teacher: TextModule,
@@ -62,17 +93,13 @@ def build_transformer_student(
     """Copy the teacher's embeddings and chosen layers into a smaller encoder of the same kind."""
     from transformers import BertModel
 
-    if isinstance(teacher, TextClassifier) and hasattr(teacher.encoder, "encoder"):
+    if _copies_teacher(teacher):
+        assert isinstance(teacher, TextClassifier)
         source, tokenizer = teacher.encoder, teacher.tokenizer
     else:
         log(f"teacher {type(teacher).__name__} has no BERT encoder to copy: initialising from packaged MiniLM")
         source, tokenizer = load_minilm()
-    n_layers = source.config.num_hidden_layers
-    if max(cfg.teacher_layers) >= n_layers:
-        raise RecipeError(
-            f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the teacher "
-            f"encoder has layers 0..{n_layers - 1}"
-        )
+    check_fits(cfg, teacher, source.config)
     hidden = source.config.hidden_size
     teacher_words = source.embeddings.word_embeddings.weight.detach()
     keep = _kept_wordpieces(tokenizer, texts, max_length) if cfg.prune_vocab else None

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor, nn
 
 from distill_core.data import PreparedDataset
-from distill_core.errors import TeacherError
+from distill_core.errors import TeacherError, redact
 from distill_core.recipe import TeacherConfig
 
 Batch = dict[str, Tensor]
@@ -322,7 +322,15 @@ def load_teacher(name: str, version: str, tracking_uri: str) -> LoadedTeacher:
         module = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
     except mlflow.exceptions.MlflowException as err:
         raise TeacherError(
-            f"cannot load teacher '{name}' version {version} from {tracking_uri}: {err.message}"
+            redact(f"cannot load teacher '{name}' version {version} from {tracking_uri}: {err.message}")
+        ) from None
+    except (ImportError, AttributeError) as err:  # unpickling needs the teacher's classes: not a transient error
+        module_name = getattr(err, "name", None)
+        raise TeacherError(
+            f"cannot load teacher '{name}' version {version}: its code is not importable where the pipeline runs "
+            f"({type(err).__name__}: {err}). Install the package that defines the teacher's classes"
+            + (f" (module {module_name!r})" if module_name else "")
+            + " in this environment, on every worker"
         ) from None
     check_teacher(module)
     return LoadedTeacher(module.eval(), name, str(version), content_digest(module))

@@ -75,7 +75,7 @@ class Distiller:
         )
         self.teacher_layer = teacher_layer  # the teacher layer that the student's last layer imitates
         self.needs_features = self.objective.needs_hidden_states or self.objective.needs_attentions
-        lr = student_cfg.lr or cfg.lr
+        lr = student_cfg.learning_rate(cfg)
         params = [p for p in [*student.parameters(), *self.objective.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
@@ -162,9 +162,19 @@ def train_student(
     best_state = {k: v.clone() for k, v in student.state_dict().items()}
     stale, step = 0, 0
 
+    finished = False
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if state.get("fingerprint") == fingerprint:
+        if state.get("fingerprint") == fingerprint and state.get("final"):  # trained to the end before: reuse
+            step, best_state, finished = state["step"], state["best_state"], True
+            result.history, result.best_step, result.best_accuracy = (
+                state["history"],
+                state["best_step"],
+                state["best_accuracy"],
+            )
+            result.resumed_from, result.stopped_early = step, state["stopped_early"]
+            log(f"resumed from checkpoint at step {step} (training had finished)")
+        elif state.get("fingerprint") == fingerprint:
             student.load_state_dict(state["student"])
             distiller.objective.load_state_dict(state["objective"])
             distiller.optimizer.load_state_dict(state["optimizer"])
@@ -197,7 +207,7 @@ def train_student(
     last_terms: dict[str, float] = {}
     labels_all = torch.tensor(transfer.labels, dtype=torch.long)
     logits_all = torch.tensor(transfer.teacher_logits) if transfer.teacher_logits is not None else None
-    while step < total and not result.stopped_early:
+    while step < total and not result.stopped_early and not finished:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n, cfg.seed, epoch)
         index = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
@@ -232,6 +242,22 @@ def train_student(
                 },
             )
     student.load_state_dict(best_state)
+    if not finished:
+        # Training is over: keep only what a rerun reuses (the best weights and the history), not the optimizer's
+        # moments and the last state, which make a checkpoint several times the student's size.
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "fingerprint": fingerprint,
+                "final": True,
+                "step": step,
+                "best_state": best_state,
+                "history": result.history,
+                "best_step": result.best_step,
+                "best_accuracy": result.best_accuracy,
+                "stopped_early": result.stopped_early,
+            },
+        )
     fast_attention(student)
     if teacher is not None:
         fast_attention(teacher)

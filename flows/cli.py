@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill_core.errors import DistillError
+from distill_core.errors import DistillError, redact
 from distill_core.recipe import DEFAULT_RECIPE
 
 app = typer.Typer(
@@ -38,6 +39,35 @@ def _env(home: Path | None):  # noqa: ANN202 - returns Settings; imported lazily
     return load_settings(home)
 
 
+def _runs_flows_here() -> None:
+    """This command runs flows in this process: with no PREFECT_API_URL, Prefect starts its ephemeral API server
+    as a child process. SIGKILL runs no atexit handler, so ask the kernel to stop that child when this process
+    dies (Linux PR_SET_PDEATHSIG): a killed `distill run` leaves no server behind."""
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import subprocess
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def die_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    class _Subprocess(types.ModuleType):  # the subprocess module as Prefect's server module sees it
+        def __getattr__(self, name: str) -> object:
+            return getattr(subprocess, name)
+
+        @staticmethod
+        def Popen(*args: object, **kwargs: object) -> subprocess.Popen:  # noqa: N802 - subprocess's name
+            kwargs.setdefault("preexec_fn", die_with_parent)
+            return subprocess.Popen(*args, **kwargs)  # type: ignore[call-overload]
+
+    prefect_server.subprocess = _Subprocess("subprocess")  # type: ignore[assignment]
+
+
 def _recipe(path: Path):  # noqa: ANN202
     from distill_core.recipe import load_recipe
 
@@ -61,11 +91,11 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
     from flows.demo import continuous_demo
 
     settings = _env(home)
+    _runs_flows_here()
     _recipe(recipe)
     started = time.perf_counter()
-    typer.echo(
-        f"DISTILL_HOME {settings.home}\nMLflow       {settings.tracking_uri}\nstore        {settings.store_uri}\n"
-    )
+    typer.echo(f"DISTILL_HOME {settings.home}\nMLflow       {redact(settings.tracking_uri)}")
+    typer.echo(f"store        {settings.store_uri}\n")
     table = continuous_demo(recipe, settings, echo=typer.echo, log=_echo)
     typer.echo(f"\n{table}\n\nfinished in {time.perf_counter() - started:.0f} s")
     typer.echo(
@@ -234,18 +264,23 @@ def run(
     home: HomeOpt = None,
     rerun: Annotated[bool, typer.Option(help="Run again a version the ledger already handled.")] = False,
     force: Annotated[
-        bool, typer.Option(help="With --rerun: also a version marked running (its run was killed).")
+        bool, typer.Option(help="With --rerun: take over a stale claim (its run was killed; `distill status` says).")
     ] = False,
 ) -> None:
     """One pipeline run for one teacher version: checks, soft labels, students, gates, register, promote."""
-    settings = _env(home)
-    _recipe(recipe)  # a bad recipe fails here, before any claim
-    name, version = _teacher_ref(teacher)
-    if rerun:
-        from flows.distill import release_for_rerun
+    from mlflow.tracking import MlflowClient
 
-        release_for_rerun(settings, name, version, force=force)
-    from flows.distill import distill_teacher_version
+    from distill_core.registry import require_version
+    from flows.distill import check_recipe_names, distill_teacher_version, release_for_rerun
+
+    settings = _env(home)
+    _runs_flows_here()
+    rcp = _recipe(recipe)  # a bad recipe fails here, before any claim
+    name, version = _teacher_ref(teacher)
+    check_recipe_names(rcp, name)  # the flow checks these too; here they fail as one line, before Prefect starts
+    require_version(MlflowClient(settings.tracking_uri), name, version)
+    if rerun:
+        release_for_rerun(settings, name, version, rcp.student_registered_name, force=force)
 
     result = distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="cli")
     typer.echo(json.dumps(result, indent=2))
@@ -262,6 +297,7 @@ def watch(
     from flows.distill import watch_teachers
 
     settings = _env(home)
+    _runs_flows_here()
     _recipe(recipe)
     while True:
         results = watch_teachers(str(recipe), str(settings.home))
@@ -286,7 +322,8 @@ def serve(
         typer.Option(
             envvar="DISTILL_DEPLOYMENT",
             help="Queue runs on this Prefect deployment (FLOW/DEPLOYMENT, e.g. "
-            "distill-teacher-version/distill-teacher-version) for its workers, instead of running them here.",
+            "distill-teacher-version/distill-teacher-version) for its workers, instead of running them here; "
+            "'auto': on every deployment of the flow tagged teacher:<name> and student:<name> (one per recipe).",
         ),
     ] = None,
 ) -> None:
@@ -297,7 +334,14 @@ def serve(
     import threading
 
     from distill_core.registry import Ledger
-    from flows.distill import distill_teacher_version, submit_to_deployment, watch_teachers
+    from flows.distill import (
+        AUTO,
+        Target,
+        deployment_targets,
+        distill_teacher_version,
+        submit_to_deployment,
+        watch_teachers,
+    )
     from flows.receiver import PATH, BackgroundRuns, Receiver, Starter, serve_http
 
     secret = os.environ.get("DISTILL_WEBHOOK_SECRET")
@@ -308,21 +352,31 @@ def serve(
     # Fail fast when Prefect is down: the receiver answers 503 and MLflow retries within its 30 s timeout,
     # rather than the client retrying past it (Prefect's default, 5 retries with backoff).
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
-    settings, rcp = _env(home), _recipe(recipe)
+    settings = _env(home)
+    _runs_flows_here()
+    rcp = None if deployment == AUTO else _recipe(recipe)
 
     start: Starter
     if deployment:
 
-        def start(name: str, version: str) -> None:
-            run_id = submit_to_deployment(name, version, "webhook", deployment)
-            _echo(f"webhook: {name} v{version} queued on {deployment} as flow run {run_id}")
+        def start(target: Target, version: str) -> None:
+            run_id = submit_to_deployment(target, version, "webhook")
+            _echo(f"webhook: {target.teacher} v{version} queued on {target.deployment} as flow run {run_id}")
+
+        def targets() -> list[Target]:
+            return deployment_targets(deployment, rcp)
 
     else:
+        assert rcp is not None
+        in_process = [Target(rcp.teacher.registered_name, rcp.student_registered_name, "")]
         start = BackgroundRuns(
-            lambda name, version: distill_teacher_version(
-                name, version, str(recipe), str(settings.home), claimant="webhook"
+            lambda target, version: distill_teacher_version(
+                target.teacher, version, str(recipe), str(settings.home), claimant="webhook"
             )
         )
+
+        def targets() -> list[Target]:
+            return in_process
 
     def watch_forever() -> None:
         while True:
@@ -330,24 +384,17 @@ def serve(
                 for result in watch_teachers(str(recipe), str(settings.home), deployment):
                     _echo(f"watcher: {json.dumps(result)}")
             except Exception as err:  # the next pass tries again
-                _echo(f"watcher pass failed: {err}")
+                _echo(f"watcher pass failed: {redact(err)}")
             time.sleep(interval)
 
-    receiver = Receiver(
-        secret,
-        rcp.teacher.registered_name,
-        rcp.student_registered_name,
-        settings.tracking_uri,
-        Ledger(settings.ledger_uri),
-        start,
-    )
+    receiver = Receiver(secret, settings.tracking_uri, Ledger(settings.ledger_uri), targets, start)
     server = serve_http(receiver, host, port)
     if interval > 0:
         threading.Thread(target=watch_forever, name="distill-watcher", daemon=True).start()
     runs = f"queued on {deployment}" if deployment else "run in this process"
     watcher = f"watcher every {interval} s" if interval > 0 else "no watcher here (a scheduled deployment is)"
     _echo(f"receiver on http://{host}:{server.server_address[1]}{PATH}; runs {runs}; {watcher}")
-    server.serve_forever()
+    server.serve_forever()  # until SIGINT or SIGTERM: finishes the requests in flight, then returns
 
 
 @app.command()
@@ -415,19 +462,27 @@ def promote(
     name: str,
     version: str,
     home: HomeOpt = None,
-    reason: Annotated[str, typer.Option(help="Why, for the alias history.")] = "promoted by hand",
+    reason: Annotated[str | None, typer.Option(help="Why, for the alias history (needed with --force).")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote a student that failed its gates; the alias history records it as forced.")
+    ] = False,
 ) -> None:
-    """Move `champion` to a student version by hand; the old champion becomes `previous`. Recorded."""
+    """Move `champion` to a student version by hand; the old champion becomes `previous`. Recorded.
+
+    A student that failed its gates is refused unless --force with a --reason.
+    """
     from mlflow.tracking import MlflowClient
 
     from distill_core.registry import Ledger, reconcile
     from distill_core.registry import promote as promote_version
 
+    if force and not reason:
+        raise typer.BadParameter("say why with --reason: a forced promotion is recorded with it", param_hint="--force")
     settings = _env(home)
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     reconcile(client, ledger, name)
-    promote_version(client, ledger, name, version, _person(), reason)
-    typer.echo(f"{name}: champion is now v{version}")
+    promote_version(client, ledger, name, version, _person(), reason or "promoted by hand", force=force)
+    typer.echo(f"{name}: champion is now v{version}" + (" (forced: it failed its gates)" if force else ""))
 
 
 @app.command()
@@ -464,8 +519,23 @@ def ui(home: HomeOpt = None, port: int = 5000) -> None:
 
 def main() -> None:
     """Entry point: errors the pipeline raises on purpose print as one clear line, without a traceback."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         app()
     except DistillError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {redact(err)}", err=True)
         sys.exit(1)
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        # MLflow unreachable, refused, ...: one line, and never the credentials in MLFLOW_TRACKING_URI
+        typer.echo(f"error: MLflow: {redact(err.message)}", err=True)
+        sys.exit(1)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the process as Ctrl-C does, so atexit handlers run: Prefect's ephemeral server is stopped with
+    it instead of being left behind."""
+    raise KeyboardInterrupt

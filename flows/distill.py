@@ -1,85 +1,115 @@
 """Prefect flows: one teacher version through the pipeline, and the watcher that starts them.
 
 Light on purpose: a worker loads this module before it marks a run as started, so the heavy pipeline
-(flows/pipeline.py: torch, GX, matplotlib) is imported inside the run. A claim makes each teacher version
-run once; the ledger tags on the teacher version say how it went.
+(flows/pipeline.py: torch, GX, matplotlib) is imported inside the run. A claim makes each (teacher version,
+student model) run once; the ledger tags on the teacher version, one group per student model, say how it went.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
-from distill_core.errors import RecipeError
-from distill_core.recipe import load_recipe, recipe_location
+from distill_core.errors import RecipeError, redact
+from distill_core.recipe import Recipe, load_recipe, recipe_location
 from distill_core.settings import Settings, load_settings
 
+FLOW_NAME = "distill-teacher-version"
 # The deployment a Prefect server runs this flow as (infra/prefect.yaml): "<flow name>/<deployment name>".
-DISTILL_DEPLOYMENT = "distill-teacher-version/distill-teacher-version"
+DISTILL_DEPLOYMENT = f"{FLOW_NAME}/distill-teacher-version"
+# `--deployment auto`: every deployment of the flow tagged teacher:<name> and student:<name> (one per recipe).
+AUTO = "auto"
+FINAL = ("succeeded", "rejected")  # outcomes a failed rerun must not overwrite
 
 
-@flow(name="distill-teacher-version", log_prints=True)
+@flow(name=FLOW_NAME, log_prints=True)
 def distill_teacher_version(
     teacher_name: str,
     teacher_version: str,
     recipe_path: str | None = None,
     home: str | None = None,
     claimant: str = "direct",
+    student_name: str | None = None,
 ) -> dict[str, Any]:
     """One teacher version: checks → soft labels → candidates → evaluation → gates → register → promote.
 
     recipe_path and home default to DISTILL_RECIPE and DISTILL_HOME: a deployment's worker sets them.
+    student_name, when given (a deployment's student:<name> tag), must be the recipe's student model.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from distill_core.registry import Ledger, set_ledger
-    from flows.pipeline import experiment, run_pipeline
+    from distill_core.registry import Ledger, ledger_entry, require_version, set_ledger, upgrade_ledger
+    from flows.pipeline import check_teacher_fits, experiment, load_teacher_task, run_pipeline
 
     started = time.perf_counter()
     logger = get_run_logger()
     settings, recipe = load_settings(home), load_recipe(recipe_location(recipe_path))
-    if teacher_name != recipe.teacher.registered_name:  # a worker configured with another team's recipe, say
-        raise RecipeError(
-            f"recipe {recipe.name!r} distills {recipe.teacher.registered_name!r}, not {teacher_name!r}: "
-            "check DISTILL_RECIPE (or --recipe) where this run was started"
-        )
+    check_recipe_names(recipe, teacher_name, student_name)
+    student = recipe.student_registered_name
+    teacher_version = str(teacher_version)
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
+    # Everything that can be checked before the claim is: a refused run leaves nothing behind.
+    version = require_version(client, teacher_name, teacher_version)
+    before = ledger_entry(client, version, student)
+    teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
+    check_teacher_fits(recipe, teacher)
+    upgrade_ledger(client, ledger)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
-    if not ledger.claim(teacher_name, str(teacher_version), who):
-        logger.info(f"{teacher_name} v{teacher_version} is already claimed by another run: nothing to do")
-        return {"teacher_version": str(teacher_version), "status": "skipped"}
+    if not ledger.claim(teacher_name, teacher_version, student, who):
+        logger.info(f"{teacher_name} v{teacher_version} for {student} is already claimed by another run: nothing to do")
+        return {"teacher_version": teacher_version, "student_model": student, "status": "skipped"}
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
         experiment_id = experiment(client, recipe, settings)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=f"{teacher_name}-v{teacher_version}")
     except Exception:  # MLflow unreachable: nothing is recorded, so give the claim back for the next attempt
-        ledger.release(teacher_name, str(teacher_version))
+        ledger.release(teacher_name, teacher_version, student)
         raise
-    with active as run:
+    rerun_of_outcome = before.get("status") in FINAL
+    with (
+        active as run,
+        ledger.heartbeat(teacher_name, teacher_version, student),
+        _finishing(ledger, teacher_name, teacher_version, student),
+    ):
+        if not rerun_of_outcome:  # a rerun shows as running through its claim; the outcome stays until replaced
+            set_ledger(
+                client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
+            )
         try:
-            set_ledger(client, teacher_name, str(teacher_version), "running", run_id=run.info.run_id, claimed_by=who)
-            decision = run_pipeline(recipe, settings, teacher_name, str(teacher_version), run.info.run_id)
+            decision = run_pipeline(recipe, settings, teacher, run.info.run_id)
         except Exception as err:
-            set_ledger(client, teacher_name, str(teacher_version), "failed", error=f"{type(err).__name__}: {err}")
-            mlflow.set_tag("distill.error", str(err)[:4900])
+            message = redact(f"{type(err).__name__}: {err}")
+            mlflow.set_tag("distill.error", message[:4900])
+            if rerun_of_outcome:  # keep the earlier outcome; say that the rerun failed and where
+                fields = {"rerun_error": f"{message} (MLflow run {run.info.run_id})"}
+                set_ledger(client, teacher_name, teacher_version, student, before["status"], **fields)
+            else:
+                set_ledger(client, teacher_name, teacher_version, student, "failed", error=message)
             raise
         set_ledger(
             client,
             teacher_name,
-            str(teacher_version),
+            teacher_version,
+            student,
             decision.status,
+            run_id=run.info.run_id,
             student_version=decision.student_version,
-            alias=decision.alias or "none",
+            student_alias=decision.alias or "none",
             reasons="; ".join(decision.chosen.reasons) or "all gates passed",
+            **{field: "" for field in ("error", "rerun_error") if before.get(field)},  # an earlier failure is over
         )
     return {
-        "teacher_version": str(teacher_version),
+        "teacher_version": teacher_version,
+        "student_model": student,
         "status": decision.status,
         "student_version": decision.student_version,
         "alias": decision.alias,
@@ -88,35 +118,105 @@ def distill_teacher_version(
     }
 
 
-def release_for_rerun(settings: Settings, teacher_name: str, teacher_version: str, force: bool = False) -> None:
-    """Let a handled teacher version run again on purpose; its labels, students and registration are reused."""
+@contextlib.contextmanager
+def _finishing(ledger: Any, teacher: str, version: str, student: str) -> Iterator[None]:
+    """However the run ends (but killed), its claim says it ended."""
+    try:
+        yield
+    finally:
+        ledger.finish(teacher, version, student)
+
+
+def check_recipe_names(recipe: Recipe, teacher_name: str, student_name: str | None = None) -> None:
+    """Refuse a run whose recipe distills another teacher (or, given one, into another student model)."""
+    if teacher_name != recipe.teacher.registered_name:  # a worker configured with another team's recipe, say
+        raise RecipeError(
+            f"recipe {recipe.name!r} distills {recipe.teacher.registered_name!r}, not {teacher_name!r}: "
+            "check DISTILL_RECIPE (or --recipe) where this run was started"
+        )
+    if student_name is not None and student_name != recipe.student_registered_name:
+        raise RecipeError(
+            f"this run was asked for student model {student_name!r} (the deployment's student: tag), but recipe "
+            f"{recipe.name!r} distills into {recipe.student_registered_name!r}: make the tag and DISTILL_RECIPE agree"
+        )
+
+
+def release_for_rerun(
+    settings: Settings, teacher_name: str, teacher_version: str, student: str, force: bool = False
+) -> None:
+    """Let a handled teacher version run again on purpose; its labels, students and registration are reused.
+
+    A claim whose run still beats its heart is never taken; a stale one (its process was killed) only with
+    force, and then the dead run's MLflow run is marked KILLED.
+    """
     from mlflow.tracking import MlflowClient
 
-    from distill_core.registry import Ledger, RegistryError
+    from distill_core.registry import Ledger, RegistryError, ledger_entry, require_version
 
-    client = MlflowClient(settings.tracking_uri)
-    status = client.get_model_version(teacher_name, teacher_version).tags.get("distill.status")
-    if status == "running" and not force:
-        raise RegistryError(
-            f"{teacher_name} v{teacher_version} is marked running: wait for that run, or if it was killed, add --force"
-        )
-    Ledger(settings.ledger_uri).release(teacher_name, teacher_version)
+    client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
+    version = require_version(client, teacher_name, teacher_version)
+    claim = ledger.claim_of(teacher_name, teacher_version, student)
+    what = f"{teacher_name} v{teacher_version} for {student}"
+    dead = claim is not None and not claim.finished
+    if dead and not claim.stale():
+        raise RegistryError(f"{what} is {claim.describe()}: its run is alive, wait for it")
+    if dead and not force:
+        raise RegistryError(f"{what} is {claim.describe()}: add --force to take the claim over")
+    entry = ledger_entry(client, version, student)
+    if dead and entry.get("run_id"):
+        run = client.get_run(entry["run_id"])
+        if run.info.status == "RUNNING":  # its process died with the run open
+            client.set_terminated(entry["run_id"], status="KILLED")
+    ledger.release(teacher_name, teacher_version, student)
 
 
-def submit_to_deployment(
-    teacher_name: str, teacher_version: str, trigger: str, deployment: str = DISTILL_DEPLOYMENT
-) -> str:
+@dataclass(frozen=True)
+class Target:
+    """A deployment that distills one teacher into one student model (one recipe)."""
+
+    teacher: str
+    student: str
+    deployment: str  # <flow name>/<deployment name>
+
+
+def deployment_targets(deployment: str, recipe: Recipe | None = None) -> list[Target]:
+    """The deployments to queue runs on: the one named (for the recipe's teacher and student), or with AUTO every
+    deployment of the flow tagged `teacher:<name>` and `student:<name>` on the Prefect server."""
+    if deployment != AUTO:
+        if recipe is None:
+            raise RecipeError(f"deployment {deployment!r} needs a recipe that says its teacher and student")
+        return [Target(recipe.teacher.registered_name, recipe.student_registered_name, deployment)]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])))
+    targets = []
+    for dep in found:
+        tags = dict(tag.split(":", 1) for tag in dep.tags if ":" in tag)
+        if tags.get("teacher") and tags.get("student"):
+            targets.append(Target(tags["teacher"], tags["student"], f"{FLOW_NAME}/{dep.name}"))
+    return sorted(targets, key=lambda t: t.deployment)
+
+
+def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> str:
     """Queue the version's run on a Prefect server's deployment (a worker runs it); returns the flow run id.
 
-    The webhook and the watcher submit under one idempotency key per teacher version, and the server keeps one
-    flow run per key and flow: whoever comes second gets the first one's run back. Callers only ask for versions
-    the ledger has not recorded, so a finished run under the key is one that died before it claimed the version.
+    The webhook and the watcher submit under one idempotency key per (teacher version, student model), and the
+    server keeps one flow run per key and flow: whoever comes second gets the first one's run back. Callers only
+    ask for versions the ledger has not recorded, so a finished run under the key is one that died before it
+    claimed the version.
     """
-    key = f"{teacher_name}/{teacher_version}"
+    key = f"{target.teacher}/{teacher_version}/{target.student}"
     while True:
         run = run_deployment(
-            name=deployment,
-            parameters={"teacher_name": teacher_name, "teacher_version": str(teacher_version), "claimant": trigger},
+            name=target.deployment,
+            parameters={
+                "teacher_name": target.teacher,
+                "teacher_version": str(teacher_version),
+                "claimant": trigger,
+                "student_name": target.student,
+            },
             timeout=0,  # queue it and return: the worker runs it
             idempotency_key=key,
             tags=[f"trigger:{trigger}"],
@@ -126,7 +226,7 @@ def submit_to_deployment(
             return str(run.id)
         # The key's run is over, yet the version is still asked for: it ended before claiming the version
         # (cancelled, crashed, a worker restart). Queue a fresh attempt under a key that follows that run.
-        key = f"{teacher_name}/{teacher_version}/after-{run.id}"
+        key = f"{target.teacher}/{teacher_version}/{target.student}/after-{run.id}"
 
 
 @flow(name="watch-teachers", log_prints=True)
@@ -135,28 +235,39 @@ def watch_teachers(
 ) -> list[dict[str, Any]]:
     """Start a run for every teacher version the ledger has not handled, oldest first.
 
-    Without a deployment the runs happen here, one after the other; with one (`<flow>/<deployment>`, the
-    production set-up) each version is queued on that deployment for the workers, and this returns at once.
+    Without a deployment the runs happen here, one after the other, for the recipe; with one (`<flow>/<deployment>`,
+    the production set-up) each version is queued on it for the workers, and with `auto` on every deployment tagged
+    teacher:/student: (one per recipe); this returns at once.
     """
     from mlflow.tracking import MlflowClient
 
     from distill_core.registry import Ledger, unhandled_versions
 
-    recipe_path = str(recipe_location(recipe_path))
-    settings, recipe = load_settings(home), load_recipe(recipe_path)
+    settings = load_settings(home)
+    recipe = None if deployment == AUTO else load_recipe(recipe_location(recipe_path))
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
-    pending = unhandled_versions(client, ledger, recipe.teacher.registered_name)
-    get_run_logger().info(f"{len(pending)} unhandled version(s) of {recipe.teacher.registered_name}: {pending}")
+    logger = get_run_logger()
     results: list[dict[str, Any]] = []
+    if deployment:
+        for target in deployment_targets(deployment, recipe):
+            pending = unhandled_versions(client, ledger, target.teacher, target.student)
+            logger.info(f"{len(pending)} unhandled version(s) of {target.teacher} for {target.student}: {pending}")
+            for version in pending:
+                run_id = submit_to_deployment(target, version, "watcher")
+                results.append(
+                    {"teacher_version": version, "student_model": target.student, "status": "submitted",
+                     "flow_run_id": run_id}
+                )  # fmt: skip
+        return results
+    assert recipe is not None
+    teacher = recipe.teacher.registered_name
+    pending = unhandled_versions(client, ledger, teacher, recipe.student_registered_name)
+    logger.info(f"{len(pending)} unhandled version(s) of {teacher}: {pending}")
     for version in pending:
-        if deployment:
-            run_id = submit_to_deployment(recipe.teacher.registered_name, version, "watcher", deployment)
-            results.append({"teacher_version": version, "status": "submitted", "flow_run_id": run_id})
-            continue
         try:
             results.append(
-                distill_teacher_version(recipe.teacher.registered_name, version, recipe_path, home, claimant="watcher")
+                distill_teacher_version(teacher, version, str(recipe_location(recipe_path)), home, claimant="watcher")
             )
         except Exception as err:  # the ledger says failed; the watcher goes on with the next version
-            results.append({"teacher_version": version, "status": "failed", "error": str(err)})
+            results.append({"teacher_version": version, "status": "failed", "error": redact(err)})
     return results

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,14 @@ from prefect.tasks import exponential_backoff
 from distill_core import checks, plots, steps
 from distill_core.data import PreparedDataset
 from distill_core.errors import DistillError, SoftLabelError
-from distill_core.evaluate import comparison_table, predict
+from distill_core.evaluate import Report, comparison_table, predict
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe
 from distill_core.registry import Ledger
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
 from distill_core.store import check_locations, open_store
+from distill_core.students import check_fits
 from distill_core.teachers import LoadedTeacher, load_teacher
 
 
@@ -53,6 +54,27 @@ IO_RETRIES: dict[str, Any] = {**RETRIES, "cache_policy": NO_CACHE}
 @task(**IO_RETRIES)
 def load_teacher_task(name: str, version: str, tracking_uri: str) -> LoadedTeacher:
     return load_teacher(name, version, tracking_uri)
+
+
+def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
+    """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed."""
+    for student in recipe.students:
+        check_fits(student, teacher.module)
+
+
+@contextmanager
+def _data_docs(docs_dir: Path) -> Iterator[None]:
+    """Log the data docs to the run whatever happens; a failed check then points at them there, not at docs_dir
+    (a temporary folder that is gone once the run ends)."""
+    try:
+        yield
+    except checks.ChecksFailed as err:
+        mlflow.log_artifacts(str(docs_dir), "data_docs")
+        logged = None
+        if err.docs_index is not None:
+            logged = f"{mlflow.get_artifact_uri('data_docs')}/{Path(err.docs_index).relative_to(docs_dir).as_posix()}"
+        raise checks.ChecksFailed(err.suite, err.failures, logged) from None
+    mlflow.log_artifacts(str(docs_dir), "data_docs")
 
 
 @task(cache_policy=NO_CACHE)
@@ -101,9 +123,11 @@ def register_task(
     lineage: dict[str, str],
     input_texts: list[str],
     settings: Settings,
+    champion_now: Callable[[], tuple[str | None, Report | None]],
 ) -> Decision:
+    ledger = Ledger(settings.ledger_uri)
     return register_and_promote(
-        decision, outcome, recipe, lineage, input_texts, settings.tracking_uri, Ledger(settings.ledger_uri)
+        decision, outcome, recipe, lineage, input_texts, settings.tracking_uri, ledger, champion_now
     )
 
 
@@ -180,9 +204,10 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, run_id: str) -> Decision:
+def run_pipeline(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run_id: str) -> Decision:
     check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
     docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
+    teacher_name, teacher_version = teacher.name, teacher.version
     mlflow.log_params(
         {
             "recipe": recipe.name,
@@ -192,14 +217,11 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_
             "policy": recipe.promotion.policy,
         }
     )
-    try:
+    with _data_docs(docs_dir):
         dataset = check_dataset_task(recipe, settings, docs_dir)
-    finally:
-        mlflow.log_artifacts(str(docs_dir), "data_docs")
     data_lineage = dataset.lineage()
     mlflow.log_params(data_lineage)
     mlflow.log_dict(recipe.model_dump(mode="json"), "recipe.yaml")
-    teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
     timings: dict[str, float] = {}
     with _timed(timings, "soft_labels"):
         key = soft_labels_task(recipe, settings, dataset, teacher)
@@ -209,22 +231,25 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_
             key = soft_labels_task.with_options(refresh_cache=True)(recipe, settings, dataset, teacher)
             labels = load_soft_labels(open_store(settings.store_uri), key)
     mlflow.log_param("soft_labels_key", key)
-    try:
+    with _data_docs(docs_dir):
         check_soft_labels_task(labels, dataset, recipe, docs_dir)
-    finally:
-        mlflow.log_artifacts(str(docs_dir), "data_docs")
     with _timed(timings, "distill"):
         outcomes = distill_candidates_task(recipe, dataset, labels, teacher, steps.run_dir(recipe, settings, teacher))
     test = dataset.split("test")
     texts, y = test["text"].tolist(), test["label"].to_numpy()
     with _timed(timings, "evaluate"):
         reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes)
-        champion_version, champion_report = evaluate_champion(
-            recipe, texts, y, labels.logits["test"], reports[0], settings.tracking_uri
-        )
+
+        def champion_now() -> tuple[str | None, Report | None]:
+            return evaluate_champion(
+                recipe, texts, y, labels.logits["test"], teacher, reports[0], settings.tracking_uri
+            )
+
+        champion_version, champion_report = champion_now()
     if champion_report is not None:
         reports.append(champion_report)
-    checks.raise_on_failure(checks.check_evaluation([r.as_dict() for r in reports], docs_dir))
+    with _data_docs(docs_dir):
+        checks.raise_on_failure(checks.check_evaluation([r.as_dict() for r in reports], docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
         _log_candidate(outcome, verdict.reasons, labels.logits["test"], y, texts)
@@ -245,7 +270,7 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher_name: str, teacher_
         "run_id": run_id,
     }
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
-    decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings)
+    decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings, champion_now)
     mlflow.log_artifacts(str(docs_dir), "data_docs")
     docs_uri = f"{mlflow.get_artifact_uri('data_docs')}/index.html"
     decision.timings = timings

@@ -54,6 +54,25 @@ def _admin(*statements: str) -> None:
             conn.execute(statement)
 
 
+def deployments_for(recipe: Path, out: Path) -> Path:
+    """infra/prefect.yaml as an operator adapts it to their recipe: the distillation deployment's teacher:/student:
+    tags and its DISTILL_RECIPE say the recipe's (the README's "a second recipe: copy this block")."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    names = yaml.safe_load(recipe.read_text())
+    for deployment in spec["deployments"]:
+        if deployment["entrypoint"].endswith(":distill_teacher_version"):
+            deployment["tags"] = [
+                "distill",
+                f"teacher:{names['teacher']['registered_name']}",
+                f"student:{names['student_registered_name']}",
+            ]
+            deployment["work_pool"]["job_variables"]["env"]["DISTILL_RECIPE"] = str(recipe)
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,6 +130,7 @@ class Stack:
         self.prefix = f"distill_it_{uuid.uuid4().hex[:8]}"
         self.databases = [f"{self.prefix}_{name}" for name in ("mlflow", "prefect", "distill")]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.ports = {name: str(free_port()) for name in ("s3", "mlflow", "prefect", "receiver")}
         self.s3_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
@@ -150,12 +170,22 @@ class Stack:
     # --- processes -------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(self.root / f"{name}.log", "wb") as log:
+        self.commands[name] = (argv, env)
+        with open(self.root / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
             )
         self.procs[name] = proc
         return proc
+
+    def restart(self, name: str, health_url: str, down_s: float = 3.0) -> None:
+        """Stop one process (SIGTERM to its group), leave it down a moment, start it again as it was started."""
+        proc = self.procs[name]
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        time.sleep(down_s)
+        self._spawn(name, *self.commands[name])
+        self._wait_healthy(name, health_url, 120)
 
     def log(self, name: str, tail: int = 4000) -> str:
         path = self.root / f"{name}.log"
@@ -250,13 +280,14 @@ class Stack:
         # The operator's steps from the README, as written.
         env = self.distill_env
         self._cli(prefect, "work-pool", "create", "distill", "--type", "process", env=env)
-        self._cli(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml", env=env)
+        prefect_file = deployments_for(self.recipe, self.root / "prefect.yaml")
+        self._cli(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
         self._cli(prefect, "deployment", "schedule", "create", WATCH_DEPLOYMENT, "--interval", str(self.watch_interval),
                   "--replace", "-y", env=env)  # fmt: skip
         worker_env = {**self.distill_env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
         self._spawn("worker", [prefect, "worker", "start", "--pool", "distill", "--limit", "2"], worker_env)
         receiver_argv = [str(BIN / "distill"), "serve", "--port", self.ports["receiver"], "--interval", "0",
-                         "--deployment", DISTILL_DEPLOYMENT]  # fmt: skip
+                         "--deployment", "auto"]  # fmt: skip
         self._spawn("receiver", receiver_argv, self.distill_env)
         self._wait_healthy("receiver", f"http://127.0.0.1:{self.ports['receiver']}/healthz", 60)
         wait_for(lambda: "started" in self.log("worker").lower(), 60, "the worker to start polling")

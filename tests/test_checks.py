@@ -163,3 +163,9 @@ def test_duplicate_names_and_missing_values_fail(tmp_path):
 
     assert _failures_about(result, "expect_column_values_to_be_unique(name)", "2 of 2 rows")
     assert _failures_about(result, "expect_column_values_to_not_be_null(ece)", "rows [1]")
+
+
+def test_a_student_better_than_its_teacher_passes_the_evaluation_checks(tmp_path):
+    """Born-again students beat their teachers; a weak teacher is beaten easily. It used to stop the run at 1.5."""
+    result = check_evaluation([_report("teacher", retention=1.0), _report("student", retention=1.62)], tmp_path)
+    assert result.success, result.failures

@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from stack import NO_PROXY, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = ("demo", "run", "watch", "serve", "status", "promote", "rollback", "ui", "stage")
@@ -128,3 +131,131 @@ def test_stage_distill_prints_the_comparison_table(tiny_recipe, tmp_path):
 def test_rollback_without_previous_is_one_clear_line(tmp_path):
     out = distill("rollback", "no-such-student", home=tmp_path)
     assert out.returncode == 1 and "error: model 'no-such-student' has no 'previous' version" in out.stderr
+
+
+def _toy_registry(home: Path, teacher: str = "sentiment-teacher", versions: int = 1) -> str:
+    """Register toy teachers into the embedded default registry under home (as `distill` would find it)."""
+    from mlflow.tracking import MlflowClient
+    from toy_models import BagTeacher, WordHashTokenizer
+
+    from distill_core.teachers import WrappedTeacher, log_teacher
+
+    home.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    module = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=("fresh", "rotten"))
+    for _ in range(versions):
+        log_teacher(module, teacher, uri, artifact_location=(home / "mlartifacts").as_uri())
+    MlflowClient(uri)  # the store exists
+    return uri
+
+
+def test_a_run_for_a_version_that_does_not_exist_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """It used to fail with two chained tracebacks and leave a claim and a FAILED run that blocked v2 forever."""
+    import sqlalchemy as sa
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "home"
+    out = distill("run", "--teacher", "sentiment-teacher/1", home=home)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "error: no registered model 'sentiment-teacher' in the MLflow registry" in out.stderr
+    uri = _toy_registry(home)
+    out = distill("run", "--teacher", "sentiment-teacher/2", home=home)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: teacher 'sentiment-teacher' has no version 2 (it has v1)"
+    client = MlflowClient(uri)
+    assert (
+        client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.mlflow.runName LIKE '%v2'")
+        == []
+    )
+    engine = sa.create_engine(f"sqlite:///{home / 'ledger.db'}")
+    if sa.inspect(engine).has_table("distill_claims_v2"):
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM distill_claims_v2")).scalar() == 0
+
+
+def test_credentials_in_the_tracking_uri_are_never_printed(tmp_path):
+    env_uri = f"http://ana:hunter2@127.0.0.1:{free_port()}"
+    out = subprocess.run(
+        [sys.executable, "-c", "from flows.cli import main; main()", "status", "--home", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": env_uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    )  # fmt: skip
+    assert out.returncode == 1 and "hunter2" not in out.stdout + out.stderr
+    assert "ana:***@127.0.0.1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_promoting_a_student_that_failed_its_gates_needs_force_and_a_reason(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from distill_core.registry import Ledger
+
+    home = tmp_path / "home"
+    uri = _toy_registry(home, teacher="my-student", versions=2)
+    MlflowClient(uri).set_model_version_tag("my-student", "2", "distill.gate", "failed")
+    MlflowClient(uri).set_model_version_tag("my-student", "2", "distill.gate_reasons", "retention 0.6 < 0.9")
+    refused = distill("promote", "my-student", "2", home=home)
+    assert refused.returncode == 1 and "v2 failed its gates (retention 0.6 < 0.9)" in refused.stderr
+    assert distill("promote", "my-student", "2", "--force", home=home).returncode == 2  # no --reason
+    forced = distill("promote", "my-student", "2", "--force", "--reason", "gate too strict here", home=home)
+    assert forced.returncode == 0 and "forced" in forced.stdout
+    move = Ledger(f"sqlite:///{home / 'ledger.db'}").alias_history("my-student", "champion")[-1]
+    assert move["version"] == "2" and move["reason"].startswith("FORCED") and "gate too strict here" in move["reason"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_within_seconds_and_leaves_no_process_behind(tmp_path, signum):
+    """Its watcher starts Prefect's ephemeral server (a child process): SIGINT and SIGTERM must stop both."""
+    port = free_port()
+    env = {**os.environ, "DISTILL_WEBHOOK_SECRET": "s", "DISTILL_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import main; main()", "serve", "--port", str(port), "--interval", "1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _children(proc.pid), 120, "the watcher to start Prefect's server")
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), 30, "the receiver to answer")
+        proc.send_signal(signum)
+        started = time.monotonic()
+        proc.wait(timeout=30)
+        assert time.monotonic() - started < 15
+        wait_for(lambda: not _group_alive(proc.pid), 15, "every process of the group to end")
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    import psutil  # zombies still count for killpg: only living members matter
+
+    return any(p.status() != psutil.STATUS_ZOMBIE for p in psutil.process_iter() if _pgid(p) == pgid)
+
+
+def _pgid(process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _answers(url: str) -> bool:
+    try:
+        NO_PROXY.open(url, timeout=2).close()
+        return True
+    except OSError:
+        return False

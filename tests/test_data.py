@@ -1,9 +1,12 @@
 """Data: real Rotten Tomatoes text, deterministic splits, a digest that notices changes, bad rows named."""
 
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from distill_core.data import UNLABELED, load_prepared, prepare_dataset, validate_labeled
+from distill_core.data import UNLABELED, load_prepared, load_source, prepare_dataset, validate_labeled
 from distill_core.errors import DatasetError
 from distill_core.recipe import DataConfig
 
@@ -85,3 +88,41 @@ def test_file_source_without_label_column(tmp_path):
     pd.DataFrame({"text": ["a fine film"], "sentiment": ["pos"]}).to_csv(source, index=False)
     with pytest.raises(DatasetError, match=r"lacks column\(s\) \['label'\]"):
         prepare_dataset(DataConfig(source=str(source)), tmp_path / "out")
+
+
+def _csv(path: Path, rows: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    words = ["warm", "funny", "moving", "dull", "tedious", "long", "bright", "sharp", "flat", "clever"]
+    text = [" ".join(rng.choice(words, 5)) + f" {seed}-{i}" for i in range(rows)]
+    pd.DataFrame({"text": text, "label": rng.choice(["pos", "neg"], rows)}).to_csv(path, index=False)
+    return path
+
+
+def test_a_changed_source_under_the_same_recipe_name_is_prepared_again(tmp_path):
+    """Prepared data used to be keyed by the recipe's name alone: pointing data.source at another file reused the
+    old splits silently, and the student was registered with the old dataset digest."""
+    from distill_core import steps
+    from distill_core.recipe import parse_recipe
+    from distill_core.settings import load_settings
+
+    settings = load_settings(tmp_path / "home")
+    first_file, second_file = _csv(tmp_path / "a.csv", 120, 1), _csv(tmp_path / "b.csv", 120, 2)
+    recipe = {"name": "same-name", "students": [{"name": "s", "family": "embedding_bag"}]}
+    first = steps.open_dataset(parse_recipe({**recipe, "data": {"source": str(first_file)}}), settings)
+    second = steps.open_dataset(parse_recipe({**recipe, "data": {"source": str(second_file)}}), settings)
+    assert second.digest != first.digest and second.root != first.root
+    assert set(second.split("train")["text"]) <= set(pd.read_csv(second_file)["text"])
+    _csv(first_file, 120, 3)  # the same path, new content
+    third = steps.open_dataset(parse_recipe({**recipe, "data": {"source": str(first_file)}}), settings)
+    assert third.digest not in (first.digest, second.digest)
+    fewer = steps.open_dataset(parse_recipe({**recipe, "data": {"source": str(first_file), "seed": 7}}), settings)
+    assert fewer.digest != third.digest
+    again = steps.open_dataset(parse_recipe({**recipe, "data": {"source": str(first_file)}}), settings)
+    assert (again.root, again.digest) == (third.root, third.digest)  # unchanged: reused
+
+
+def test_a_csv_that_is_not_utf8_is_named_with_the_byte_and_the_fix(tmp_path):
+    source = tmp_path / "latin1.csv"
+    source.write_bytes("text,label\ncaf\xe9 au lait,pos\nbad,neg\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.csv is not UTF-8: byte 0xe9 at offset 14 .*iconv -f latin1"):
+        load_source(str(source))

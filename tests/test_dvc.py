@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from distill_core.errors import DatasetError
 from distill_core.recipe import load_recipe
-from distill_core.registry import CHAMPION, aliases, ledger_of
+from distill_core.registry import CHAMPION, aliases, ledger_entry
 from distill_core.settings import load_settings
 from distill_core.steps import open_dataset
 from flows.distill import distill_teacher_version, release_for_rerun
@@ -232,11 +232,14 @@ def test_a_dataset_changed_behind_dvcs_back_stops_with_the_file_named(repo: Path
         assert "dvc checkout data/prepared" in out.stderr
 
         home = repo / ".distill"
-        release_for_rerun(load_settings(home), "sentiment-teacher", "1")  # handled by the test above: run it again
+        # handled by the test above: run it again
+        release_for_rerun(load_settings(home), "sentiment-teacher", "1", "sentiment-student")
         with pytest.raises(DatasetError, match="changed behind DVC's back"):
             distill_teacher_version("sentiment-teacher", "1", str(repo / "params.yaml"), str(home))
-        ledger = ledger_of(MlflowClient(load_settings(home).tracking_uri).get_model_version("sentiment-teacher", "1"))
-        assert ledger["status"] == "failed" and "modified data/prepared/test.parquet" in ledger["error"]
+        client = MlflowClient(load_settings(home).tracking_uri)
+        ledger = ledger_entry(client, client.get_model_version("sentiment-teacher", "1"), "sentiment-student")
+        # a failed rerun keeps the version's earlier outcome, and says why it failed
+        assert ledger["status"] == "succeeded" and "modified data/prepared/test.parquet" in ledger["rerun_error"]
     finally:
         dvc(repo, "checkout", "--force", "data/prepared")
     assert "up to date" in dvc(repo, "status").stdout

@@ -1,7 +1,11 @@
-"""Evaluation metrics against values worked out by hand."""
+"""Evaluation metrics against values worked out by hand; latency measured side by side."""
+
+import os
+import time
 
 import numpy as np
 import pytest
+import torch
 from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core.evaluate import (
@@ -13,8 +17,11 @@ from distill_core.evaluate import (
     expected_calibration_error,
     macro_f1,
     mean_kl,
+    measure_latency,
     relative_to,
 )
+from distill_core.gates import judge
+from distill_core.recipe import GateConfig
 from distill_core.teachers import WrappedTeacher
 
 LABELS = np.array([0, 0, 1, 1])
@@ -54,3 +61,38 @@ def test_report_measures_speed_and_size_and_relates_to_teacher():
     assert related.retention == pytest.approx(report.accuracy / 0.8)
     table = comparison_table([teacher, related])
     assert table.splitlines()[0].startswith("| model | acc |") and "| bag |" in table
+
+
+class _Slow(WrappedTeacher):
+    """The same model, slower by a fixed sleep per call: what a bigger teacher is to its student."""
+
+    def forward(self, **batch):
+        time.sleep(0.002)
+        return super().forward(**batch)
+
+
+def test_latency_is_measured_side_by_side_with_the_conditions_it_was_measured_in(monkeypatch):
+    fast = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=("neg", "pos"))
+    slow = _Slow(BagTeacher(), WordHashTokenizer(), labels=("neg", "pos"))
+    order: list[str] = []
+    for name, model in (("fast", fast), ("slow", slow)):
+        model.register_forward_pre_hook(lambda *_, name=name: order.append(name))
+    speeds = measure_latency({"fast": fast, "slow": slow}, ["a fine film", "dull"], samples=20, batch=4)
+    assert speeds["slow"].p50_ms > speeds["fast"].p50_ms + 1.5
+    assert {s.threads for s in speeds.values()} == {torch.get_num_threads()}
+    assert not speeds["fast"].under_load or speeds["fast"].load_average > os.cpu_count()
+    timed = order[10 : 10 + 40]  # after the warm-up: the two alternate, in turns
+    assert timed.count("fast") == timed.count("slow") == 20 and timed[:4] == ["fast", "slow", "slow", "fast"]
+
+
+def test_a_measurement_under_load_is_repeated_then_marked(monkeypatch):
+    loads = iter([(64.0, 0, 0), (64.0, 0, 0)])
+    calls: list[int] = []
+    monkeypatch.setattr(os, "getloadavg", lambda: (calls.append(1), next(loads))[1])
+    model = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=("neg", "pos"))
+    (speed,) = measure_latency({"m": model}, ["a fine film"], samples=5, batch=2).values()
+    assert len(calls) == 2 and speed.under_load and speed.load_average == 64.0
+    gates = GateConfig(max_p95_ms=1e-9, min_retention=None, max_param_ratio=None)
+    report = Report("m", 0.8, 0.8, 1, 0, 0, 1.0, 2.0, 10, 10, 40, under_load=True, load_average=64.0)
+    (reason,) = judge("m", report, report, gates, None).reasons
+    assert reason.startswith("p95 latency ms (measured under load: load average 64.0 on")

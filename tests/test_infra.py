@@ -12,7 +12,7 @@ import pytest
 import yaml
 from stack import Stack
 
-from flows.distill import distill_teacher_version, watch_teachers
+from flows.distill import AUTO, distill_teacher_version, watch_teachers
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
@@ -56,7 +56,7 @@ def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3() -> None:
         "postgresql+asyncpg://"
     )
     receiver = services["receiver"]
-    assert "--deployment distill-teacher-version/distill-teacher-version" in receiver["command"]
+    assert "--deployment auto" in receiver["command"]
 
 
 def test_compose_and_the_tested_topology_configure_the_pipeline_alike(tmp_path: Path) -> None:
@@ -80,6 +80,18 @@ def test_prefect_yaml_deploys_the_pipelines_flows_with_limits() -> None:
         assert (INFRA.parent / path).is_file() and flow.fn.__name__ == function
         assert flow.name == name and deployments[name]["concurrency_limit"]["limit"] == 1
     assert deployments["watch-teachers"]["schedules"][0]["interval"] > 0
-    assert (
-        deployments["watch-teachers"]["parameters"]["deployment"] == "distill-teacher-version/distill-teacher-version"
-    )
+    assert deployments["watch-teachers"]["parameters"]["deployment"] == AUTO
+
+
+def test_every_distillation_deployment_names_the_teacher_and_student_of_its_own_recipe() -> None:
+    """The receiver and the watcher find the deployments by their teacher:/student: tags; each must say what its
+    DISTILL_RECIPE distills, or the runs it gets are refused."""
+    from distill_core.recipe import load_recipe
+
+    spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
+    distilling = [d for d in spec["deployments"] if d["entrypoint"].endswith(":distill_teacher_version")]
+    assert distilling
+    for deployment in distilling:
+        recipe = load_recipe(INFRA.parent / deployment["work_pool"]["job_variables"]["env"]["DISTILL_RECIPE"])
+        tags = dict(tag.split(":", 1) for tag in deployment["tags"] if ":" in tag)
+        assert tags == {"teacher": recipe.teacher.registered_name, "student": recipe.student_registered_name}

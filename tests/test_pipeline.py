@@ -18,13 +18,15 @@ from mlflow.tracking import MlflowClient
 from toy_models import register_toy_teacher
 
 from distill_core.errors import StoreError
-from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, promote, rollback
-from distill_core.teachers import log_teacher
+from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, ledger_entry, promote, rollback
+from distill_core.teachers import WrappedTeacher, log_teacher
 from flows.distill import distill_teacher_version, watch_teachers
 
+# lr 0.1: on 210 training reviews a bag at 0.02 keeps its first evaluation's state, a constant prediction, which
+# the gates now reject as "did not learn"
 BAG_STUDENTS = [
-    {"name": "bag-small", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02},
-    {"name": "bag-large", "family": "embedding_bag", "buckets": 8192, "dim": 16, "lr": 0.02},
+    {"name": "bag-small", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.1},
+    {"name": "bag-large", "family": "embedding_bag", "buckets": 8192, "dim": 16, "lr": 0.1},
 ]
 
 
@@ -54,9 +56,9 @@ def env(tmp_path, tracking_uri, monkeypatch):
     }
 
 
-def write_recipe(env, students=BAG_STUDENTS, **overrides) -> str:
+def write_recipe(env, students=BAG_STUDENTS, name: str = "t", **overrides) -> str:
     recipe = {
-        "name": "t",
+        "name": name,
         "student_registered_name": env["student"],
         "data": {"max_rows": 300, "augment_copies": 1},
         "teacher": {"registered_name": env["teacher"]},
@@ -76,8 +78,10 @@ def versions(env, name: str) -> list:
     return MlflowClient(env["tracking_uri"]).search_model_versions(f"name='{name}'")
 
 
-def teacher_tags(env, version: str) -> dict[str, str]:
-    return MlflowClient(env["tracking_uri"]).get_model_version(env["teacher"], version).tags
+def ledger_of(env, version: str, student: str | None = None) -> dict[str, str]:
+    """The ledger of the recipe's student model (or another) on a teacher version: status, error, ..."""
+    client = MlflowClient(env["tracking_uri"])
+    return ledger_entry(client, client.get_model_version(env["teacher"], version), student or env["student"])
 
 
 def test_a_run_for_a_teacher_the_recipe_does_not_name_is_refused_before_its_claim(env) -> None:
@@ -86,7 +90,7 @@ def test_a_run_for_a_teacher_the_recipe_does_not_name_is_refused_before_its_clai
     recipe = write_recipe(env)
     with pytest.raises(RecipeError, match=f"distills '{env['teacher']}', not 'someone-elses-teacher'"):
         distill_teacher_version("someone-elses-teacher", "1", recipe, env["home"])
-    assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed("someone-elses-teacher") == {}
+    assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed("someone-elses-teacher", env["student"]) == {}
 
 
 def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_dataset):
@@ -117,8 +121,8 @@ def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_d
     for key in ("soft_labels_key", "recipe_hash", "run_id", "accuracy", "agreement", "params"):
         assert tags[f"distill.{key}"], key
     assert tags["distill.gate"] == "passed" and student.description.startswith("Student 'bag-small' distilled")
-    ledger = teacher_tags(env, version)
-    assert ledger["distill.status"] == "succeeded" and ledger["distill.student_version"] == str(student.version)
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "succeeded" and ledger["student_version"] == str(student.version)
 
     served = mlflow.pyfunc.load_model(f"models:/{env['student']}@champion")
     prediction = served.predict(pd.DataFrame({"text": ["a warm, funny and moving film", "a tedious mess"]}))
@@ -141,8 +145,8 @@ def test_student_failing_a_gate_is_registered_without_alias(env, small_dataset):
     assert student.tags["distill.gate"] == "failed"
     assert "accuracy" in student.tags["distill.gate_reasons"] and "< 0.9900" in student.tags["distill.gate_reasons"]
     assert aliases(MlflowClient(env["tracking_uri"]), env["student"]) == {}
-    ledger = teacher_tags(env, version)
-    assert ledger["distill.status"] == "rejected" and "< 0.9900" in ledger["distill.reasons"]
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "rejected" and "< 0.9900" in ledger["reasons"]
 
 
 def test_manual_policy_only_sets_challenger(env, small_dataset):
@@ -209,7 +213,7 @@ def test_two_watchers_and_a_direct_run_give_one_student_version(env, small_datas
         t.join(timeout=600)
     assert not errors, errors
     assert len(versions(env, env["student"])) == 1
-    assert teacher_tags(env, version)["distill.status"] == "succeeded"
+    assert ledger_of(env, version)["status"] == "succeeded"
 
 
 def test_corrupt_dataset_stops_the_run_and_the_ledger_says_failed(env, small_dataset):
@@ -220,9 +224,9 @@ def test_corrupt_dataset_stops_the_run_and_the_ledger_says_failed(env, small_dat
     recipe = write_recipe(env, data={"source": str(source), "max_rows": None, "augment_copies": 0})
     with pytest.raises(Exception, match="dataset checks failed"):
         distill_teacher_version(env["teacher"], version, recipe, env["home"])
-    ledger = teacher_tags(env, version)
-    assert ledger["distill.status"] == "failed" and "dataset checks failed" in ledger["distill.error"]
-    assert "unique" in ledger["distill.error"].lower()
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "failed" and "dataset checks failed" in ledger["error"]
+    assert "unique" in ledger["error"].lower()
     assert versions(env, env["student"]) == []
 
 
@@ -234,8 +238,8 @@ def test_a_missing_s3_bucket_stops_the_run_before_any_work_and_the_ledger_names_
     version = register_toy_teacher(env, small_dataset)
     with pytest.raises(StoreError, match=f"bucket '{missing}' \\(DISTILL_STORE\\) does not exist"):
         distill_teacher_version(env["teacher"], version, write_recipe(env), env["home"])
-    tags = teacher_tags(env, version)
-    assert tags["distill.status"] == "failed" and f"bucket '{missing}'" in tags["distill.error"]
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "failed" and f"bucket '{missing}'" in ledger["error"]
     assert not versions(env, env["student"])
     assert not (Path(env["home"]) / "data").exists()  # stopped before any data work
 
@@ -246,18 +250,20 @@ def test_nan_soft_labels_stop_the_run(env, small_dataset):
     recipe = write_recipe(env)
     with pytest.raises(Exception, match="NaN"):
         distill_teacher_version(env["teacher"], version, recipe, env["home"])
-    ledger = teacher_tags(env, version)
-    assert ledger["distill.status"] == "failed" and "NaN or infinite logits" in ledger["distill.error"]
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "failed" and "NaN or infinite logits" in ledger["error"]
     assert versions(env, env["student"]) == []
 
 
 def test_watcher_handles_versions_in_order_and_newest_passing_wins(env, small_dataset):
-    recipe = write_recipe(env, train={"epochs": 8})
+    # distillation alone (no hard-label term): a student learns only what its teacher knows
+    kd_only = [{"function": "forward_kl", "weight": 1.0, "temperature": 2.0}]
+    recipe = write_recipe(env, train={"epochs": 8, "losses": kd_only})
     first = register_toy_teacher(env, small_dataset, seed=4, shuffled=True)  # learned nothing real
     second = register_toy_teacher(env, small_dataset, seed=5, epochs=150)  # a better teacher, arriving together
     results = watch_teachers(recipe, env["home"])
     assert [r["teacher_version"] for r in results] == [first, second]
-    assert [r["status"] for r in results] == ["succeeded", "succeeded"]
+    assert results[0]["status"] in ("succeeded", "rejected") and results[1]["status"] == "succeeded"
     champion = MlflowClient(env["tracking_uri"]).get_model_version_by_alias(env["student"], CHAMPION)
     assert champion.tags["distill.teacher_version"] == second
     assert str(champion.version) == results[1]["student_version"]
@@ -272,9 +278,174 @@ def test_rerun_of_a_handled_version_reuses_everything_and_registers_nothing_new(
     recipe = write_recipe(env)
     first = distill_teacher_version(env["teacher"], version, recipe, env["home"])
     assert distill_teacher_version(env["teacher"], version, recipe, env["home"])["status"] == "skipped"
-    release_for_rerun(load_settings(env["home"]), env["teacher"], version)
+    release_for_rerun(load_settings(env["home"]), env["teacher"], version, env["student"])
     again = distill_teacher_version(env["teacher"], version, recipe, env["home"])
     assert again["student_version"] == first["student_version"] and again["alias"] == CHAMPION
     assert len(versions(env, env["student"])) == 1
     assert aliases(MlflowClient(env["tracking_uri"]), env["student"]) == {CHAMPION: first["student_version"]}
     assert again["seconds"]["distill"] < first["seconds"]["distill"]  # students resumed from finished checkpoints
+
+
+def test_two_recipes_distilling_one_teacher_each_get_their_student_and_their_own_ledger(env, small_dataset):
+    """A CPU student and an edge student of one teacher: the second is not `skipped`, and neither overwrites the
+    other's ledger (it used to: one claim and one ledger per teacher version)."""
+    version = register_toy_teacher(env, small_dataset)
+    cpu = write_recipe(env, students=BAG_STUDENTS[:1])
+    edge_env = {**env, "student": f"{env['student']}-edge"}
+    edge = write_recipe(edge_env, name="edge", students=[{**BAG_STUDENTS[0], "name": "edge-bag", "dim": 4}])
+    first = distill_teacher_version(env["teacher"], version, cpu, env["home"])
+    second = distill_teacher_version(env["teacher"], version, edge, env["home"])
+    assert first["status"] == second["status"] == "succeeded", (ledger_of(env, version), first, second)
+    assert distill_teacher_version(env["teacher"], version, edge, env["home"])["status"] == "skipped"
+    tags = MlflowClient(env["tracking_uri"]).get_model_version(env["teacher"], version).tags
+    assert tags[f"distill.{env['student']}.status"] == tags[f"distill.{edge_env['student']}.status"] == "succeeded"
+    assert ledger_of(env, version)["student_version"] == first["student_version"]
+    assert ledger_of(env, version, edge_env["student"])["student_version"] == second["student_version"]
+    assert watch_teachers(edge, env["home"]) == [] and watch_teachers(cpu, env["home"]) == []
+
+    from distill_core.settings import load_settings
+    from distill_core.status import collect, render
+
+    state = collect(load_settings(env["home"]), env["teacher"], env["student"])
+    (line,) = state["teacher"]["versions"]
+    assert set(line["students"]) == {env["student"], edge_env["student"]}
+    assert line["students"][edge_env["student"]]["student_alias"] == CHAMPION
+    assert f"{edge_env['student']}: succeeded" in render(state)
+
+
+def test_a_failed_rerun_keeps_the_outcome_and_points_at_the_data_docs_it_logged(env, small_dataset):
+    """A rerun that fails its checks leaves the version `succeeded` (the failure is on the rerun's own MLflow run
+    and in rerun_error), and the error names where the data docs were logged, not a temporary folder."""
+    from distill_core.checks import ChecksFailed
+    from distill_core.settings import load_settings
+    from flows.distill import release_for_rerun
+
+    version = register_toy_teacher(env, small_dataset)
+    recipe = write_recipe(env)
+    first = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    strict = yaml.safe_load(Path(recipe).read_text())
+    strict["checks"] = {"max_row_sum_error": 1e-300}  # no float32 softmax row sums to 1 that closely
+    Path(recipe).write_text(yaml.safe_dump(strict))
+    release_for_rerun(load_settings(env["home"]), env["teacher"], version, env["student"])
+    with pytest.raises(ChecksFailed) as failed:
+        distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "succeeded" and ledger["student_version"] == first["student_version"]
+    assert "soft_labels checks failed" in ledger["rerun_error"]
+    message = str(failed.value)
+    assert "distill-gx-" not in message and "/data_docs/" in message and message.endswith("index.html")
+    docs = message.rsplit("data docs at ", 1)[1]
+    run_id = ledger["rerun_error"].rsplit("MLflow run ", 1)[1].rstrip(")")
+    assert docs.startswith(MlflowClient(env["tracking_uri"]).get_run(run_id).info.artifact_uri)
+    local = Path(docs.removeprefix("file://"))
+    assert local.is_file()  # the page is there, where the message says, after the run
+
+
+@pytest.mark.parametrize(
+    "student, problem",
+    [
+        ({"teacher_layers": [0, 9]}, r"teacher_layers \[0, 9\] out of range.*has layers 0..5"),
+        ({"teacher_layers": [0], "embedding_dim": 1024}, "embedding_dim 1024 is larger than"),
+    ],
+)
+def test_what_the_teacher_cannot_give_is_refused_before_the_claim(env, small_dataset, student, problem):
+    """It used to be found after the claim, the dataset checks and the labeling (and a rerun turned a succeeded
+    entry into failed); embedding_dim above the hidden size was silently ignored."""
+    from distill_core.errors import RecipeError
+
+    version = register_toy_teacher(env, small_dataset)
+    recipe = write_recipe(env, students=[{"name": "tf", "family": "transformer", **student}])
+    with pytest.raises(RecipeError, match=problem):
+        distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    assert ledger_of(env, version) == {}
+    assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed(env["teacher"], env["student"]) == {}
+    assert not (Path(env["home"]) / "store").exists()  # nothing was labeled
+
+
+def test_a_run_for_a_version_not_registered_yet_claims_nothing_and_the_version_runs_when_it_comes(env, small_dataset):
+    from distill_core.registry import RegistryError
+
+    recipe = write_recipe(env)
+    with pytest.raises(RegistryError, match=f"no registered model '{env['teacher']}'"):
+        distill_teacher_version(env["teacher"], "1", recipe, env["home"])
+    version = register_toy_teacher(env, small_dataset)
+    with pytest.raises(RegistryError, match=f"'{env['teacher']}' has no version 2 \\(it has v1\\)"):
+        distill_teacher_version(env["teacher"], "2", recipe, env["home"])
+    second = register_toy_teacher(env, small_dataset, seed=1)
+    assert (version, second) == ("1", "2")
+    results = watch_teachers(recipe, env["home"])  # v2 is not blocked by the early attempt
+    assert [(r["teacher_version"], r["status"]) for r in results] == [("1", "succeeded"), ("2", "succeeded")]
+
+
+def test_a_teacher_whose_code_cannot_be_imported_is_one_clear_error_not_retried(env, small_dataset, tmp_path):
+    """Not transient: it used to be retried three times with back-off and end in a raw traceback."""
+    import importlib
+    import sys
+    import time
+
+    from distill_core.errors import TeacherError
+
+    package = tmp_path / "teamcode"
+    package.mkdir()
+    (package / "their_model.py").write_text(
+        "import torch\n"
+        "class TheirModel(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.bag = torch.nn.EmbeddingBag(512, 2)\n"
+        "    def forward(self, ids, offsets):\n"
+        "        return self.bag(ids, offsets)\n"
+    )
+    sys.path.insert(0, str(package))
+    try:
+        module = importlib.import_module("their_model")
+        from toy_models import WordHashTokenizer
+
+        teacher = WrappedTeacher(module.TheirModel(), WordHashTokenizer(), small_dataset.labels)
+        _, version = log_teacher(
+            teacher, env["teacher"], env["tracking_uri"], artifact_location=(tmp_path / "a").as_uri()
+        )
+    finally:
+        sys.path.remove(str(package))
+        sys.modules.pop("their_model", None)
+    started = time.monotonic()
+    with pytest.raises(TeacherError, match="its code is not importable where the pipeline runs.*module 'their_model'"):
+        distill_teacher_version(env["teacher"], version, write_recipe(env), env["home"])
+    assert time.monotonic() - started < 30  # no retries with back-off (2 + 4 + 8 s)
+    assert ledger_of(env, version) == {}
+
+
+def test_a_killed_run_shows_as_stale_and_rerun_force_takes_it_over(env, small_dataset):
+    """After kill -9 the claim stops beating: status says who held it, how long ago, and that it is stale; a rerun
+    needs --force, marks the dead MLflow run KILLED and runs the version to the end."""
+    import time
+
+    import sqlalchemy as sa
+
+    from distill_core.registry import STALE_AFTER_S, RegistryError, claims, set_ledger
+    from distill_core.settings import load_settings
+    from distill_core.status import collect
+    from flows.distill import release_for_rerun
+
+    version = register_toy_teacher(env, small_dataset)
+    settings = load_settings(env["home"])
+    client, ledger = MlflowClient(env["tracking_uri"]), Ledger(settings.ledger_uri)
+    # what a run killed mid-way leaves: its claim, its ledger saying running, its MLflow run RUNNING
+    assert ledger.claim(env["teacher"], version, env["student"], "cli@gone:4242")
+    dead = client.create_run(client.create_experiment(f"dead-{uuid.uuid4().hex[:6]}")).info.run_id
+    set_ledger(client, env["teacher"], version, env["student"], "running", run_id=dead, claimed_by="cli@gone:4242")
+    with pytest.raises(RegistryError, match="its run is alive"):  # a fresh heartbeat: never taken
+        release_for_rerun(settings, env["teacher"], version, env["student"], force=True)
+    with ledger.engine.begin() as conn:  # the heartbeats stopped with the process
+        conn.execute(claims.update().values(heartbeat_at=time.time() - STALE_AFTER_S - 5))
+    (line,) = collect(settings, env["teacher"], env["student"])["teacher"]["versions"]
+    assert line["status"] == "running" and line["claim_stale"] and line["claimed_by"] == "cli@gone:4242"
+    assert "STALE" in line["claim"] and line["claim_age_s"] >= 0
+    assert watch_teachers(write_recipe(env), env["home"]) == []  # the watcher never takes a stale claim itself
+    with pytest.raises(RegistryError, match="add --force"):
+        release_for_rerun(settings, env["teacher"], version, env["student"])
+    release_for_rerun(settings, env["teacher"], version, env["student"], force=True)
+    assert client.get_run(dead).info.status == "KILLED"
+    result = distill_teacher_version(env["teacher"], version, write_recipe(env), env["home"])
+    assert result["status"] == "succeeded" and ledger_of(env, version)["status"] == "succeeded"
+    assert sa.inspect(ledger.engine).has_table("distill_claims_v2")

@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from stack import NO_PROXY, free_port, model_version_created, send_delivery, wait_for
 from toy_models import one_student_recipe, register_toy_teacher
 
-from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_of
+from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_entry
+from flows.distill import Target
 from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http, sign
 
 SECRET = "shared-secret-for-tests"
@@ -38,9 +39,14 @@ class Recorder:
         self.calls: list[tuple[str, str]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, name: str, version: str) -> None:
+    def __call__(self, target: Target, version: str) -> None:
         with self.lock:
-            self.calls.append((name, version))
+            self.calls.append((target.teacher, version))
+
+
+def only(teacher: str, student: str):
+    """The targets of a receiver that distills one teacher into one student model (one recipe)."""
+    return lambda: [Target(teacher, student, "")]
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +61,8 @@ def teacher_a(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> st
 @pytest.fixture
 def endpoint(tmp_path: Path, tracking_uri: str, teacher_a: str) -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder()
-    receiver = Receiver(
-        SECRET, "teacher-a", "student-a", tracking_uri, Ledger(f"sqlite:///{tmp_path / 'ledger.db'}"), recorder
-    )
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    receiver = Receiver(SECRET, tracking_uri, ledger, only("teacher-a", "student-a"), recorder)
     server = serve_http(receiver, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}{PATH}", recorder
@@ -70,7 +75,7 @@ def created(name: str = "teacher-a", version: str = "1") -> dict:
 
 def test_a_signed_delivery_for_the_watched_teacher_starts_its_run(endpoint) -> None:
     url, runs = endpoint
-    assert deliver(url, created()) == (202, {"status": "started", "teacher": "teacher-a/1"})
+    assert deliver(url, created()) == (202, {"status": "started", "teacher": "teacher-a/1", "students": ["student-a"]})
     assert runs.calls == [("teacher-a", "1")]
     assert deliver(url, created("someone-elses-model"))[1]["status"] == "ignored"
     assert runs.calls == [("teacher-a", "1")]
@@ -132,13 +137,13 @@ def test_a_run_that_cannot_be_queued_answers_503_and_mlflows_retry_starts_it(
 ) -> None:
     attempts: list[tuple[str, str]] = []
 
-    def prefect_down_once(name: str, version: str) -> None:
-        attempts.append((name, version))
+    def prefect_down_once(target: Target, version: str) -> None:
+        attempts.append((target.teacher, version))
         if len(attempts) == 1:
             raise ConnectionError("Prefect API at http://prefect:4200/api is unreachable")
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    receiver = Receiver(SECRET, "teacher-a", "student-a", tracking_uri, ledger, prefect_down_once)
+    receiver = Receiver(SECRET, tracking_uri, ledger, only("teacher-a", "student-a"), prefect_down_once)
     server = serve_http(receiver, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url, delivery_id = f"http://127.0.0.1:{server.server_address[1]}{PATH}", str(uuid.uuid4())
@@ -209,8 +214,10 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     recipe.write_text(yaml.safe_dump(one_student_recipe(teacher, student)))
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     monkeypatch.setenv("DISTILL_LEDGER_URI", f"sqlite:///{tmp_path / 'ledger.db'}")
-    runs = BackgroundRuns(lambda name, version: distill_teacher_version(name, version, str(recipe), str(home), "hook"))
-    receiver = Receiver(SECRET, teacher, student, mlflow_server, ledger, runs)
+    runs = BackgroundRuns(
+        lambda t, version: distill_teacher_version(t.teacher, version, str(recipe), str(home), "hook")
+    )
+    receiver = Receiver(SECRET, mlflow_server, ledger, only(teacher, student), runs)
     server = serve_http(receiver, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     client = MlflowClient(mlflow_server)
@@ -226,9 +233,12 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
         version = register_toy_teacher(env, small_dataset)
         wait_for(lambda: runs.started, 30, "the webhook to start a run")
         assert runs.started == [(teacher, version)]
-        wait_for(lambda: ledger_of(client.get_model_version(teacher, version)).get("status") in ("succeeded",
-                 "rejected", "failed"), 300, "the run to finish")  # fmt: skip
-        assert ledger_of(client.get_model_version(teacher, version))["status"] == "succeeded"
+
+        def entry() -> dict[str, str]:
+            return ledger_entry(client, client.get_model_version(teacher, version), student)
+
+        wait_for(lambda: entry().get("status") in ("succeeded", "rejected", "failed"), 300, "the run to finish")
+        assert entry()["status"] == "succeeded"
         champion = aliases(client, student)[CHAMPION]
 
         client.set_registered_model_alias(student, CHALLENGER, champion)  # a person, in the MLflow UI

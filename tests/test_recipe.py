@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill_core.errors import RecipeError
 from distill_core.recipe import load_recipe, parse_recipe
@@ -65,3 +66,12 @@ def test_missing_file_and_broken_yaml(tmp_path):
     broken.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(broken)
+
+
+@pytest.mark.parametrize("weight", [".inf", ".nan"])
+def test_a_loss_weight_must_be_finite(weight):
+    """An infinite weight used to be accepted and trained on NaN until an evaluation check stopped it."""
+    losses = f"{{losses: [{{function: ce, weight: {weight}}}]}}"
+    data = yaml.safe_load(f"name: x\nstudents: [{{name: s, family: embedding_bag}}]\ntrain: {losses}")
+    with pytest.raises(RecipeError, match="train.losses.0.weight"):
+        parse_recipe(data)

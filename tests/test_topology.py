@@ -30,7 +30,7 @@ from stack import NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
 from stack import model_version_created as created
 from toy_models import one_student_recipe, register_toy_teacher
 
-from distill_core.registry import CHAMPION, aliases, ledger_of
+from distill_core.registry import CHAMPION, aliases, ledger_entry
 
 SECRET = "topology-test-secret"
 TEACHER, STUDENT = (f"{role}-{uuid.uuid4().hex[:8]}" for role in ("teacher", "student"))
@@ -113,12 +113,12 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
 
     queued = wait_for(lambda: stack.runs_for(version), 30, "the webhook to queue a flow run")
     assert len(queued) == 1 and "trigger:webhook" in queued[0].tags
-    assert queued[0].idempotency_key == f"{teacher}/{version}"
+    assert queued[0].idempotency_key == f"{teacher}/{version}/{student}"
     run = finished(stack, version)
     print(f"registration -> flow run created {run.created.timestamp() - registered_at:.2f} s, "
           f"-> running {run.start_time.timestamp() - registered_at:.2f} s")  # fmt: skip
 
-    ledger = ledger_of(client.get_model_version(teacher, version))
+    ledger = ledger_entry(client, client.get_model_version(teacher, version), student)
     assert ledger["status"] == "succeeded", ledger
     champion = aliases(client, student)[CHAMPION]
     assert champion == ledger["student_version"]
@@ -173,10 +173,38 @@ def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retr
     assert len(queued) == 1 and "trigger:watcher" in queued[0].tags
     run = finished(stack, new)
     print(f"watcher: registration -> running {run.start_time.timestamp() - registered_at:.2f} s")
-    assert ledger_of(client.get_model_version(teacher, new))["status"] in ("succeeded", "rejected")
+    assert ledger_entry(client, client.get_model_version(teacher, new), STUDENT)["status"] in ("succeeded", "rejected")
 
     retried = wait_for(lambda: len(stack.runs_for(died)) == 2 and stack.runs_for(died), 60, "a second run")
     assert [r.state_name for r in retried][0] == "Cancelled" and "trigger:watcher" in retried[1].tags
     finished(stack, died)
-    assert ledger_of(client.get_model_version(teacher, died))["status"] in ("succeeded", "rejected")
+    assert ledger_entry(client, client.get_model_version(teacher, died), STUDENT)["status"] in ("succeeded", "rejected")
     assert len(stack.runs_for(new)) == 1 and len(stack.runs_for(died)) == 2  # later passes queued nothing more
+
+
+def test_the_mlflow_server_restarted_mid_run_the_run_retries_or_fails_cleanly_and_the_ledger_says_which(
+    stack: Stack, client: MlflowClient, small_dataset
+) -> None:
+    """Fault injection: the tracking server goes away while a worker's run is using it, and comes back."""
+    stack.schedule_watcher(active=False)
+    version = register(stack, small_dataset, seed=4)
+    assert deliver(stack, created(TEACHER, version))[0] == 202
+
+    def running() -> bool:
+        return ledger_entry(client, client.get_model_version(TEACHER, version), STUDENT).get("status") == "running"
+
+    wait_for(running, RUN_TIMEOUT_S, "the run to claim its version")
+    stack.restart("mlflow", f"{stack.mlflow_url}/health")
+    run = wait_for(
+        lambda: next((r for r in stack.runs_for(version)[-1:] if r.state and r.state.is_final()), None),
+        RUN_TIMEOUT_S,
+        "the run to end",
+    )
+    entry = ledger_entry(client, client.get_model_version(TEACHER, version), STUDENT)
+    if run.state_name == "Completed":  # MLflow's client retried through the outage
+        assert entry["status"] in ("succeeded", "rejected"), entry
+        assert len([v for v in client.search_model_versions(f"name='{STUDENT}'")
+                    if v.tags.get("distill.teacher_version") == version]) == 1  # fmt: skip
+    else:  # it gave up: the ledger says failed and why, and nothing half-registered carries the version
+        assert entry["status"] == "failed" and entry["error"], (run.state_name, entry)
+    print(f"MLflow restarted mid-run: flow run {run.state_name}, ledger {entry['status']}")

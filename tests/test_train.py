@@ -117,3 +117,37 @@ def test_online_feature_and_attention_transfer(setup, tmp_path):
 def test_hard_label_baseline_is_the_same_loop_on_labels():
     cfg = baseline_config(TrainConfig(losses=KD, mode="online", epochs=4))
     assert [t.function for t in cfg.losses] == ["ce"] and cfg.mode == "offline" and cfg.epochs == 4
+
+
+def test_a_finished_run_keeps_a_small_checkpoint_that_a_rerun_reuses(setup, tmp_path):
+    """After training only the best weights stay (not the optimizer's moments: it was a 257 MB file), and a rerun
+    takes the result from it without training again."""
+    cfg = TrainConfig(losses=KD, epochs=1, batch_size=16, eval_every=4, checkpoint_every=5, patience=100)
+    first = _train(setup, TINY, cfg, tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["final"] and "optimizer" not in state and "student" not in state
+    weights = sum(t.numel() * t.element_size() for t in first.student.state_dict().values())
+    assert (tmp_path / "last.pt").stat().st_size < 1.5 * weights
+    trained: list[int] = []
+    again = _train(setup, TINY, cfg, tmp_path, on_step=trained.append)
+    assert trained == [] and again.resumed_from == first.steps and again.history == first.history
+    a, b = first.student.state_dict(), again.student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bag_student_without_its_own_lr_learns_a_five_class_task(tmp_path):
+    """With the recipe-wide default lr (1e-4) a bag stayed at a constant prediction on five classes; each family
+    now has a default that trains."""
+    rng = np.random.default_rng(0)
+    cues = [["superb", "brilliant"], ["good", "nice"], ["okay", "fine"], ["poor", "weak"], ["awful", "dreadful"]]
+    filler = ["the", "a", "film", "story", "plot", "acting", "scenes", "music", "of", "and", "it", "was"]
+    labels = rng.integers(0, 5, 400)
+    texts = [" ".join([*rng.choice(filler, 6), *rng.choice(cues[y], 2)]) for y in labels]
+    cfg = StudentConfig(name="bag", family="embedding_bag", buckets=4096, dim=16)
+    train = baseline_config(TrainConfig(epochs=3, batch_size=32, eval_every=1000))
+    assert cfg.learning_rate(train) == 5e-3 and cfg.learning_rate(TrainConfig(lr=1e-3)) == 1e-3
+    student = build_student(cfg, None, tuple("abcde"), texts, 64)  # type: ignore[arg-type]
+    result = train_student(
+        student, cfg, train, TransferSet(texts, labels, None), (texts[:50], labels[:50]), tmp_path, log=lambda _: None
+    )
+    assert float((predict(result.student, texts).argmax(1) == labels).mean()) > 0.6  # chance is about 0.2

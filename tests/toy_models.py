@@ -74,7 +74,7 @@ def one_student_recipe(teacher: str, student: str) -> dict:
         "student_registered_name": student,
         "data": {"max_rows": 300},
         "teacher": {"registered_name": teacher},
-        "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.02}],
+        "students": [{"name": "bag", "family": "embedding_bag", "buckets": 2048, "dim": 8, "lr": 0.1}],
         "train": {"epochs": 3, "batch_size": 32, "eval_every": 100},
         "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
         "gates": {"min_retention": 0.5, "max_param_ratio": 10.0, "max_regression": 0.5},
