@@ -184,6 +184,15 @@ def test_hand_set_champion_is_respected_then_rollback(env, small_dataset):
     # A person promotes by hand, then rolls back: previous is restored and both moves are recorded.
     promote(client, ledger, env["student"], third["student_version"], "person:test", "looks better")
     assert aliases(client, env["student"])[PREVIOUS] == pinned
+    from distill_core.settings import load_settings
+    from distill_core.status import collect
+
+    lines = {
+        t["version"]: t
+        for t in collect(load_settings(env["home"]), env["teacher"], env["student"])["teacher"]["versions"]
+    }
+    # the teacher's ledger line shows its student's alias as it is now, not the challenger the run gave it
+    assert lines["3"]["student_version"] == third["student_version"] and lines["3"]["student_alias"] == CHAMPION
     restored = rollback(client, ledger, env["student"], "person:test")
     assert restored == pinned and aliases(client, env["student"])[CHAMPION] == pinned
     moves = ledger.alias_history(env["student"], CHAMPION)
