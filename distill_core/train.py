@@ -165,28 +165,22 @@ def train_student(
     finished = False
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
-        if state.get("fingerprint") == fingerprint and state.get("final"):  # trained to the end before: reuse
-            step, best_state, finished = state["step"], state["best_state"], True
+        if state.get("fingerprint") == fingerprint:
+            finished = bool(state.get("final"))  # trained to the end before: only the result is reused
+            if not finished:
+                student.load_state_dict(state["student"])
+                distiller.objective.load_state_dict(state["objective"])
+                distiller.optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng"])
+                stale = state["stale"]
+            step, best_state = state["step"], state["best_state"]
             result.history, result.best_step, result.best_accuracy = (
                 state["history"],
                 state["best_step"],
                 state["best_accuracy"],
             )
             result.resumed_from, result.stopped_early = step, state["stopped_early"]
-            log(f"resumed from checkpoint at step {step} (training had finished)")
-        elif state.get("fingerprint") == fingerprint:
-            student.load_state_dict(state["student"])
-            distiller.objective.load_state_dict(state["objective"])
-            distiller.optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            step, stale, best_state = state["step"], state["stale"], state["best_state"]
-            result.history, result.best_step, result.best_accuracy = (
-                state["history"],
-                state["best_step"],
-                state["best_accuracy"],
-            )
-            result.resumed_from, result.stopped_early = step, state["stopped_early"]
-            log(f"resumed from checkpoint at step {step}")
+            log(f"resumed from checkpoint at step {step}" + (" (training had finished)" if finished else ""))
         else:
             log(f"ignoring checkpoint {ckpt_path}: it belongs to another run")
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -110,6 +111,31 @@ def send_delivery(
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+class Recorder:
+    """Stands in for starting a run, to count what a receiver starts: (teacher, version) per call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, target: Any, version: str) -> None:
+        with self.lock:
+            self.calls.append((target.teacher, version))
+
+
+@contextmanager
+def serving(receiver: Any, **timeouts: float) -> Iterator[int]:
+    """A receiver served on a free loopback port (yielded) on a thread, until the block ends."""
+    from flows.receiver import serve_http
+
+    server = serve_http(receiver, "127.0.0.1", 0, **timeouts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

@@ -27,24 +27,16 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, REPO, model_version_created, send_delivery, wait_for
+from stack import NO_PROXY, REPO, Recorder, model_version_created, send_delivery, serving, wait_for
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, Ledger, aliases, ledger_entry, teacher_versions
 from flows.distill import Target
-from flows.receiver import MAX_BODY_BYTES, PATH, Receiver, serve_http, sign
+from flows.receiver import MAX_BODY_BYTES, PATH, Receiver, sign
 
 SECRET = "fault-injection-secret"
 deliver = partial(send_delivery, secret=SECRET)
 HEAD_TIMEOUT_S = BODY_TIMEOUT_S = 1.0  # the receiver's deadlines, short for the test
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-
-    def __call__(self, target: Target, version: str) -> None:
-        self.calls.append((target.teacher, version))
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +50,10 @@ def teacher_f(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> st
 @pytest.fixture
 def receiver(tmp_path: Path, tracking_uri: str, teacher_f: str) -> Iterator[tuple[int, Recorder, Ledger]]:
     runs, ledger = Recorder(), Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    targets = lambda: [Target("teacher-f", "student-f", "")]  # noqa: E731
-    server = serve_http(
-        Receiver(SECRET, tracking_uri, ledger, targets, runs),
-        "127.0.0.1",
-        0,
-        head_timeout_s=HEAD_TIMEOUT_S,
-        body_timeout_s=BODY_TIMEOUT_S,
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    wait_for(lambda: _healthy(port), 10, "the receiver to answer")
-    yield port, runs, ledger
-    server.shutdown()
+    receiver = Receiver(SECRET, tracking_uri, ledger, lambda: [Target("teacher-f", "student-f", "")], runs)
+    with serving(receiver, head_timeout_s=HEAD_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S) as port:
+        wait_for(lambda: _healthy(port), 10, "the receiver to answer")
+        yield port, runs, ledger
 
 
 def _healthy(port: int) -> bool:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, free_port, model_version_created, send_delivery, wait_for
+from stack import NO_PROXY, Recorder, free_port, model_version_created, send_delivery, serving, wait_for
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_entry
@@ -30,18 +30,6 @@ from flows.receiver import PATH, BackgroundRuns, Receiver, serve_http, sign
 
 SECRET = "shared-secret-for-tests"
 deliver = partial(send_delivery, secret=SECRET)
-
-
-class Recorder:
-    """Stands in for starting a run, to count what the receiver starts (the real start is tested below)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, target: Target, version: str) -> None:
-        with self.lock:
-            self.calls.append((target.teacher, version))
 
 
 def only(teacher: str, student: str):
@@ -62,11 +50,8 @@ def teacher_a(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> st
 def endpoint(tmp_path: Path, tracking_uri: str, teacher_a: str) -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder()
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    receiver = Receiver(SECRET, tracking_uri, ledger, only("teacher-a", "student-a"), recorder)
-    server = serve_http(receiver, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}{PATH}", recorder
-    server.shutdown()
+    with serving(Receiver(SECRET, tracking_uri, ledger, only("teacher-a", "student-a"), recorder)) as port:
+        yield f"http://127.0.0.1:{port}{PATH}", recorder
 
 
 def created(name: str = "teacher-a", version: str = "1") -> dict:
@@ -144,16 +129,12 @@ def test_a_run_that_cannot_be_queued_answers_503_and_mlflows_retry_starts_it(
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     receiver = Receiver(SECRET, tracking_uri, ledger, only("teacher-a", "student-a"), prefect_down_once)
-    server = serve_http(receiver, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url, delivery_id = f"http://127.0.0.1:{server.server_address[1]}{PATH}", str(uuid.uuid4())
-    try:
+    with serving(receiver) as port:
+        url, delivery_id = f"http://127.0.0.1:{port}{PATH}", str(uuid.uuid4())
         status, body = deliver(url, created(), delivery_id=delivery_id)
         assert status == 503 and "unreachable" in body["error"]
         assert deliver(url, created(), delivery_id=delivery_id)[0] == 202  # MLflow's retry: same delivery id
         assert deliver(url, created(), delivery_id=delivery_id)[1]["status"] == "duplicate delivery"
-    finally:
-        server.shutdown()
     assert attempts == [("teacher-a", "1"), ("teacher-a", "1")]
 
 
