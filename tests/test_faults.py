@@ -200,7 +200,7 @@ def _kill_recipe(tmp_path: Path, student: str) -> Path:
         "teacher": {"registered_name": "sentiment-teacher"},  # the session's MiniLM teacher: slow enough to hit
         "soft_labels": {"batch_size": 16, "shard_rows": 16},
         "students": [{"name": "tf", "family": "transformer", "teacher_layers": [0], "embedding_dim": 32, "lr": 3e-4}],
-        "train": {"epochs": 3, "batch_size": 16, "checkpoint_every": 5, "eval_every": 10},
+        "train": {"epochs": 2, "batch_size": 16, "checkpoint_every": 5, "eval_every": 10},
         "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
         "gates": {"min_retention": 0.1, "max_param_ratio": 10.0},
     }
@@ -304,6 +304,7 @@ class CuttableProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -313,7 +314,12 @@ class CuttableProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, upstream]
+            with self.lock:  # a connection accepted as cut() runs is closed too, not left hanging
+                self.sockets += [client, upstream]
+                if self.cut_event.is_set():
+                    client.close()
+                    upstream.close()
+                    return
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -330,11 +336,13 @@ class CuttableProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        self.cut_event.set()
-        self.listener.close()
-        for s in self.sockets:
-            with contextlib.suppress(OSError):
-                s.close()
+        with self.lock:
+            self.cut_event.set()
+            self.listener.close()
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
 
 
 def test_s3_stopping_while_labels_are_written_is_a_named_error_and_leaves_no_manifest(
