@@ -8,6 +8,7 @@ import pytest
 import torch
 from toy_models import BagTeacher, WordHashTokenizer
 
+from distill_core import evaluate
 from distill_core.evaluate import (
     Report,
     accuracy,
@@ -86,12 +87,13 @@ def test_latency_is_measured_side_by_side_with_the_conditions_it_was_measured_in
 
 
 def test_a_measurement_under_load_is_repeated_then_marked(monkeypatch):
-    loads = iter([(64.0, 0, 0), (64.0, 0, 0)])
+    loads = iter([(64.0,)] * 4)  # before and after each of the two attempts
     calls: list[int] = []
-    monkeypatch.setattr(os, "getloadavg", lambda: (calls.append(1), next(loads))[1])
+    monkeypatch.setattr(evaluate, "machine_load", lambda: (calls.append(1), next(loads))[1][0])
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 0.0, 0.0))
     model = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=("neg", "pos"))
     (speed,) = measure_latency({"m": model}, ["a fine film"], samples=5, batch=2).values()
-    assert len(calls) == 2 and speed.under_load and speed.load_average == 64.0
+    assert len(calls) == 4 and speed.under_load and speed.load_average == 64.0
     gates = GateConfig(max_p95_ms=1e-9, min_retention=None, max_param_ratio=None)
     report = Report("m", 0.8, 0.8, 1, 0, 0, 1.0, 2.0, 10, 10, 40, under_load=True, load_average=64.0)
     (reason,) = judge("m", report, report, gates, None).reasons
