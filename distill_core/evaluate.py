@@ -93,7 +93,7 @@ class Speed:
     throughput: float  # texts per second at the throughput batch size
     threads: int = 1  # torch's intra-op threads during the measurement
     load_average: float = 0.0  # the machine's 1-minute load average when it was taken
-    under_load: bool = False  # the load exceeded the core count, even after one repeat: absolute times are inflated
+    under_load: bool = False  # more tasks than cores were runnable, even after one repeat: absolute times inflated
 
 
 def _interleaved(models: dict[str, TextModule], texts: list[str], batch: int) -> dict[str, Speed]:
