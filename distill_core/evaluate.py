@@ -141,8 +141,8 @@ def measure_latency(
 ) -> dict[str, Speed]:
     """The project's one latency measurement: every model side by side, repetitions interleaved (in rotating
     order), after a warm-up, at one thread count, medians. Ratios between the models move far less than absolute
-    times on a busy machine; absolute times come with the thread count and load average, and a measurement taken while more
-    tasks than cores competed (machine_load) is repeated once, then marked `under_load`."""
+    times on a busy machine; absolute times come with the thread count and load average, and a measurement taken
+    while more tasks than cores competed (machine_load) is repeated once, then marked `under_load`."""
     for model in models.values():
         model.eval()
     texts = (texts * (1 + samples // max(len(texts), 1)))[:samples]
@@ -184,7 +184,7 @@ class Report:
     bytes: int
     threads: int = 1  # torch threads the latencies were measured with
     load_average: float = 0.0  # the machine's load average then
-    under_load: bool = False  # load above the core count: absolute latencies are inflated (ratios still hold)
+    under_load: bool = False  # more tasks than cores were runnable: absolute latencies are inflated
     compression: float = 1.0  # teacher params / params
     speedup: float = 1.0  # teacher p50 / p50
     retention: float = 1.0  # accuracy / teacher accuracy
