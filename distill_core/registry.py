@@ -1,8 +1,9 @@
 """The MLflow registry as the pipeline sees it: teacher versions and their ledger, student aliases and their history.
 
-MLflow tags carry the contract people read in the UI (`distill.status` on a teacher version, lineage on a
-student version). Two things MLflow cannot do are kept in a small SQL ledger (SQLite by default, PostgreSQL
-in production): an atomic claim, so a teacher version is distilled once however many triggers fire, and the
+MLflow tags carry the contract people read in the UI (`distill.<student model>.status` on a teacher version, one
+group per student model; lineage on a student version). What MLflow cannot do is kept in a small SQL ledger
+(SQLite by default, PostgreSQL in production): an atomic claim with a heartbeat, so each (teacher version,
+student model) is distilled once however many triggers fire; webhook deliveries seen; named locks; and the
 history of alias moves, which the registry does not keep.
 """
 
