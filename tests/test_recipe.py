@@ -75,3 +75,17 @@ def test_a_loss_weight_must_be_finite(weight):
     data = yaml.safe_load(f"name: x\nstudents: [{{name: s, family: embedding_bag}}]\ntrain: {losses}")
     with pytest.raises(RecipeError, match="train.losses.0.weight"):
         parse_recipe(data)
+
+
+# The recipe hash goes into every student's idempotency key and checkpoint fingerprint: a change to it re-registers
+# students on rerun and retrains. These are the hashes the shipped recipes had at release bd90871 (2026-11-28).
+PINNED_HASHES = {
+    "recipes/bench.yaml": "254fd24bfa23a299",
+    "recipes/demo.yaml": "b4b6de2004b392d8",
+    "params.yaml": "8d665c0f7e9373b1",
+}
+
+
+@pytest.mark.parametrize("path", sorted(PINNED_HASHES))
+def test_the_shipped_recipes_keep_their_hash(path):
+    assert load_recipe(DEMO.parents[1] / path).recipe_hash() == PINNED_HASHES[path]
