@@ -84,20 +84,20 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
     if teacher_versions(client, student):
         reconcile(client, ledger, student)
     upgrade_ledger(client, ledger)
-    claims = ledger.claims(teacher, student)
     teachers: list[dict[str, Any]] = []
     for v in teacher_versions(client, teacher):
         version = str(v.version)
         entries = ledgers_of(client, v, cache)
         lines = {
-            name: _ledger_line(entry, ledger.claim_of(teacher, version, name), aliases_of(name), now)
-            for name, entry in sorted(entries.items())
-            if name != ANY_STUDENT
+            name: _ledger_line(
+                entries.get(name) or entries.get(ANY_STUDENT, {}),
+                ledger.claim_of(teacher, version, name),
+                aliases_of(name),
+                now,
+            )
+            for name in sorted({*entries, student} - {ANY_STUDENT})
         }
-        mine = _ledger_line(entries.get(student) or entries.get(ANY_STUDENT, {}), claims.get(version),
-                            aliases_of(student), now)  # fmt: skip
-        lines[student] = mine
-        teachers.append({"version": version, **mine, "students": lines})
+        teachers.append({"version": version, **lines[student], "students": lines})
     current = aliases(client, student)
     students: list[dict[str, Any]] = []
     for v in teacher_versions(client, student):

@@ -113,6 +113,16 @@ def send_delivery(
         return err.code, json.loads(err.read())
 
 
+def a_registered_version(tracking_uri: str, name: str, folder: Path) -> str:
+    """Version 1 of a registered model with nothing behind it: a receiver only triggers versions that exist."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.create_registered_model(name)
+    client.create_model_version(name, source=str(folder))
+    return name
+
+
 class Recorder:
     """Stands in for starting a run, to count what a receiver starts: (teacher, version) per call."""
 

@@ -27,7 +27,16 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, REPO, Recorder, model_version_created, send_delivery, serving, wait_for
+from stack import (
+    NO_PROXY,
+    REPO,
+    Recorder,
+    a_registered_version,
+    model_version_created,
+    send_delivery,
+    serving,
+    wait_for,
+)
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, Ledger, aliases, ledger_entry, teacher_versions
@@ -41,10 +50,7 @@ HEAD_TIMEOUT_S = BODY_TIMEOUT_S = 1.0  # the receiver's deadlines, short for the
 
 @pytest.fixture(scope="module")
 def teacher_f(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    client = MlflowClient(tracking_uri)
-    client.create_registered_model("teacher-f")
-    client.create_model_version("teacher-f", source=str(tmp_path_factory.mktemp("teacher-f")))
-    return "teacher-f"
+    return a_registered_version(tracking_uri, "teacher-f", tmp_path_factory.mktemp("teacher-f"))
 
 
 @pytest.fixture

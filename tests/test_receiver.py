@@ -21,7 +21,16 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, Recorder, free_port, model_version_created, send_delivery, serving, wait_for
+from stack import (
+    NO_PROXY,
+    Recorder,
+    a_registered_version,
+    free_port,
+    model_version_created,
+    send_delivery,
+    serving,
+    wait_for,
+)
 from toy_models import one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHALLENGER, CHAMPION, OUTSIDE, Ledger, aliases, ledger_entry
@@ -40,10 +49,7 @@ def only(teacher: str, student: str):
 @pytest.fixture(scope="module")
 def teacher_a(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """teacher-a v1 in the registry (the receiver only triggers versions that exist)."""
-    client = MlflowClient(tracking_uri)
-    client.create_registered_model("teacher-a")
-    client.create_model_version("teacher-a", source=str(tmp_path_factory.mktemp("teacher-a")))
-    return "teacher-a"
+    return a_registered_version(tracking_uri, "teacher-a", tmp_path_factory.mktemp("teacher-a"))
 
 
 @pytest.fixture
