@@ -99,4 +99,3 @@ def test_a_seeded_run_gives_the_student_metrics_it_gave_before(
         GOLDEN.write_text(json.dumps({**golden, mode: got}, indent=1, sort_keys=True) + "\n")
     assert mode in golden, f"{GOLDEN} has no {mode!r} run: write it with DISTILL_WRITE_GOLDEN=1"
     _close(got, json.loads(GOLDEN.read_text())[mode], mode)
-
