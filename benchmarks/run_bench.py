@@ -27,10 +27,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distill_core.data import prepare_dataset  # noqa: E402
+from distill_core.modules import LoadedTeacher, TextClassifier, content_digest, length_batches, load_minilm  # noqa: E402
 from distill_core.recipe import DataConfig, LossTerm, SoftLabelConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill_core.soft_labels import teacher_logits  # noqa: E402
 from distill_core.students import build_student  # noqa: E402
-from distill_core.teachers import LoadedTeacher, TextClassifier, content_digest, length_batches, load_minilm  # noqa: E402
 from distill_core.train import Distiller  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -157,7 +157,7 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
     else:
         name, version = steps.train_and_register_teacher(recipe, settings, dataset, log=print)
     teacher_seconds = time.perf_counter() - started
-    reports, out = steps.run_pipeline(recipe, settings, name, version, log=print)
+    reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
     report = json.loads((out / "report.json").read_text())
     training = json.loads((out / "training.json").read_text())
     return {

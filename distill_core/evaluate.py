@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_core.teachers import TextModule, length_batches
+from distill_core.modules import TextModule, length_batches
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Distillation losses in three layers: divergences, KD losses built on them, a weighted sum from config.
+"""Distillation losses in three layers: divergences, terms with parameters of their own, and the registry of
+terms a recipe names with their weighted sum.
 
 Divergences take logits `[batch, classes]` or `[batch, seq, vocab]` and an optional `mask` shaped like the
 logits without the last dim (True = counts). They compute in float32 and average over the positions that
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from distill_core.signals import DenseSignal, Outputs, Signal, SparseSignal
 
 TAIL_EPS = 1e-8  # smallest leftover mass in the "other tokens" bucket of a top-k teacher signal
 
@@ -200,30 +203,7 @@ def sparse_forward_kl(
     return _mean_rows(_kl_rows(log_t, F.log_softmax(student_k, dim=-1))) * temperature**2
 
 
-# --- layer 2: KD losses -------------------------------------------------------------------------------------
-
-
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    labels: Tensor | None,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
-    divergence: str = "forward_kl",
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Hinton KD: alpha * divergence at T + (1 - alpha) * hard-label CE.
-
-    Rows labelled -100, or every row when labels is None, add nothing to the CE part but still count for the
-    divergence: an unlabelled batch gives alpha * divergence. Use alpha=1.0 for pure transfer.
-    """
-    _check_unit("alpha", alpha)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
-    loss = alpha * DIVERGENCES[divergence](student_logits, teacher_logits, temperature=temperature, mask=mask)
-    if labels is not None and alpha < 1.0:
-        loss = loss + (1.0 - alpha) * hard_label_ce(student_logits, labels, mask=mask)
-    return loss
+# --- layer 2: terms with parameters of their own (a projection) and over attention maps -------------------
 
 
 class FeatureLoss(nn.Module):
@@ -270,25 +250,17 @@ def attention_transfer(
     return _mean_rows((t_rows * (t_rows.clamp_min(eps).log() - s_rows.clamp_min(eps).log())).sum(-1))
 
 
-def spatial_attention_transfer(student_feat: Tensor, teacher_feat: Tensor, p: int = 2) -> Tensor:
-    """Zagoruyko & Komodakis AT on conv features [B, C, H, W]: mean squared gap of normalised maps."""
-    if student_feat.shape[0] != teacher_feat.shape[0] or student_feat.shape[2:] != teacher_feat.shape[2:]:
-        raise ValueError(
-            f"student features {tuple(student_feat.shape)} and teacher features {tuple(teacher_feat.shape)} "
-            "must agree on batch and spatial dims (channels may differ); resize one side first"
-        )
+# --- layer 3: the registry of loss terms a recipe can name, and their weighted sum --------------------------
 
-    def attention_map(feat: Tensor) -> Tensor:
-        return F.normalize(feat.float().abs().pow(p).mean(1).flatten(1), dim=1)
-
-    return (attention_map(student_feat) - attention_map(teacher_feat)).pow(2).mean()
-
-
-# --- layer 3: a weighted sum of terms from a config list (dicts or objects with the same fields) ------------
-
-TERM_FUNCTIONS: tuple[str, ...] = (*DIVERGENCES, "ce", "feature", "attention")
-_SHAPE_PARAMETER = {"generalized_jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
-_DEFAULTS = {"weight": 1.0, "temperature": 1.0, "beta": 0.5, "alpha": 0.1}
+# What a term reads. A term whose needs a step cannot meet is refused with its name; terms that need the
+# teacher's features need it in the loop (train.mode: online) and a student with features (a transformer).
+TEACHER_LOGITS, LABELS, HIDDEN_STATES, ATTENTIONS = "teacher_logits", "labels", "hidden_states", "attentions"
+FEATURES = frozenset({HIDDEN_STATES, ATTENTIONS})
+_MISSING = {  # how a missing need is named in an error: the tensors the step did not provide
+    TEACHER_LOGITS: ("teacher_logits",),
+    HIDDEN_STATES: ("student_hidden", "teacher_hidden"),
+    ATTENTIONS: ("student_attention", "teacher_attention"),
+}
 
 
 @dataclass(frozen=True)
@@ -301,22 +273,144 @@ class _Term:
     alpha: float
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What one training step offers the terms."""
+
+    student: Outputs
+    signal: Signal | None
+    labels: Tensor | None
+    mask: Tensor | None
+    modules: nn.ModuleDict  # the terms' own parameters (feature projections), by term name
+
+    @property
+    def token_mask(self) -> Tensor | None:
+        return self.mask if self.student.token_mask is None else self.student.token_mask
+
+
+Compute = Callable[[_Term, _Step], Tensor]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss term: its recipe name, what it reads, the recipe parameters it uses besides weight."""
+
+    name: str
+    needs: frozenset[str]
+    parameters: tuple[str, ...]
+    compute: Compute
+    projection: str | None = None  # a FeatureLoss kind: the term owns a learned projection of hidden states
+
+    @property
+    def needs_features(self) -> bool:
+        return bool(self.needs & FEATURES)
+
+
+LOSS_TERMS: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str, needs: Sequence[str], parameters: Sequence[str] = (), projection: str | None = None
+) -> Callable[[Compute], Compute]:
+    """Add a loss term to the registry: the recipe's allowed `train.losses[].function` values come from here."""
+
+    def add(compute: Compute) -> Compute:
+        if name in LOSS_TERMS:
+            raise ValueError(f"loss term {name!r} is registered twice")
+        LOSS_TERMS[name] = LossSpec(name, frozenset(needs), tuple(parameters), compute, projection)
+        return compute
+
+    return add
+
+
+def _dense_teacher(term: _Term, step: _Step) -> Tensor:
+    if not isinstance(step.signal, DenseSignal):
+        raise ValueError(
+            f"loss term {term.name!r} needs the teacher's full distribution (a dense signal); this teacher signal "
+            f"is {type(step.signal).__name__}: use forward_kl, or a signal that keeps the whole distribution"
+        )
+    return step.signal.logits
+
+
+def _divergence(function: Callable[..., Tensor], shape: str | None = None) -> Compute:
+    def compute(term: _Term, step: _Step) -> Tensor:
+        extra = {} if shape is None else {shape: getattr(term, shape)}
+        teacher = _dense_teacher(term, step)
+        return function(step.student.logits, teacher, temperature=term.temperature, mask=step.mask, **extra)
+
+    return compute
+
+
+@register_loss("forward_kl", [TEACHER_LOGITS], ["temperature"])
+def _forward_kl_term(term: _Term, step: _Step) -> Tensor:
+    """Dense: forward_kl; a sparse signal: sparse_forward_kl over its entries, the left-out mass as it says."""
+    signal = step.signal
+    if isinstance(signal, SparseSignal):
+        return sparse_forward_kl(
+            step.student.logits, signal.ids, signal.logprobs, term.temperature, step.mask, signal.missing_mass
+        )
+    return _divergence(forward_kl)(term, step)
+
+
+register_loss("reverse_kl", [TEACHER_LOGITS], ["temperature"])(_divergence(reverse_kl))
+register_loss("generalized_jsd", [TEACHER_LOGITS], ["temperature", "beta"])(_divergence(generalized_jsd, "beta"))
+register_loss("skew_kl", [TEACHER_LOGITS], ["temperature", "alpha"])(_divergence(skew_kl, "alpha"))
+register_loss("skew_reverse_kl", [TEACHER_LOGITS], ["temperature", "alpha"])(_divergence(skew_reverse_kl, "alpha"))
+
+
+@register_loss("ce", [LABELS])
+def _ce_term(term: _Term, step: _Step) -> Tensor:
+    """Hard-label cross-entropy; no labels (an unlabelled transfer batch): nothing to fit, 0."""
+    if step.labels is None:
+        return step.student.logits.new_zeros((), dtype=torch.float32)
+    return hard_label_ce(step.student.logits, step.labels, step.mask)
+
+
+def _feature_term(term: _Term, step: _Step) -> Tensor:
+    assert step.signal is not None and step.student.hidden_states is not None
+    assert isinstance(step.signal, DenseSignal) and step.signal.hidden_states is not None
+    return step.modules[term.name](step.student.hidden_states, step.signal.hidden_states, step.token_mask)
+
+
+register_loss("feature", [HIDDEN_STATES], projection="mse")(_feature_term)
+register_loss("feature_cosine", [HIDDEN_STATES], projection="cosine")(_feature_term)
+
+
+@register_loss("attention", [ATTENTIONS])
+def _attention_term(term: _Term, step: _Step) -> Tensor:
+    assert isinstance(step.signal, DenseSignal) and step.signal.attentions is not None
+    assert step.student.attentions is not None
+    return attention_transfer(step.student.attentions, step.signal.attentions, step.token_mask)
+
+
+TERM_FUNCTIONS: tuple[str, ...] = tuple(LOSS_TERMS)
+_DEFAULTS = {"weight": 1.0, "temperature": 1.0, "beta": 0.5, "alpha": 0.1}
+
+
 def _field(spec: object, name: str, default: Any) -> Any:
     value = spec.get(name) if isinstance(spec, Mapping) else getattr(spec, name, None)
     return default if value is None else value
 
 
-def _require(term: str, **inputs: Tensor | None) -> None:
-    missing = [key for key, value in inputs.items() if value is None]
-    if missing:
-        raise ValueError(
-            f"loss term {term!r} needs {' and '.join(missing)}, which this step did not provide; "
-            "pass them to the objective or remove the term from the loss list"
-        )
+def _missing(spec: LossSpec, step: _Step) -> list[str]:
+    """The tensors a term needs that this step does not have."""
+    signal = step.signal if isinstance(step.signal, DenseSignal) else None
+    have = {
+        TEACHER_LOGITS: step.signal is not None,
+        HIDDEN_STATES: step.student.hidden_states is not None
+        and signal is not None
+        and signal.hidden_states is not None,
+        ATTENTIONS: step.student.attentions is not None and signal is not None and signal.attentions is not None,
+    }
+    missing: list[str] = []
+    for need in sorted(spec.needs & set(have)):
+        if not have[need]:
+            missing += _MISSING[need]
+    return missing
 
 
 class DistillationObjective(nn.Module):
-    """Weighted sum of terms `{function, weight, temperature, beta, alpha, kind}`; owns the projections."""
+    """Weighted sum of registered terms `{function, weight, temperature, beta, alpha}`; owns the projections."""
 
     def __init__(self, terms: Sequence[object], student_dim: int | None = None, teacher_dim: int | None = None) -> None:
         super().__init__()
@@ -326,7 +420,7 @@ class DistillationObjective(nn.Module):
         self.feature_losses = nn.ModuleDict()
         functions = [_field(spec, "function", None) for spec in terms]
         for index, (spec, function) in enumerate(zip(terms, functions, strict=True)):
-            if function not in TERM_FUNCTIONS:
+            if function not in LOSS_TERMS:
                 raise ValueError(
                     f"loss term {index}: unknown function {function!r}; allowed: {', '.join(TERM_FUNCTIONS)}"
                 )
@@ -340,57 +434,45 @@ class DistillationObjective(nn.Module):
                 )
             if not (0.0 <= term.beta <= 1.0 and 0.0 <= term.alpha <= 1.0):
                 raise ValueError(f"{where}: beta and alpha must be in [0, 1], got {term.beta}, {term.alpha}")
-            if function == "feature":
+            projection = LOSS_TERMS[function].projection
+            if projection is not None:
                 if student_dim is None or teacher_dim is None:
                     raise ValueError(
                         f"{where} needs student_dim and teacher_dim to build its projection: "
                         "DistillationObjective(terms, student_dim=..., teacher_dim=...)"
                     )
-                kind = _field(spec, "kind", "mse")
-                self.feature_losses[name] = FeatureLoss(student_dim, teacher_dim, kind)
+                self.feature_losses[name] = FeatureLoss(student_dim, teacher_dim, projection)
             self.terms.append(term)
-        self.needs_teacher_logits = any(t.function in DIVERGENCES for t in self.terms)
-        self.needs_hidden_states = any(t.function == "feature" for t in self.terms)
-        self.needs_attentions = any(t.function == "attention" for t in self.terms)
+        needs = set().union(*(LOSS_TERMS[t.function].needs for t in self.terms))
+        self.needs_teacher_logits = TEACHER_LOGITS in needs
+        self.needs_hidden_states = HIDDEN_STATES in needs
+        self.needs_attentions = ATTENTIONS in needs
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether a step must bring the student's and the teacher's hidden states or attention maps."""
+        return self.needs_hidden_states or self.needs_attentions
 
     def forward(
         self,
-        student_logits: Tensor,
-        teacher_logits: Tensor | None = None,
+        student: Outputs,
+        signal: Signal | None = None,
         labels: Tensor | None = None,
         mask: Tensor | None = None,
-        student_hidden: Tensor | None = None,
-        teacher_hidden: Tensor | None = None,
-        student_attention: Tensor | None = None,
-        teacher_attention: Tensor | None = None,
-        sequence_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Return the weighted total and every term's unweighted value, as floats for logging.
-
-        `sequence_mask` masks the feature and attention terms when they run over tokens while the logits do
-        not (a sequence classifier); it defaults to `mask`.
-        """
-        token_mask = mask if sequence_mask is None else sequence_mask
-        total = student_logits.new_zeros((), dtype=torch.float32)
+        """Return the weighted total and every term's unweighted value, as floats for logging."""
+        step = _Step(student, signal, labels, mask, self.feature_losses)
+        total = student.logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         for term in self.terms:
-            if term.function in DIVERGENCES:
-                _require(term.name, teacher_logits=teacher_logits)
-                assert teacher_logits is not None
-                shape = _SHAPE_PARAMETER.get(term.function)
-                extra = {} if shape is None else {shape: getattr(term, shape)}
-                divergence = DIVERGENCES[term.function]
-                value = divergence(student_logits, teacher_logits, temperature=term.temperature, mask=mask, **extra)
-            elif term.function == "ce":  # no labels (an unlabelled transfer batch): nothing to fit, 0
-                value = total.new_zeros(()) if labels is None else hard_label_ce(student_logits, labels, mask)
-            elif term.function == "feature":
-                _require(term.name, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-                assert student_hidden is not None and teacher_hidden is not None
-                value = self.feature_losses[term.name](student_hidden, teacher_hidden, token_mask)
-            else:
-                _require(term.name, student_attention=student_attention, teacher_attention=teacher_attention)
-                assert student_attention is not None and teacher_attention is not None
-                value = attention_transfer(student_attention, teacher_attention, token_mask)
+            spec = LOSS_TERMS[term.function]
+            missing = _missing(spec, step)
+            if missing:
+                raise ValueError(
+                    f"loss term {term.name!r} needs {' and '.join(missing)}, which this step did not provide; "
+                    "pass them to the objective or remove the term from the loss list"
+                )
+            value = spec.compute(term, step)
             total = total + term.weight * value
             values[term.name] = float(value.detach())
         return total, values

@@ -6,12 +6,15 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from distill_core.evaluate import Report, evaluate_model, measure_latency, relative_to
-from distill_core.gates import Verdict, beats, choose, judge
+from distill_core import names
+from distill_core.evaluate import Report, measure_latency, relative_to
+from distill_core.gates import Verdict, choose
+from distill_core.lineage import Lineage
+from distill_core.model_io import load_module, log_student
+from distill_core.modules import LoadedTeacher
 from distill_core.recipe import Recipe
 from distill_core.registry import (
     CHALLENGER,
@@ -24,9 +27,8 @@ from distill_core.registry import (
     move_alias,
     promote,
 )
-from distill_core.serving import log_student
 from distill_core.steps import StudentOutcome
-from distill_core.teachers import LoadedTeacher
+from distill_core.tasks import task_of
 
 
 @dataclass
@@ -63,14 +65,13 @@ def evaluate_champion(
     version = aliases(client, recipe.student_registered_name).get(CHAMPION)
     if version is None:
         return None, None
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{recipe.student_registered_name}/{version}")
-    module = pyfunc.unwrap_python_model().module
+    module = load_module(f"models:/{recipe.student_registered_name}/{version}")
     cfg = recipe.evaluation
     name = f"champion v{version}"
     speeds = measure_latency(
         {"teacher": teacher.module, name: module}, texts, cfg.latency_samples, cfg.throughput_batch
     )
-    report = evaluate_model(name, module, texts, labels, teacher_logits, speed=speeds[name])
+    report = task_of(recipe).evaluate(name, module, texts, labels, teacher_logits, speeds[name])
     paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)
     return version, relative_to(report, paired_teacher)
 
@@ -84,10 +85,10 @@ def judge_all(
 ) -> Decision:
     """Every distilled candidate against the gates; the smallest passing one is chosen."""
     verdicts, notes = [], []
+    task = task_of(recipe)
     for outcome in outcomes:
-        verdict = judge(
-            outcome.config.name, outcome.reports["distilled"], teacher_report, recipe.gates, champion_report
-        )
+        report = outcome.reports[names.Kind.DISTILLED]
+        verdict = task.judge(outcome.config.name, report, teacher_report, recipe.gates, champion_report)
         not_learned = outcome.did_not_learn()
         if not_learned is not None:
             verdict.reasons.append(not_learned)
@@ -104,7 +105,7 @@ def register_and_promote(
     decision: Decision,
     outcome: StudentOutcome,
     recipe: Recipe,
-    lineage: dict[str, str],
+    lineage: Lineage,
     input_texts: list[str],
     tracking_uri: str,
     ledger: Ledger,
@@ -115,8 +116,8 @@ def register_and_promote(
     champion_now measures the current champion again, for when another run promoted one meanwhile.
     """
     client = MlflowClient(tracking_uri)
-    name, verdict = recipe.student_registered_name, decision.chosen
-    key = f"{lineage['teacher_name']}/{lineage['teacher_version']}:{lineage['recipe_hash']}:{verdict.candidate}"
+    name, verdict, task = recipe.student_registered_name, decision.chosen, task_of(recipe)
+    key = lineage.idempotency_key(verdict.candidate)
     existing = find_student_version(client, name, key)
     if existing is not None:
         decision.student_version = str(existing.version)
@@ -124,31 +125,17 @@ def register_and_promote(
     else:
         report = verdict.report
         tags = {
-            **{f"distill.{k}": v for k, v in lineage.items()},
-            "distill.idempotency_key": key,
-            "distill.candidate": verdict.candidate,
-            "distill.gate": "passed" if verdict.passed else "failed",
-            "distill.gate_reasons": "; ".join(verdict.reasons) or "all gates passed",
-            "distill.accuracy": f"{report.accuracy:.4f}",
-            "distill.retention": f"{report.retention:.4f}",
-            "distill.agreement": f"{report.agreement:.4f}",
-            "distill.params": str(report.params),
-            "distill.teacher_accuracy": f"{report.accuracy / max(report.retention, 1e-9):.4f}",
-            "distill.p50_ms": f"{report.p50_ms:.3f}",
-            "distill.p95_ms": f"{report.p95_ms:.3f}",
-            "distill.speedup": f"{report.speedup:.2f}",
+            **lineage.tags(),
+            names.IDEMPOTENCY_KEY: key,
+            names.CANDIDATE: verdict.candidate,
+            **names.gate_tags(verdict.reasons),
+            **{names.tag(field): value for field, value in task.report_tags(report).items()},
         }
         description = (
-            f"Student '{verdict.candidate}' distilled from {lineage['teacher_name']} v{lineage['teacher_version']}: "
-            f"accuracy {report.accuracy:.3f} ({report.retention:.1%} of the teacher), {report.params:,} parameters "
-            f"({report.compression:.1f}x smaller), {report.speedup:.1f}x faster at batch 1. Gates: "
+            f"Student '{verdict.candidate}' distilled from {lineage.teacher_name} v{lineage.teacher_version}: "
+            f"{task.summary(report)}. Gates: "
             + ("passed." if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
-            + (
-                f" Data: {lineage['dataset_path']} at git {lineage['dataset_rev']} of {lineage['dataset_repo']}"
-                f" (DVC md5 {lineage['dataset_digest']})."
-                if "dataset_rev" in lineage
-                else ""
-            )
+            + lineage.data_sentence()
         )
         _, version = log_student(
             outcome.distilled.student,
@@ -156,6 +143,7 @@ def register_and_promote(
             input_texts=input_texts,
             tags=tags,
             description=description,
+            task=task,
         )
         decision.student_version = str(version)
     if not verdict.passed:
@@ -175,7 +163,7 @@ def register_and_promote(
 
 
 def _move_aliases(
-    decision: Decision, client: MlflowClient, ledger: Ledger, recipe: Recipe, lineage: dict[str, str]
+    decision: Decision, client: MlflowClient, ledger: Ledger, recipe: Recipe, lineage: Lineage
 ) -> Decision:
     """The alias a passing student gets, by the recipe's policy and the champion it was compared with."""
     name, verdict = recipe.student_registered_name, decision.chosen
@@ -183,14 +171,14 @@ def _move_aliases(
         decision.alias = CHAMPION
         decision.notes.append(f"v{decision.student_version} is already the champion")
         return decision
-    reason = f"distilled from {lineage['teacher_name']} v{lineage['teacher_version']}"
+    reason = f"distilled from {lineage.teacher_name} v{lineage.teacher_version}"
     if recipe.promotion.policy == "manual":
         decision.notes.append("policy manual: waiting for a person to promote the challenger")
         return _challenger(decision, client, ledger, name, reason)
     if champion_set_by_hand(client, ledger, name) and not recipe.promotion.override_manual_champion:
         decision.notes.append(f"champion v{decision.champion_before} was set by hand and the recipe keeps it")
         return _challenger(decision, client, ledger, name, reason)
-    if not beats(verdict.report, decision.champion_report):
+    if not task_of(recipe).beats(verdict.report, decision.champion_report):
         assert decision.champion_report is not None
         decision.notes.append(
             f"accuracy {verdict.report.accuracy:.4f} does not beat champion "

@@ -9,14 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill_core.errors import RecipeError
-
-DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl")
-LOSS_FUNCTIONS = (*DIVERGENCE_NAMES, "ce", "feature", "attention")
-TEACHER_LOSSES = {*DIVERGENCE_NAMES, "feature", "attention"}
-ONLINE_ONLY_LOSSES = {"feature", "attention"}
+from distill_core.losses import LOSS_TERMS
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
 # Learning rates that train each student family when neither the student nor train.lr sets one.
@@ -62,7 +58,8 @@ class TeacherConfig(_Strict):
 
 
 class SoftLabelConfig(_Strict):
-    """How teacher outputs are stored; every field here is part of the soft-label key."""
+    """How teacher outputs are made and stored. max_length changes what the teacher sees, so it is part of the
+    soft-label key; batch_size and shard_rows change only speed and the shards' layout, and are not."""
 
     batch_size: int = Field(default=64, ge=1, le=8192)
     max_length: int = Field(default=64, ge=8, le=512)
@@ -72,20 +69,23 @@ class SoftLabelConfig(_Strict):
 class LossTerm(_Strict):
     """One weighted term of the distillation objective."""
 
-    function: Literal[
-        "forward_kl",
-        "reverse_kl",
-        "generalized_jsd",
-        "skew_kl",
-        "skew_reverse_kl",
-        "ce",
-        "feature",
-        "attention",
-    ]
+    function: str  # a registered loss term (distill_core.losses.LOSS_TERMS)
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # finite: an infinite weight trains on NaN
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     beta: float = Field(default=0.5, ge=0.0, le=1.0)  # generalized_jsd only
     alpha: float = Field(default=0.1, ge=0.0, le=1.0)  # skew divergences only
+
+    @field_validator("function")
+    @classmethod
+    def _registered(cls, function: str) -> str:
+        if function not in LOSS_TERMS:
+            raise ValueError(f"unknown loss term; allowed: {', '.join(repr(name) for name in LOSS_TERMS)}")
+        return function
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether the term matches the teacher's hidden states or attention maps (the teacher in the loop)."""
+        return LOSS_TERMS[self.function].needs_features
 
 
 class StudentConfig(_Strict):
@@ -142,7 +142,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _online_losses(self) -> TrainConfig:
-        needs_online = sorted({t.function for t in self.losses} & ONLINE_ONLY_LOSSES)
+        needs_online = sorted({t.function for t in self.losses if t.needs_features})
         if needs_online and self.mode != "online":
             raise ValueError(f"loss terms {needs_online} need the teacher in the loop: set train.mode: online")
         if all(t.weight == 0 for t in self.losses):
@@ -185,30 +185,28 @@ class PromotionConfig(_Strict):
     override_manual_champion: bool = False  # may the pipeline replace a champion a person set by hand?
 
 
-class Recipe(_Strict):
-    """Everything that decides what a distillation produces."""
+class BaseRecipe(_Strict):
+    """Everything that decides what a distillation produces: the fields every task has. Each task's recipe class
+    (RECIPES) adds the sections whose fields belong to that task; `task` selects it."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    task: Literal["classification"] = "classification"
+    task: str = "classification"
     student_registered_name: str = Field(default="sentiment-student", min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     soft_labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     students: list[StudentConfig] = Field(min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    checks: ChecksConfig = Field(default_factory=ChecksConfig)
-    gates: GateConfig = Field(default_factory=GateConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
-    def _students_consistent(self) -> Recipe:
+    def _students_consistent(self) -> BaseRecipe:
         names = [s.name for s in self.students]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"student names must be unique, repeated: {duplicates}")
-        uses_hidden = {t.function for t in self.train.losses} & ONLINE_ONLY_LOSSES
+        uses_hidden = {t.function for t in self.train.losses if t.needs_features}
         bags = [s.name for s in self.students if s.family == "embedding_bag"]
         if uses_hidden and bags:
             raise ValueError(
@@ -234,25 +232,43 @@ class Recipe(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError) -> str:
+class ClassificationRecipe(BaseRecipe):
+    """A text classifier distilled: labeled text, class-balance checks, accuracy gates."""
+
+    task: Literal["classification"] = "classification"
+    data: DataConfig = Field(default_factory=DataConfig)
+    checks: ChecksConfig = Field(default_factory=ChecksConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
+
+
+# Each task's recipe class, by task name (distill_core.tasks registers the task itself under the same name).
+RECIPES: dict[str, type[ClassificationRecipe]] = {
+    cls.model_fields["task"].default: cls for cls in (ClassificationRecipe,)
+}
+DEFAULT_TASK = "classification"
+Recipe = ClassificationRecipe  # a recipe of any task: the union of RECIPES' classes (one task today)
+
+
+def _format_errors(err: ValidationError, recipe_class: type[BaseRecipe]) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-            parent = _model_at(e["loc"][:-1])
+            parent = _model_at(recipe_class, e["loc"][:-1])
             if parent is not None:
-                msg += f"; allowed fields here: {', '.join(parent.model_fields)}"
+                task = recipe_class.model_fields["task"].default
+                msg += f" for task {task!r}; allowed fields here: {', '.join(parent.model_fields)}"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {field}: {msg}{shown}")
     return "\n".join(lines)
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that sits at `loc` inside a Recipe, for listing its allowed fields."""
-    model: type[BaseModel] = Recipe
+def _model_at(recipe_class: type[BaseRecipe], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that sits at `loc` inside a recipe, for listing its allowed fields."""
+    model: type[BaseModel] = recipe_class
     for part in loc:
         if isinstance(part, int):
             continue
@@ -269,13 +285,19 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping, turning pydantic errors into one RecipeError that names every bad field."""
+    """Validate a recipe mapping against its task's recipe class, turning pydantic errors into one RecipeError
+    that names every bad field (and the task, for a field the task does not have)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    task = data.get("task", DEFAULT_TASK)
+    if not isinstance(task, str) or task not in RECIPES:
+        tasks = ", ".join(RECIPES)
+        raise RecipeError(f"{source} is not a valid recipe:\n  task: unknown task; tasks: {tasks} (got {task!r})")
+    recipe_class = RECIPES[task]
     try:
-        return Recipe.model_validate(data)
+        return recipe_class.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(f"{source} is not a valid recipe:\n{_format_errors(err)}") from None
+        raise RecipeError(f"{source} is not a valid recipe:\n{_format_errors(err, recipe_class)}") from None
 
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"

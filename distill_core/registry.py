@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from distill_core import names
 from distill_core.errors import DistillError
 
 STATUSES = ("running", "succeeded", "rejected", "failed")
@@ -400,7 +401,7 @@ def require_version(client: MlflowClient, name: str, version: str, what: str = "
 
 def ledger_tag(student: str, field: str) -> str:
     """The teacher-version tag of one ledger field for one student model: distill.<student>.<field>."""
-    return f"distill.{student}.{field}"
+    return names.tag(f"{student}.{field}")
 
 
 def set_ledger(client: MlflowClient, name: str, version: str, student: str, status: str, **fields: str) -> None:
@@ -418,7 +419,7 @@ def set_ledger(client: MlflowClient, name: str, version: str, student: str, stat
 
 def _legacy_ledger(version: ModelVersion) -> dict[str, str]:
     """The flat distill.<field> ledger earlier releases wrote (one per teacher version, whoever's student)."""
-    flat = {k.removeprefix("distill."): v for k, v in version.tags.items() if k.startswith("distill.")}
+    flat = names.fields_of(version.tags)
     entry = {k: flat[k] for k in LEDGER_FIELDS if k in flat}
     if LEGACY_ALIAS_FIELD in flat:
         entry.setdefault("student_alias", flat[LEGACY_ALIAS_FIELD])
@@ -445,10 +446,8 @@ def ledgers_of(
     """Every student model's ledger on a teacher version, by student model (flat entries of earlier releases too)."""
     cache = {} if cache is None else cache
     out: dict[str, dict[str, str]] = {}
-    for key, value in version.tags.items():
-        if not key.startswith("distill."):
-            continue
-        student, _, field = key.removeprefix("distill.").rpartition(".")
+    for key, value in names.fields_of(version.tags).items():
+        student, _, field = key.rpartition(".")
         if student and field in LEDGER_FIELDS:
             out.setdefault(student, {})[field] = value
     legacy = _legacy_ledger(version)
@@ -522,18 +521,18 @@ def move_alias(
         client.delete_registered_model_alias(model, alias)
     else:
         client.set_registered_model_alias(model, alias, str(version))
-        client.set_model_version_tag(model, str(version), f"distill.{alias}_since", _now())
-        client.set_model_version_tag(model, str(version), f"distill.{alias}_by", actor)
+        client.set_model_version_tag(model, str(version), names.tag(f"{alias}_since"), _now())
+        client.set_model_version_tag(model, str(version), names.tag(f"{alias}_by"), actor)
         if before is not None:
-            client.set_model_version_tag(model, str(version), f"distill.{alias}_from", before)
+            client.set_model_version_tag(model, str(version), names.tag(f"{alias}_from"), before)
     ledger.record_alias(model, alias, str(version) if version is not None else None, before, actor, reason)
 
 
 def failed_gates(version: ModelVersion) -> str | None:
     """Why a student version failed its gates (its distill.gate_reasons), or None when it passed or was not judged."""
-    if version.tags.get("distill.gate") != "failed":
+    if version.tags.get(names.GATE) != names.GATE_FAILED:
         return None
-    return version.tags.get("distill.gate_reasons") or "gate failed"
+    return version.tags.get(names.GATE_REASONS) or "gate failed"
 
 
 def reconcile(client: MlflowClient, ledger: Ledger, model: str) -> list[str]:

@@ -1,8 +1,10 @@
 """Soft labels: batched teacher inference, written as checksummed shards plus a manifest under a content key.
 
-The key hashes the teacher identity (name, version, weight digest), the dataset digest and every label
-setting, so any change makes new labels and a rerun with the same key reuses the stored ones. The manifest
-is written last: an entry without one is incomplete and is never read.
+Each task makes its own signal (Task.teacher_signal); this module stores and reads it. The key hashes the
+task, the teacher identity (name, version, weight digest), the dataset digest and the label settings that change
+what the teacher is shown (max_length; not batch or shard sizes), so any such change makes new labels and a rerun
+with the same key reuses the stored ones. The manifest is written last: an entry without one is incomplete and
+is never read.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
+from distill_core.modules import LoadedTeacher
 from distill_core.recipe import SoftLabelConfig
 from distill_core.store import ArtifactStore
-from distill_core.teachers import LoadedTeacher, check_logits_shape, length_batches
+from distill_core.tasks import task_named
 
 LABELED_SPLITS = ("transfer", "validation", "test")
 FORMAT_VERSION = 1
@@ -56,27 +57,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@torch.inference_mode()
-def teacher_logits(
-    teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str = "soft labels"
-) -> np.ndarray:
-    """Teacher logits for every text, in order, with a progress bar; NaN rows are refused by number."""
-    module = teacher.module.eval()
-    classes = len(module.labels)
-    out = np.zeros((len(texts), classes), dtype=np.float32)
-    for batch in tqdm(length_batches(texts, cfg.batch_size), desc=desc, unit="batch", leave=False):
-        logits = module(**module.tokenize([texts[i] for i in batch], cfg.max_length))
-        check_logits_shape(logits, len(batch), classes, f"teacher {teacher.identity}")
-        out[batch] = logits.float().numpy()
-    bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
-    if len(bad):
-        raise SoftLabelError(
-            f"teacher {teacher.identity} returned NaN or infinite logits in {desc} for {len(bad)} of {len(texts)} "
-            f"rows (first: row {bad[0]}, text {texts[bad[0]][:60]!r}); nothing was stored"
-        )
-    return out
-
-
 def generate_soft_labels(
     teacher: LoadedTeacher,
     dataset: PreparedDataset,
@@ -86,6 +66,7 @@ def generate_soft_labels(
     force: bool = False,
 ) -> SoftLabels:
     """Label every split with the teacher, or reuse a complete entry with the same key."""
+    labeler = task_named(task)
     key = soft_label_key(teacher.identity, dataset.digest, cfg, task)
     prefix = f"soft_labels/{key}"
     if not force and store.exists(f"{prefix}/manifest.json"):
@@ -101,7 +82,7 @@ def generate_soft_labels(
     all_logits: dict[str, np.ndarray] = {}
     for split in LABELED_SPLITS:
         texts = dataset.split(split)["text"].tolist()
-        out = teacher_logits(teacher, texts, cfg, desc=f"soft labels ({split})")
+        out = labeler.teacher_signal(teacher, texts, cfg, desc=f"soft labels ({split})")
         for shard_index, start in enumerate(range(0, max(len(texts), 1), cfg.shard_rows)):
             data = _npy_bytes(out[start : start + cfg.shard_rows])
             name = f"{split}-{shard_index:05d}.npy"

@@ -7,7 +7,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from distill_core import names
 from distill_core.errors import redact
+from distill_core.lineage import Lineage
 from distill_core.registry import (
     ANY_STUDENT,
     Claim,
@@ -19,32 +21,14 @@ from distill_core.registry import (
     upgrade_ledger,
 )
 from distill_core.settings import Settings
+from distill_core.tasks import TASKS
 
+# What a student version shows: how it was judged, then every task's measured fields (distill.<field> tags).
 HEADLINE = (
-    "candidate",
-    "gate",
-    "gate_reasons",
-    "accuracy",
-    "teacher_accuracy",
-    "retention",
-    "agreement",
-    "params",
-    "p50_ms",
-    "p95_ms",
-    "speedup",
+    *(names.CANDIDATE, names.GATE, names.GATE_REASONS),
+    *dict.fromkeys(names.tag(field) for task in TASKS.values() for field in task.gate_tags),
 )
 LEDGER: tuple[str, ...] = ("student_version", "student_alias", "run_id", "reasons", "error", "rerun_error")
-LINEAGE = (
-    "teacher_name",
-    "teacher_version",
-    "dataset_digest",
-    "dataset_repo",
-    "dataset_path",
-    "dataset_rev",
-    "soft_labels_key",
-    "recipe_hash",
-    "run_id",
-)
 
 
 def _ledger_line(
@@ -101,12 +85,13 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
     current = aliases(client, student)
     students: list[dict[str, Any]] = []
     for v in teacher_versions(client, student):
-        tags = {k.removeprefix("distill."): value for k, value in v.tags.items() if k.startswith("distill.")}
+        judged = names.fields_of({k: v.tags[k] for k in HEADLINE if k in v.tags})
         students.append(
             {
                 "version": str(v.version),
                 "aliases": sorted(aliases_of(student).get(str(v.version), [])),
-                **{k: tags[k] for k in (*HEADLINE, *LINEAGE) if k in tags},
+                **judged,
+                **Lineage.from_tags(v.tags).as_fields(),
             }
         )
     history = [

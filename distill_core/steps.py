@@ -20,22 +20,18 @@ from mlflow.tracking import MlflowClient
 
 from distill_core.data import PreparedDataset, load_prepared, preparation_key, prepare_dataset
 from distill_core.errors import DistillError, RecipeError
-from distill_core.evaluate import (
-    Report,
-    accuracy,
-    comparison_table,
-    evaluate_model,
-    measure_latency,
-    predict,
-    relative_to,
-)
+from distill_core.evaluate import Report, comparison_table, measure_latency, relative_to
+from distill_core.model_io import load_teacher, log_teacher
+from distill_core.modules import LoadedTeacher, read_module, save_module
+from distill_core.names import DATASET_DIGEST, TRAINABLE_LAYERS, Kind, display_name
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
 from distill_core.students import build_student
-from distill_core.teachers import LoadedTeacher, load_teacher, log_teacher, picklable, train_teacher
+from distill_core.tasks import Task, task_of
+from distill_core.teachers import train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
 from distill_core.versioning import open_versioned
 
@@ -68,15 +64,15 @@ def train_and_register_teacher(
     cfg = recipe.teacher.model_copy(update=overrides)
     teacher = train_teacher(dataset, cfg, log)
     test = dataset.split("test")
-    acc = float((predict(teacher, test["text"].tolist()).argmax(1) == test["label"].to_numpy()).mean())
+    acc = task_of(recipe).validate(teacher, test["text"].tolist(), test["label"].to_numpy())
     log(f"teacher test accuracy {acc:.4f}")
     return log_teacher(
         teacher,
         recipe.teacher.registered_name,
         settings.tracking_uri,
         tags={
-            "distill.dataset_digest": dataset.digest,
-            "distill.trainable_layers": str(cfg.trainable_layers),
+            DATASET_DIGEST: dataset.digest,
+            TRAINABLE_LAYERS: str(cfg.trainable_layers),
         },
         metrics={"test_accuracy": acc},
         artifact_location=settings.experiment_location("teachers"),
@@ -121,9 +117,9 @@ class StudentOutcome:
     config: StudentConfig
     distilled: TrainResult
     baseline: TrainResult | None  # None when the recipe skips the hard-label twin
-    reports: dict[str, Report] = field(default_factory=dict)  # by kind, filled by evaluate_all
-    # the distilled student's accuracy on the train split, and chance there (the largest class's share): a
-    # student still at chance did not learn (filled by evaluate_all)
+    reports: dict[Kind, Report] = field(default_factory=dict)  # by kind, filled by evaluate_all
+    # the distilled student's validation metric on the train split, and chance there (for a classifier, accuracy
+    # and the largest class's share): a student still at chance did not learn (filled by evaluate_all)
     train_accuracy: float | None = None
     chance_accuracy: float | None = None
 
@@ -138,8 +134,8 @@ class StudentOutcome:
             f"({self.chance_accuracy:.3f}, the largest class's share); raise students[].lr or train.epochs"
         )
 
-    def results(self) -> list[tuple[str, TrainResult]]:
-        pairs = [("distilled", self.distilled), ("hard-label", self.baseline)]
+    def results(self) -> list[tuple[Kind, TrainResult]]:
+        pairs = [(Kind.DISTILLED, self.distilled), (Kind.HARD_LABEL, self.baseline)]
         return [(kind, result) for kind, result in pairs if result is not None]
 
 
@@ -179,7 +175,7 @@ def distill_student(
             transfer_frame["text"].tolist(), transfer_frame["label"].to_numpy(), labels.logits["transfer"]
         )
         cfg = recipe.train
-    kind = "hard-label" if baseline else "distilled"
+    kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
     fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
     log(f"training {student_cfg.name} ({kind}, {len(transfer.texts)} rows)")
     return train_student(
@@ -192,6 +188,7 @@ def distill_student(
         teacher=teacher.module,
         fingerprint=fingerprint,
         log=log,
+        task=task_of(recipe),
     )
 
 
@@ -228,31 +225,29 @@ def evaluate_all(
     teacher_logits = labels.logits["test"]
     cfg = recipe.evaluation
 
+    task = task_of(recipe)
     teacher_name = f"teacher {teacher.name} v{teacher.version}"
     models = {teacher_name: teacher.module}
     for outcome in outcomes:
-        models.update({f"{outcome.config.name} ({kind})": result.student for kind, result in outcome.results()})
+        models.update({display_name(outcome.config.name, k): result.student for k, result in outcome.results()})
     speeds = measure_latency(models, texts, cfg.latency_samples, cfg.throughput_batch)  # side by side
 
-    def report(name: str, logits: np.ndarray | None = None) -> Report:
-        return evaluate_model(name, models[name], texts, y, teacher_logits, logits, speed=speeds[name])
+    def report(name: str, outputs: np.ndarray | None = None) -> Report:
+        return task.evaluate(name, models[name], texts, y, teacher_logits, speeds[name], outputs)
 
     teacher_report = report(teacher_name, teacher_logits)
     reports = [teacher_report]
     train = dataset.split("train")
     train_texts, train_labels = train["text"].tolist(), train["label"].to_numpy()
-    chance = float(np.bincount(train_labels).max() / len(train_labels))
+    chance = task.chance(train_labels)
     for outcome in outcomes:
         for kind, _ in outcome.results():
-            measured = report(f"{outcome.config.name} ({kind})")
+            measured = report(display_name(outcome.config.name, kind))
             outcome.reports[kind] = relative_to(measured, teacher_report)
             reports.append(outcome.reports[kind])
-        outcome.train_accuracy = accuracy(predict(outcome.distilled.student, train_texts), train_labels)
+        outcome.train_accuracy = task.validate(outcome.distilled.student, train_texts, train_labels)
         outcome.chance_accuracy = chance
     return reports
-
-
-KINDS = ("distilled", "hard-label")
 
 
 def write_json(path: Path, data: object) -> None:
@@ -272,7 +267,7 @@ def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
     (out_dir / "training.json").unlink(missing_ok=True)
     for outcome in outcomes:
         for kind, result in outcome.results():
-            save = partial(torch.save, picklable(result.student))
+            save = partial(save_module, result.student)
             _replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", save)
     training = {
         f"{o.config.name}/{k}": {
@@ -298,28 +293,27 @@ def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
     outcomes = []
     for cfg in recipe.students:
         results: dict[str, TrainResult] = {}
-        for kind in KINDS:
+        for kind in Kind:
             meta = training.get(f"{cfg.name}/{kind}")
             if meta is None:
                 continue
-            module = torch.load(out_dir / cfg.name / f"{kind}.pt", weights_only=False)
+            module = read_module(out_dir / cfg.name / f"{kind}.pt")
             results[kind] = TrainResult(
                 module, meta["history"], meta["steps"], meta["best_step"], meta["best_accuracy"], meta["stopped_early"]
             )
-        if "distilled" not in results:
+        if Kind.DISTILLED not in results:
             raise DistillError(f"student '{cfg.name}' of recipe '{recipe.name}' is not in {out_dir}: train it again")
-        outcomes.append(StudentOutcome(cfg, results["distilled"], results.get("hard-label")))
+        outcomes.append(StudentOutcome(cfg, results[Kind.DISTILLED], results.get(Kind.HARD_LABEL)))
     return outcomes
 
 
-def headline_metrics(reports: list[Report]) -> dict[str, Any]:
+def headline_metrics(task: Task, teacher: Report, outcomes: list[StudentOutcome]) -> dict[str, Any]:
     """The numbers a person compares, as `dvc metrics show` prints them: teacher.accuracy, bag.distilled.accuracy."""
-    keys = ("accuracy", "macro_f1", "retention", "agreement", "kl_to_teacher", "params", "p50_ms", "speedup")
-    teacher, *students = reports
-    metrics: dict[str, Any] = {"teacher": {k: getattr(teacher, k) for k in keys}}
-    for report in students:
-        name, _, kind = report.name.rpartition(" (")
-        metrics.setdefault(name, {})[kind.rstrip(")")] = {k: getattr(report, k) for k in keys}
+    metrics: dict[str, Any] = {"teacher": {k: getattr(teacher, k) for k in task.headline}}
+    for outcome in outcomes:
+        metrics[outcome.config.name] = {
+            str(kind): {k: getattr(report, k) for k in task.headline} for kind, report in outcome.reports.items()
+        }
     return metrics
 
 
@@ -332,12 +326,15 @@ def write_training_curves(out_dir: Path, outcomes: list[StudentOutcome]) -> None
             frame.to_csv(out_dir / f"{outcome.config.name}.{kind}.csv", index=False, float_format="%.5g")
 
 
-def write_report(out_dir: Path, reports: list[Report], meta: Mapping[str, object]) -> Path:
-    """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation."""
+def write_report(
+    recipe: Recipe, out_dir: Path, reports: list[Report], outcomes: list[StudentOutcome], meta: Mapping[str, object]
+) -> Path:
+    """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation (teacher
+    first, as evaluate_all returns them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(comparison_table(reports) + "\n")
     pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
-    write_json(out_dir / "metrics.json", headline_metrics(reports))
+    write_json(out_dir / "metrics.json", headline_metrics(task_of(recipe), reports[0], outcomes))
     write_json(out_dir / "report.json", {**meta, "reports": [r.as_dict() for r in reports]})
     return out_dir
 
@@ -355,10 +352,11 @@ def lineage_meta(
     }
 
 
-def run_pipeline(
+def distill_and_evaluate(
     recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, log: Log = print
 ) -> tuple[list[Report], Path]:
-    """One teacher version through prepare → label → distill → evaluate; returns the reports and run folder."""
+    """One teacher version through prepare → label → distill → evaluate, in this process and with no registry
+    writes (the flow's version is flows.pipeline.distill_and_promote); returns the reports and run folder."""
     dataset = open_dataset(recipe, settings)
     teacher = load_teacher(teacher_name, teacher_version, settings.tracking_uri)
     labels = label(recipe, settings, dataset, teacher)
@@ -367,4 +365,4 @@ def run_pipeline(
     outcomes = distill_all(recipe, dataset, labels, teacher, out, log)
     save_students(out, outcomes)
     reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
-    return reports, write_report(out, reports, lineage_meta(recipe, dataset, labels, teacher))
+    return reports, write_report(recipe, out, reports, outcomes, lineage_meta(recipe, dataset, labels, teacher))

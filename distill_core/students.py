@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from distill_core.errors import RecipeError
+from distill_core.modules import Batch, TextClassifier, TextModule, load_minilm, minilm_path
 from distill_core.recipe import StudentConfig
-from distill_core.teachers import Batch, TextClassifier, TextModule, load_minilm, minilm_path
 
 _WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 

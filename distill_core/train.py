@@ -1,7 +1,8 @@
-"""The distillation loop: seeded, checkpointed, resumable, with early stopping on validation accuracy.
+"""The distillation loop: seeded, checkpointed, resumable, with early stopping on the task's validation metric.
 
-Offline mode reads stored teacher logits; online mode runs the teacher on every batch, which the feature
-and attention terms need. The hard-label baseline is the same loop with a single cross-entropy term.
+A `Distiller` is a student, an objective and a source of the teacher's signal: stored soft labels (offline) or
+the teacher in the loop (online), which the feature and attention terms need. The hard-label baseline is the same
+loop with a single cross-entropy term and no source.
 """
 
 from __future__ import annotations
@@ -9,19 +10,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from distill_core.evaluate import accuracy, predict
 from distill_core.losses import DistillationObjective
+from distill_core.modules import TextClassifier, TextModule, fast_attention
 from distill_core.recipe import LossTerm, StudentConfig, TrainConfig
-from distill_core.teachers import Features, TextClassifier, TextModule, fast_attention
+from distill_core.signals import OnlineSource, Outputs, SignalSource, StoredSource
+from distill_core.tasks import CLASSIFICATION, Task
 
 CHECKPOINT = "last.pt"
 
@@ -54,69 +55,65 @@ def baseline_config(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"losses": [LossTerm(function="ce")], "mode": "offline"})
 
 
+def objective_for(student: TextModule, cfg: TrainConfig, teacher: TextModule | None) -> DistillationObjective:
+    """The recipe's loss terms, with projections sized from the student's and the teacher's hidden states."""
+    hidden = getattr(getattr(student, "encoder", None), "config", None)
+    teacher_hidden = getattr(getattr(teacher, "encoder", None), "config", None)
+    return DistillationObjective(
+        cfg.losses,
+        student_dim=hidden.hidden_size if hidden is not None else None,
+        teacher_dim=teacher_hidden.hidden_size if teacher_hidden is not None else None,
+    )
+
+
+def source_for(
+    objective: DistillationObjective,
+    cfg: TrainConfig,
+    transfer: TransferSet,
+    teacher: TextModule | None,
+    teacher_layer: int | None = None,
+) -> SignalSource | None:
+    """Where the teacher's signal comes from: none when no term reads it, the teacher in the loop when the recipe
+    says online (and a teacher is given), else the stored soft labels."""
+    if not (objective.needs_teacher_logits or objective.needs_features):
+        return None
+    if cfg.mode == "online" and teacher is not None:
+        return OnlineSource(teacher, objective.needs_features, teacher_layer)
+    if transfer.teacher_logits is None:
+        raise ValueError("offline distillation needs stored teacher logits; pass them or use mode: online")
+    return StoredSource(torch.tensor(transfer.teacher_logits))
+
+
 class Distiller:
-    """Holds the student, the objective and the optimizer; `step` is one distillation update."""
+    """A student, the objective it minimises and the source of the teacher's signal; `step` is one update."""
 
     def __init__(
         self,
         student: TextModule,
-        cfg: TrainConfig,
-        student_cfg: StudentConfig,
-        teacher: TextModule | None = None,
-        teacher_layer: int | None = None,
+        objective: DistillationObjective,
+        source: SignalSource | None,
+        lr: float,
+        weight_decay: float,
+        task: Task = CLASSIFICATION,
     ):
-        self.student, self.cfg, self.teacher = student, cfg, teacher
-        hidden = getattr(getattr(student, "encoder", None), "config", None)
-        teacher_hidden = getattr(getattr(teacher, "encoder", None), "config", None)
-        self.objective = DistillationObjective(
-            cfg.losses,
-            student_dim=hidden.hidden_size if hidden is not None else None,
-            teacher_dim=teacher_hidden.hidden_size if teacher_hidden is not None else None,
-        )
-        self.teacher_layer = teacher_layer  # the teacher layer that the student's last layer imitates
-        self.needs_features = self.objective.needs_hidden_states or self.objective.needs_attentions
-        lr = student_cfg.learning_rate(cfg)
-        params = [p for p in [*student.parameters(), *self.objective.parameters()] if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        self.student, self.objective, self.source, self.task = student, objective, source, task
+        params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    def _teacher_outputs(self, batch: dict[str, Tensor], teacher_batch: dict[str, Tensor]) -> dict[str, Any]:
-        assert isinstance(self.teacher, TextModule)
-        with torch.no_grad():
-            if not self.needs_features:
-                return {"teacher_logits": self.teacher(**teacher_batch).float()}
-            assert isinstance(self.teacher, TextClassifier), "feature and attention terms need a transformer teacher"
-            feats: Features = self.teacher.features(**teacher_batch)
-        layer = self.teacher_layer if self.teacher_layer is not None else len(feats.attentions) - 1
-        return {
-            "teacher_logits": feats.logits.float(),
-            "teacher_hidden": feats.hidden_states[layer + 1],
-            "teacher_attention": feats.attentions[layer],
-        }
+    def _outputs(self, inputs: dict[str, torch.Tensor]) -> Outputs:
+        if not self.objective.needs_features:
+            return Outputs(self.student(**inputs))
+        if not isinstance(self.student, TextClassifier):
+            raise TypeError("feature and attention terms need a transformer student (a TextClassifier)")
+        feats = self.student.features(**inputs)
+        return Outputs(feats.logits, feats.hidden_states[-1], feats.attentions[-1], inputs["attention_mask"])
 
-    def step(
-        self,
-        batch: dict[str, Tensor],
-        labels: Tensor | None,
-        teacher_logits: Tensor | None,
-        teacher_batch: dict[str, Tensor] | None = None,
-    ) -> dict[str, float]:
-        """One update: forward, loss, backward, optimizer step. Returns the loss terms."""
+    def step(self, index: Sequence[int], texts: list[str], targets: torch.Tensor) -> dict[str, float]:
+        """One update on the transfer rows `index`: forward, loss, backward, optimizer step. Returns the terms."""
         self.student.train()
-        inputs: dict[str, Any] = {"teacher_logits": teacher_logits, "labels": labels}
-        if teacher_batch is not None:
-            inputs.update(self._teacher_outputs(batch, teacher_batch))
-        if self.needs_features:
-            assert isinstance(self.student, TextClassifier)
-            feats = self.student.features(**batch)
-            inputs.update(
-                student_logits=feats.logits,
-                student_hidden=feats.hidden_states[-1],
-                student_attention=feats.attentions[-1],
-                sequence_mask=batch["attention_mask"],
-            )
-        else:
-            inputs["student_logits"] = self.student(**batch)
-        loss, terms = self.objective(**inputs)
+        batch = self.task.batch(self.student, texts, targets)
+        signal = self.source.signal(index, texts) if self.source is not None else None
+        loss, terms = self.objective(self._outputs(batch.inputs), signal, batch.targets, batch.mask)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -144,14 +141,14 @@ def train_student(
     fingerprint: str = "",
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    task: Task = CLASSIFICATION,
 ) -> TrainResult:
     """Train until epochs/max_steps or early stop; resume from `checkpoint_dir` when a matching checkpoint exists."""
-    online = cfg.mode == "online" and teacher is not None
-    if not online and transfer.teacher_logits is None and any(t.function != "ce" for t in cfg.losses):
-        raise ValueError("offline distillation needs stored teacher logits; pass them or use mode: online")
     torch.manual_seed(cfg.seed)
     layer = student_cfg.teacher_layers[-1] if student_cfg.family == "transformer" else None
-    distiller = Distiller(student, cfg, student_cfg, teacher if online else None, layer)
+    objective = objective_for(student, cfg, teacher if cfg.mode == "online" else None)
+    source = source_for(objective, cfg, transfer, teacher, layer)
+    distiller = Distiller(student, objective, source, student_cfg.learning_rate(cfg), cfg.weight_decay, task)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_dir / CHECKPOINT
@@ -187,29 +184,25 @@ def train_student(
     def evaluate(at: int) -> bool:
         """Validate; returns True when training should stop early."""
         nonlocal stale, best_state
-        acc = accuracy(predict(student, validation[0]), validation[1])
-        result.history.append({"step": at, "epoch": at / steps_per_epoch, "val_accuracy": acc, **last_terms})
+        acc = task.validate(student, validation[0], validation[1])
+        result.history.append({"step": at, "epoch": at / steps_per_epoch, task.early_stopping: acc, **last_terms})
         if acc > result.best_accuracy or not result.best_step:
             result.best_accuracy, result.best_step, stale = acc, at, 0
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
             stale += 1
-        log(f"step {at}/{total} val_accuracy {acc:.4f} loss {last_terms.get('loss', float('nan')):.4f}")
+        log(f"step {at}/{total} {task.early_stopping} {acc:.4f} loss {last_terms.get('loss', float('nan')):.4f}")
         return stale >= cfg.patience
 
     started = time.perf_counter()
     last_terms: dict[str, float] = {}
     labels_all = torch.tensor(transfer.labels, dtype=torch.long)
-    logits_all = torch.tensor(transfer.teacher_logits) if transfer.teacher_logits is not None else None
     while step < total and not result.stopped_early and not finished:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n, cfg.seed, epoch)
         index = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
         texts = [transfer.texts[i] for i in index]
-        batch = student.tokenize(texts)
-        teacher_batch = teacher.tokenize(texts) if online and teacher is not None else None
-        stored = logits_all[index] if logits_all is not None and not online else None
-        last_terms = distiller.step(batch, labels_all[index], stored, teacher_batch)
+        last_terms = distiller.step(index, texts, labels_all[index])
         step += 1
         if on_step is not None:
             on_step(step)

@@ -121,7 +121,7 @@ OptionalTeacher = Annotated[
 
 
 def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Recipe, Settings -> LoadedTeacher
-    from distill_core.teachers import load_teacher
+    from distill_core.model_io import load_teacher
 
     if ref is not None:
         return load_teacher(*_teacher_ref(ref), settings.tracking_uri)
@@ -167,7 +167,7 @@ def stage_teacher(
 ) -> None:
     """Train the stand-in MiniLM teacher and register it as a new version (or, with --out, pin one)."""
     from distill_core import steps
-    from distill_core.teachers import load_teacher
+    from distill_core.model_io import load_teacher
 
     settings, rcp = _env(home), _recipe(recipe)
     if out is not None:
@@ -241,8 +241,9 @@ def stage_evaluate(
     settings, rcp = _env(home), _recipe(recipe)
     loaded, dataset = _stage_teacher(rcp, settings, teacher), steps.open_dataset(rcp, settings)
     soft = _stage_labels(rcp, settings, labels)
-    reports = steps.evaluate_all(rcp, dataset, soft, loaded, steps.load_students(students, rcp))
-    steps.write_report(out, reports, steps.lineage_meta(rcp, dataset, soft, loaded))
+    outcomes = steps.load_students(students, rcp)
+    reports = steps.evaluate_all(rcp, dataset, soft, loaded, outcomes)
+    steps.write_report(rcp, out, reports, outcomes, steps.lineage_meta(rcp, dataset, soft, loaded))
     typer.echo((out / "report.md").read_text())
 
 
@@ -253,7 +254,7 @@ def stage_distill(teacher: OptionalTeacher = None, recipe: RecipeOpt = DEFAULT_R
 
     settings, rcp = _env(home), _recipe(recipe)
     loaded = _stage_teacher(rcp, settings, teacher)
-    reports, out = steps.run_pipeline(rcp, settings, loaded.name, loaded.version, log=_echo)
+    reports, out = steps.distill_and_evaluate(rcp, settings, loaded.name, loaded.version, log=_echo)
     typer.echo((out / "report.md").read_text())
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 
+from distill_core import names
 from distill_core.errors import RecipeError, redact
 from distill_core.recipe import Recipe, load_recipe, recipe_location
 from distill_core.settings import Settings, load_settings
@@ -48,7 +49,7 @@ def distill_teacher_version(
     from mlflow.tracking import MlflowClient
 
     from distill_core.registry import Ledger, ledger_entry, require_version, set_ledger, upgrade_ledger
-    from flows.pipeline import check_teacher_fits, experiment, load_teacher_task, run_pipeline
+    from flows.pipeline import check_teacher_fits, distill_and_promote, experiment, load_teacher_task
 
     started = time.perf_counter()
     logger = get_run_logger()
@@ -85,10 +86,10 @@ def distill_teacher_version(
                 client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
             )
         try:
-            decision = run_pipeline(recipe, settings, teacher, run.info.run_id)
+            decision = distill_and_promote(recipe, settings, teacher, run.info.run_id)
         except Exception as err:
             message = redact(f"{type(err).__name__}: {err}")
-            mlflow.set_tag("distill.error", message[:4900])
+            mlflow.set_tag(names.ERROR, message[:4900])
             if rerun_of_outcome:  # keep the earlier outcome; say that the rerun failed and where
                 fields = {"rerun_error": f"{message} (MLflow run {run.info.run_id})"}
                 set_ledger(client, teacher_name, teacher_version, student, before["status"], **fields)

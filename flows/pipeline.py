@@ -23,10 +23,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from distill_core import checks, plots, steps
+from distill_core import checks, names, plots, steps
 from distill_core.data import PreparedDataset
 from distill_core.errors import DistillError, SoftLabelError
-from distill_core.evaluate import Report, comparison_table, predict
+from distill_core.evaluate import Report, comparison_table
+from distill_core.lineage import Lineage
+from distill_core.model_io import load_teacher
+from distill_core.modules import LoadedTeacher
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe
 from distill_core.registry import Ledger
@@ -34,7 +37,7 @@ from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
 from distill_core.store import check_locations, open_store
 from distill_core.students import check_fits
-from distill_core.teachers import LoadedTeacher, load_teacher
+from distill_core.tasks import task_of
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -80,9 +83,7 @@ def _data_docs(docs_dir: Path) -> Iterator[None]:
 @task(cache_policy=NO_CACHE)
 def check_dataset_task(recipe: Recipe, settings: Settings, docs_dir: Path) -> PreparedDataset:
     dataset = steps.open_dataset(recipe, settings)
-    checks.raise_on_failure(
-        checks.check_dataset(dataset, docs_dir, max_duplicate_share=recipe.checks.max_duplicate_share)
-    )
+    checks.raise_on_failure(task_of(recipe).check_data(dataset, docs_dir, recipe.checks))
     return dataset
 
 
@@ -100,11 +101,7 @@ def soft_labels_task(recipe: Recipe, settings: Settings, dataset: PreparedDatase
 
 @task(cache_policy=NO_CACHE)
 def check_soft_labels_task(labels: SoftLabels, dataset: PreparedDataset, recipe: Recipe, docs_dir: Path) -> None:
-    cfg = recipe.checks
-    result = checks.check_soft_labels(
-        labels, dataset, docs_dir, max_row_sum_error=cfg.max_row_sum_error, max_class_kl=cfg.max_class_kl
-    )
-    checks.raise_on_failure(result)
+    checks.raise_on_failure(task_of(recipe).check_signal(labels, dataset, docs_dir, recipe.checks))
 
 
 @task(cache_policy=NO_CACHE)
@@ -120,7 +117,7 @@ def register_task(
     decision: Decision,
     outcome: steps.StudentOutcome,
     recipe: Recipe,
-    lineage: dict[str, str],
+    lineage: Lineage,
     input_texts: list[str],
     settings: Settings,
     champion_now: Callable[[], tuple[str | None, Report | None]],
@@ -140,6 +137,7 @@ def experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str:
 
 
 def _log_candidate(
+    recipe: Recipe,
     outcome: steps.StudentOutcome,
     verdict_reasons: list[str],
     teacher_logits: Any,
@@ -153,17 +151,22 @@ def _log_candidate(
         mlflow.log_params({f"student.{k}": v for k, v in outcome.config.model_dump().items()})
         for kind, result in outcome.results():
             for row in result.history:
-                metrics = {f"{kind}.{k}": float(v) for k, v in row.items() if k not in ("step", "epoch")}
+                metrics = {
+                    names.history_metric(kind, k): float(v) for k, v in row.items() if k not in ("step", "epoch")
+                }
                 mlflow.log_metrics(metrics, step=int(row["step"]))
             report = outcome.reports[kind]
             mlflow.log_metrics(
-                {f"{kind}.test_{k}": float(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))}
+                {
+                    names.report_metric(kind, k): float(v)
+                    for k, v in report.as_dict().items()
+                    if isinstance(v, (int, float))
+                }
             )
-        mlflow.set_tag("distill.gate", "passed" if not verdict_reasons else "failed")
-        mlflow.set_tag("distill.gate_reasons", "; ".join(verdict_reasons) or "all gates passed")
-        histories = {f"{outcome.config.name} ({kind})": r.history for kind, r in outcome.results()}
+        mlflow.set_tags(names.gate_tags(verdict_reasons))
+        histories = {names.display_name(outcome.config.name, kind): r.history for kind, r in outcome.results()}
         mlflow.log_figure(plots.training_curves(histories), "plots/training_curves.png")
-        student_logits = predict(outcome.distilled.student, test_texts)
+        student_logits = task_of(recipe).predict(outcome.distilled.student, test_texts)
         mlflow.log_figure(
             plots.reliability_diagram(teacher_logits, student_logits, test_labels, outcome.config.name),
             "plots/reliability.png",
@@ -204,7 +207,8 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def run_pipeline(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run_id: str) -> Decision:
+def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run_id: str) -> Decision:
+    """The distill-teacher-version flow's body: checks, soft labels, students, gates, registration, aliases."""
     check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
     docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
     teacher_name, teacher_version = teacher.name, teacher.version
@@ -249,10 +253,10 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run
     if champion_report is not None:
         reports.append(champion_report)
     with _data_docs(docs_dir):
-        checks.raise_on_failure(checks.check_evaluation([r.as_dict() for r in reports], docs_dir))
+        checks.raise_on_failure(task_of(recipe).check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
-        _log_candidate(outcome, verdict.reasons, labels.logits["test"], y, texts)
+        _log_candidate(recipe, outcome, verdict.reasons, labels.logits["test"], y, texts)
     points = [
         {"name": v.candidate, "params": v.report.params, "accuracy": v.report.accuracy, "passed": v.passed}
         for v in decision.verdicts
@@ -261,20 +265,20 @@ def run_pipeline(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run
     mlflow.log_figure(plots.size_vs_quality(points), "plots/size_vs_quality.png")
     table = comparison_table(reports)
     mlflow.log_text(table, "report.md")
-    lineage = {
-        "teacher_name": teacher_name,
-        "teacher_version": teacher_version,
+    lineage = Lineage(
+        teacher_name=teacher_name,
+        teacher_version=teacher_version,
         **data_lineage,
-        "soft_labels_key": key,
-        "recipe_hash": recipe.recipe_hash(),
-        "run_id": run_id,
-    }
+        soft_labels_key=key,
+        recipe_hash=recipe.recipe_hash(),
+        run_id=run_id,
+    )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
     decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings, champion_now)
     mlflow.log_artifacts(str(docs_dir), "data_docs")
     docs_uri = f"{mlflow.get_artifact_uri('data_docs')}/index.html"
     decision.timings = timings
-    mlflow.log_metrics({f"seconds.{phase}": value for phase, value in timings.items()})
+    mlflow.log_metrics({names.seconds_metric(phase): value for phase, value in timings.items()})
     create_markdown_artifact(
         _summary_markdown(teacher, decision, table, docs_uri, run_id),
         key=f"distill-{teacher_name}-v{teacher_version}".lower().replace("_", "-"),

@@ -166,8 +166,9 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def registered_teacher(small_dataset, tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """The real MiniLM teacher (a head trained on frozen features), registered as sentiment-teacher v1."""
+    from distill_core.model_io import log_teacher
     from distill_core.recipe import TeacherConfig
-    from distill_core.teachers import log_teacher, train_teacher
+    from distill_core.teachers import train_teacher
 
     cfg = TeacherConfig(trainable_layers=0, epochs=3, batch_size=32, lr=0.05)
     teacher = train_teacher(small_dataset, cfg, log=lambda _: None)

@@ -18,10 +18,10 @@ from distill_core.checks import (
 )
 from distill_core.data import PreparedDataset
 from distill_core.evaluate import Report
+from distill_core.model_io import load_teacher
 from distill_core.recipe import SoftLabelConfig
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import LocalStore
-from distill_core.teachers import load_teacher
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,8 @@ def _toy_registry(home: Path, teacher: str = "sentiment-teacher", versions: int 
     from mlflow.tracking import MlflowClient
     from toy_models import BagTeacher, WordHashTokenizer
 
-    from distill_core.teachers import WrappedTeacher, log_teacher
+    from distill_core.model_io import log_teacher
+    from distill_core.modules import WrappedTeacher
 
     home.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{home / 'mlflow.db'}"

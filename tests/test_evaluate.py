@@ -22,8 +22,8 @@ from distill_core.evaluate import (
     relative_to,
 )
 from distill_core.gates import judge
+from distill_core.modules import WrappedTeacher
 from distill_core.recipe import GateConfig
-from distill_core.teachers import WrappedTeacher
 
 LABELS = np.array([0, 0, 1, 1])
 LOGITS = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # predictions 0, 1, 1, 0

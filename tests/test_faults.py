@@ -357,10 +357,10 @@ def test_s3_stopping_while_labels_are_written_is_a_named_error_and_leaves_no_man
     import boto3
 
     from distill_core.errors import StoreError
+    from distill_core.model_io import load_teacher
     from distill_core.recipe import SoftLabelConfig
     from distill_core.soft_labels import generate_soft_labels
     from distill_core.store import open_store
-    from distill_core.teachers import load_teacher
 
     proxy = CuttableProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from distill_core import steps
+from distill_core.model_io import load_teacher
 from distill_core.recipe import parse_recipe
 from distill_core.soft_labels import generate_soft_labels
 from distill_core.store import LocalStore
-from distill_core.teachers import load_teacher
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden-run.json"
 MEASURED = ("accuracy", "macro_f1", "agreement", "kl_to_teacher", "ece", "params", "bytes", "retention")

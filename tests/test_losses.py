@@ -19,13 +19,12 @@ from distill_core.losses import (
     forward_kl,
     generalized_jsd,
     hard_label_ce,
-    kd_loss,
     reverse_kl,
     skew_kl,
     skew_reverse_kl,
     sparse_forward_kl,
-    spatial_attention_transfer,
 )
+from distill_core.signals import DenseSignal, Outputs, SparseSignal
 
 # Two rows of three-class logits, written by hand.
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
@@ -250,7 +249,18 @@ def test_half_precision_logits_are_computed_in_float32():
     assert loss.item() == pytest.approx(forward_kl(student.bfloat16().float(), teacher.bfloat16().float()).item())
 
 
-# --- KD loss ------------------------------------------------------------------------------------------------
+# --- KD loss: the alpha-mix of a divergence and hard-label CE, as a recipe writes it -------------------------
+
+
+def kd_loss(student, teacher, labels, alpha=0.5, temperature=2.0, divergence="forward_kl", mask=None):
+    """Hinton KD as two weighted terms of the objective: alpha * divergence at T + (1 - alpha) * CE."""
+    objective = DistillationObjective(
+        [
+            {"function": divergence, "weight": alpha, "temperature": temperature},
+            {"function": "ce", "weight": 1.0 - alpha},
+        ]
+    )
+    return objective(Outputs(student), DenseSignal(teacher), labels, mask)[0]
 
 
 def test_kd_loss_alpha_endpoints():
@@ -287,11 +297,6 @@ def test_kd_loss_on_sequences_uses_mask_and_ignore_index():
     expected_ce = torch.nn.functional.cross_entropy(student[counted], labels[counted])
     expected = 0.5 * forward_kl(student, teacher, 2.0, mask=MASK) + 0.5 * expected_ce
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_kd_loss_unknown_divergence_lists_the_allowed_names():
-    with pytest.raises(ValueError, match="allowed: forward_kl, reverse_kl"):
-        kd_loss(t(STUDENT), t(TEACHER), None, divergence="kl")
 
 
 # --- sparse top-k teacher -----------------------------------------------------------------------------------
@@ -372,14 +377,6 @@ def test_attention_transfer_with_masked_keys_and_queries():
     assert student.grad is not None and torch.isfinite(student.grad).all()
 
 
-def test_spatial_attention_transfer():
-    teacher = random_logits(2, 8, 4, 4, seed=38)
-    assert spatial_attention_transfer(teacher, teacher.clone()).item() == pytest.approx(0.0, abs=1e-8)
-    assert spatial_attention_transfer(random_logits(2, 3, 4, 4, seed=39), teacher).item() > 0
-    with pytest.raises(ValueError, match="spatial dims"):
-        spatial_attention_transfer(random_logits(2, 3, 2, 2, seed=40), teacher)
-
-
 # --- the weighted objective ---------------------------------------------------------------------------------
 
 
@@ -394,7 +391,7 @@ def test_objective_total_is_the_weighted_sum_of_its_terms():
             {"function": "skew_kl", "weight": 0.2, "alpha": 0.2, "temperature": 1.5},
         ]
     )
-    total, values = objective(student, teacher, labels=labels, mask=MASK)
+    total, values = objective(Outputs(student), DenseSignal(teacher), labels=labels, mask=MASK)
     fkl = forward_kl(student, teacher, 2.0, MASK)
     ce = hard_label_ce(student, labels, MASK)
     jsd = generalized_jsd(student, teacher, 0.3, 1.0, MASK)
@@ -414,7 +411,7 @@ def test_objective_accepts_spec_objects_and_names_repeated_functions_apart():
         beta: float | None = None
 
     objective = DistillationObjective([Spec("forward_kl", 1.0, 1.0), Spec("forward_kl", 0.5, 4.0)])
-    total, values = objective(t(STUDENT), t(TEACHER))
+    total, values = objective(Outputs(t(STUDENT)), DenseSignal(t(TEACHER)))
     assert set(values) == {"forward_kl_0", "forward_kl_1"}
     expected = forward_kl(t(STUDENT), t(TEACHER), 1.0) + 0.5 * forward_kl(t(STUDENT), t(TEACHER), 4.0)
     assert total.item() == pytest.approx(expected.item())
@@ -423,9 +420,9 @@ def test_objective_accepts_spec_objects_and_names_repeated_functions_apart():
 def test_objective_ce_only_needs_no_teacher_and_gives_zero_without_labels():
     objective = DistillationObjective([{"function": "ce", "weight": 1.0}])
     assert not objective.needs_teacher_logits
-    total, _ = objective(t(STUDENT), labels=torch.tensor([1, 2]))
+    total, _ = objective(Outputs(t(STUDENT)), labels=torch.tensor([1, 2]))
     assert total.item() == pytest.approx(hard_label_ce(t(STUDENT), torch.tensor([1, 2])).item())
-    assert objective(t(STUDENT))[0].item() == 0.0
+    assert objective(Outputs(t(STUDENT)))[0].item() == 0.0
 
 
 def test_objective_feature_term_trains_its_projection():
@@ -439,7 +436,7 @@ def test_objective_feature_term_trains_its_projection():
     assert len(params) == 1 and params[0].shape == (10, 6)
     student, teacher = random_logits(2, 4, 6, seed=43), random_logits(2, 4, 6, seed=44)
     s_hidden, t_hidden = random_logits(2, 4, 6, seed=45), random_logits(2, 4, 10, seed=46)
-    total, values = objective(student, teacher, mask=MASK, student_hidden=s_hidden, teacher_hidden=t_hidden)
+    total, values = objective(Outputs(student, hidden_states=s_hidden), DenseSignal(teacher, t_hidden), mask=MASK)
     expected = values["forward_kl"] + 0.1 * values["feature"]
     assert total.item() == pytest.approx(expected, rel=1e-6)
     total.backward()
@@ -449,7 +446,10 @@ def test_objective_feature_term_trains_its_projection():
 def test_objective_attention_term():
     objective = DistillationObjective([{"function": "attention", "weight": 2.0}])
     student, teacher = attention_maps(2, 2, 4, seed=47), attention_maps(2, 4, 4, seed=48)
-    total, values = objective(random_logits(2, 4, 6, seed=0), student_attention=student, teacher_attention=teacher)
+    total, values = objective(
+        Outputs(random_logits(2, 4, 6, seed=0), attentions=student),
+        DenseSignal(random_logits(2, 4, 6, seed=1), attentions=teacher),
+    )
     assert total.item() == pytest.approx(2.0 * attention_transfer(student, teacher).item())
 
 
@@ -465,15 +465,15 @@ def test_unknown_function_error_lists_allowed_names():
 def test_missing_hidden_states_error_names_the_term():
     objective = DistillationObjective([{"function": "feature", "weight": 1.0}], student_dim=6, teacher_dim=6)
     with pytest.raises(ValueError, match="'feature' needs student_hidden and teacher_hidden"):
-        objective(random_logits(2, 6, seed=0))
+        objective(Outputs(random_logits(2, 6, seed=0)))
     attention = DistillationObjective([{"function": "attention", "weight": 1.0}])
     with pytest.raises(ValueError, match="'attention' needs student_attention and teacher_attention"):
-        attention(random_logits(2, 6, seed=0))
+        attention(Outputs(random_logits(2, 6, seed=0)))
 
 
 def test_missing_teacher_logits_error_names_the_term():
     with pytest.raises(ValueError, match="'reverse_kl' needs teacher_logits"):
-        DistillationObjective([{"function": "reverse_kl"}])(t(STUDENT))
+        DistillationObjective([{"function": "reverse_kl"}])(Outputs(t(STUDENT)))
 
 
 def test_feature_term_without_dims_is_rejected_at_construction():
@@ -492,3 +492,46 @@ def test_feature_term_without_dims_is_rejected_at_construction():
 def test_out_of_range_fields_are_rejected(term, message):
     with pytest.raises(ValueError, match=message):
         DistillationObjective([term])
+
+
+# --- the registry: every term a recipe names is reachable, a signal that cannot serve a term is refused -------
+
+
+def test_forward_kl_over_a_sparse_signal_is_the_sparse_divergence():
+    student, teacher = random_logits(2, 4, 10, seed=60), random_logits(2, 4, 10, seed=61)
+    top = torch.log_softmax(teacher, -1).topk(3, dim=-1)
+    objective = DistillationObjective([{"function": "forward_kl", "temperature": 2.0}])
+    for rule in ("zero", "tail"):
+        total, _ = objective(Outputs(student), SparseSignal(top.indices, top.values, rule), mask=MASK)
+        expected = sparse_forward_kl(student, top.indices, top.values, 2.0, MASK, missing_mass=rule)
+        assert total.item() == pytest.approx(expected.item())
+
+
+def test_a_divergence_that_needs_the_whole_distribution_refuses_a_sparse_signal_by_name():
+    top = random_logits(2, 10, seed=62).log_softmax(-1).topk(3, dim=-1)
+    with pytest.raises(ValueError, match="'reverse_kl' needs the teacher's full distribution"):
+        DistillationObjective([{"function": "reverse_kl"}])(
+            Outputs(random_logits(2, 10, seed=63)), SparseSignal(top.indices, top.values)
+        )
+
+
+def test_the_cosine_feature_term_is_a_recipe_term_with_its_own_projection():
+    from distill_core.recipe import LossTerm
+
+    term = LossTerm(function="feature_cosine", weight=1.0)
+    assert term.needs_features
+    objective = DistillationObjective([term], student_dim=6, teacher_dim=6)
+    hidden = random_logits(2, 4, 6, seed=64)
+    same, _ = objective(Outputs(random_logits(2, 4, 3, seed=0), hidden), DenseSignal(hidden, hidden.clone()), mask=MASK)
+    other, _ = objective(Outputs(random_logits(2, 4, 3, seed=0), hidden), DenseSignal(hidden, -hidden), mask=MASK)
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and other.item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_every_registered_term_is_a_recipe_value_and_nothing_else_is():
+    from distill_core.losses import LOSS_TERMS
+    from distill_core.recipe import LossTerm
+
+    for name in LOSS_TERMS:
+        assert LossTerm(function=name).function == name
+    with pytest.raises(ValueError, match="unknown loss term"):
+        LossTerm(function="kd_loss")

@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from toy_models import register_toy_teacher
 
 from distill_core.errors import StoreError
+from distill_core.model_io import log_teacher
+from distill_core.modules import WrappedTeacher
 from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, ledger_entry, promote, rollback
-from distill_core.teachers import WrappedTeacher, log_teacher
 from flows.distill import distill_teacher_version, watch_teachers
 
 # lr 0.1: on 210 training reviews a bag at 0.02 keeps its first evaluation's state, a constant prediction, which

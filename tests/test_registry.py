@@ -11,6 +11,8 @@ from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core.evaluate import Report
 from distill_core.gates import Verdict, beats, choose, judge
+from distill_core.model_io import log_teacher
+from distill_core.modules import WrappedTeacher
 from distill_core.recipe import GateConfig
 from distill_core.registry import (
     CHAMPION,
@@ -27,7 +29,6 @@ from distill_core.registry import (
     unhandled_versions,
     upgrade_ledger,
 )
-from distill_core.teachers import WrappedTeacher, log_teacher
 
 
 def _claim(url: str, who: str, out) -> None:

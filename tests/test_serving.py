@@ -13,11 +13,12 @@ import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from distill_core.model_io import ServingError, load_teacher, log_student
+from distill_core.modules import TextModule
 from distill_core.plots import reliability_diagram, size_vs_quality, training_curves
 from distill_core.recipe import StudentConfig
-from distill_core.serving import ServingError, TextClassifierModel, log_student
 from distill_core.students import EmbeddingBagStudent, build_student
-from distill_core.teachers import TextModule, load_teacher
+from distill_core.tasks.classification import TextClassifierModel
 
 LABELS = ("fresh", "rotten")
 REVIEWS = {

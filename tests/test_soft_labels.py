@@ -7,11 +7,12 @@ import pytest
 from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core.errors import SoftLabelError, TeacherError
+from distill_core.model_io import load_teacher, log_teacher
+from distill_core.modules import LoadedTeacher, WrappedTeacher, content_digest
 from distill_core.recipe import SoftLabelConfig
 from distill_core.soft_labels import generate_soft_labels, load_soft_labels, soft_label_key
 from distill_core.store import LocalStore, open_store
 from distill_core.students import hashed_ngrams
-from distill_core.teachers import LoadedTeacher, WrappedTeacher, content_digest, load_teacher, log_teacher
 
 CFG = SoftLabelConfig(batch_size=32, max_length=64, shard_rows=100)
 

@@ -2,9 +2,9 @@
 
 import torch
 
+from distill_core.model_io import load_teacher
 from distill_core.recipe import StudentConfig
 from distill_core.students import EmbeddingBagStudent, build_student, hashed_ngrams, parameter_count
-from distill_core.teachers import load_teacher
 
 
 def test_transformer_student_copies_the_chosen_teacher_layers(registered_teacher, small_dataset, tracking_uri):

@@ -6,7 +6,8 @@ from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core.errors import TeacherError
 from distill_core.evaluate import predict
-from distill_core.teachers import WrappedTeacher, content_digest, load_teacher, log_teacher
+from distill_core.modules import content_digest
+from distill_core.teachers import WrappedTeacher, load_teacher, log_teacher  # the README's import path
 
 
 def test_minilm_teacher_loads_back_by_name_and_version(registered_teacher, small_dataset, tracking_uri):

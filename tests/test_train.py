@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from distill_core.evaluate import agreement, mean_kl, predict
+from distill_core.model_io import load_teacher
 from distill_core.recipe import LossTerm, StudentConfig, TrainConfig
 from distill_core.soft_labels import generate_soft_labels
 from distill_core.store import LocalStore
 from distill_core.students import build_student
-from distill_core.teachers import load_teacher
 from distill_core.train import TransferSet, baseline_config, train_student
 
 BAG = StudentConfig(name="bag", family="embedding_bag", buckets=4096, dim=16, lr=0.02)

@@ -3,8 +3,9 @@
 import torch
 from torch import nn
 
+from distill_core.model_io import log_teacher
+from distill_core.modules import WrappedTeacher
 from distill_core.students import hashed_ngrams
-from distill_core.teachers import WrappedTeacher, log_teacher
 
 
 class WordHashTokenizer:

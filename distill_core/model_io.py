@@ -1,0 +1,178 @@
+"""Models in and out of the MLflow registry: teachers, students and champions, in one format, by one loader.
+
+The format: the whole torch module, pickled (it carries its tokenizer and takes a tokenised dict, which MLflow 3's
+`pt2` default cannot). A teacher is logged with the pytorch flavour; a student as a pyfunc of its task (raw input
+in, predictions out) with the same pickle as its artifact. `load_module` reads either back, so any registered
+version, a student included, can be a teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient
+
+from distill_core import names
+from distill_core.errors import DistillError, TeacherError, redact
+from distill_core.modules import LoadedTeacher, TextModule, check_module, content_digest, picklable, save_module
+from distill_core.tasks import CLASSIFICATION, Task
+from distill_core.tasks.classification import STUDENT_ARTIFACT
+
+TEACHER_ARTIFACT = "teacher"
+
+
+class ServingError(DistillError):
+    """A student could not be logged or registered as a servable model."""
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what unpickling and running a model needs (torch without its local tag, e.g. +cpu)."""
+    import transformers
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"pandas=={pd.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+
+
+def log_teacher(
+    teacher: TextModule,
+    registered_name: str,
+    tracking_uri: str,
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    experiment: str = "teachers",
+    artifact_location: str | None = None,
+) -> tuple[str, str]:
+    """Log a teacher module to MLflow and register it; returns (registered name, version)."""
+    check_module(teacher, "teacher")
+    teacher.eval()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment)
+    version_tags = {
+        names.ROLE: "teacher",
+        names.CONTENT_DIGEST: content_digest(teacher),
+        names.LABELS: json.dumps(list(teacher.labels)),
+        **(tags or {}),
+    }
+    with mlflow.start_run(run_name=f"{registered_name}-teacher"):
+        mlflow.log_params({"teacher_class": type(teacher).__name__, "labels": ",".join(teacher.labels)})
+        if metrics:
+            mlflow.log_metrics(metrics)
+        info = mlflow.pytorch.log_model(
+            picklable(teacher),
+            name=TEACHER_ARTIFACT,
+            serialization_format="pickle",
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_name,
+            await_registration_for=60,
+        )
+    version = str(info.registered_model_version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return registered_name, version
+
+
+def load_module(model_uri: str) -> TextModule:
+    """The torch module of a logged model: a teacher (pytorch flavour) or a student (its pyfunc's pickle)."""
+    info = mlflow.models.get_model_info(model_uri)
+    if "pytorch" in info.flavors:
+        module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    else:
+        module = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().module
+    return module.eval()
+
+
+def load_teacher(name: str, version: str, tracking_uri: str) -> LoadedTeacher:
+    """Load a registered teacher version by name and version, and check it follows the model contract."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        module = load_module(f"models:/{name}/{version}")
+    except mlflow.exceptions.MlflowException as err:
+        raise TeacherError(
+            redact(f"cannot load teacher '{name}' version {version} from {tracking_uri}: {err.message}")
+        ) from None
+    except (ImportError, AttributeError) as err:  # unpickling needs the teacher's classes: not a transient error
+        module_name = getattr(err, "name", None)
+        raise TeacherError(
+            f"cannot load teacher '{name}' version {version}: its code is not importable where the pipeline runs "
+            f"({type(err).__name__}: {err}). Install the package that defines the teacher's classes"
+            + (f" (module {module_name!r})" if module_name else "")
+            + " in this environment, on every worker"
+        ) from None
+    check_module(module, "teacher")
+    return LoadedTeacher(module, name, str(version), content_digest(module))
+
+
+class LoggedStudent(NamedTuple):
+    """What `log_student` made: the logged model (`info.model_uri` is `models:/m-<id>`) and the registered
+    version, None when the student was not registered. Unpacks as `(info, version)`."""
+
+    info: ModelInfo
+    version: str | None
+
+
+def log_student(
+    student: TextModule,
+    *,
+    name: str = "student",
+    registered_model_name: str | None,
+    input_texts: list[str],
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
+    await_registration_for: int = 60,
+    task: Task = CLASSIFICATION,
+) -> LoggedStudent:
+    """Log the student as its task's pyfunc model in the active run and, given a name, register it, then set the
+    version's description and tags (ours: distill.role, distill.labels, distill.content_digest)."""
+    try:
+        check_module(student, "student")
+    except TeacherError as err:
+        raise ServingError(str(err)) from None
+    if mlflow.active_run() is None:
+        raise ServingError(
+            "log_student logs into the active MLflow run, and none is active: call it inside `with mlflow.start_run():`"
+        )
+    if not input_texts:
+        raise ServingError("log_student needs at least one input text for the model's input example")
+    student.eval()
+    with tempfile.TemporaryDirectory(prefix="student-") as tmp:
+        path = Path(tmp) / "student.pt"
+        save_module(student, path)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=task.python_model(),
+            artifacts={STUDENT_ARTIFACT: str(path)},
+            signature=task.signature(student),
+            input_example=task.input_example(input_texts),
+            pip_requirements=pip_requirements(),
+        )
+    if registered_model_name is None:
+        return LoggedStudent(info, None)
+    version_tags = {
+        names.ROLE: "student",
+        names.LABELS: json.dumps(list(student.labels)),
+        names.CONTENT_DIGEST: content_digest(student),
+        **(tags or {}),
+    }
+    # The version and its tags in one registry call: a process killed while registering leaves either no version
+    # or one that carries its idempotency key (so a rerun finds it instead of registering a second one).
+    registered = mlflow.register_model(
+        info.model_uri, registered_model_name, await_registration_for=await_registration_for, tags=version_tags
+    )
+    version = str(registered.version)
+    if description is not None:
+        MlflowClient().update_model_version(registered_model_name, version, description=description)
+    return LoggedStudent(info, version)

@@ -1,0 +1,91 @@
+"""Teacher signals, what the student's own outputs are matched against, and the sources that make them.
+
+A signal is what the teacher says about a batch: `DenseSignal` holds its logits over every class (or vocabulary
+entry), and online its hidden states and attention maps too; `SparseSignal` holds the top-k (or sampled) entries
+per position with their log-probabilities, the rest of the mass left out. A source gives the signal for the rows
+of a batch: `StoredSource` reads the soft-label store's entry (under its content key), `OnlineSource` runs the
+teacher in the loop. The training loop asks a source and never knows which one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from distill_core.modules import Features, TextClassifier, TextModule
+
+
+@dataclass(frozen=True)
+class DenseSignal:
+    """The teacher's full distribution: logits `[N, C]` or `[N, T, V]`; hidden states and attentions (of the layer
+    the student imitates) when the teacher runs in the loop."""
+
+    logits: Tensor
+    hidden_states: Tensor | None = None
+    attentions: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SparseSignal:
+    """The teacher's largest (or sampled) entries per position: ids `[N, T, k]` and their log-probabilities at
+    temperature 1. `missing_mass` says how the left-out mass is read: "zero" renormalises over the k entries,
+    "tail" keeps it as one more outcome."""
+
+    ids: Tensor
+    logprobs: Tensor
+    missing_mass: str = "zero"
+
+
+Signal = DenseSignal | SparseSignal
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the student produced on a batch: logits, and its features when a term matches them. `token_mask`
+    masks the feature and attention terms when they run over tokens while the logits do not (a sequence
+    classifier); None: the logits' mask."""
+
+    logits: Tensor
+    hidden_states: Tensor | None = None
+    attentions: Tensor | None = None
+    token_mask: Tensor | None = None
+
+
+class SignalSource(Protocol):
+    """Gives the teacher's signal for the rows `index` of the transfer set (whose texts are `texts`)."""
+
+    def signal(self, index: Sequence[int], texts: list[str]) -> Signal: ...
+
+
+class StoredSource:
+    """Rows of a stored dense signal: the soft-label store's logits of the transfer split."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+
+    def signal(self, index: Sequence[int], texts: list[str]) -> Signal:
+        return DenseSignal(self.logits[list(index)])
+
+
+class OnlineSource:
+    """The teacher in the loop: its logits on every batch, and with `features` the hidden states and attention
+    maps of `layer` (the teacher layer the student's last layer imitates; None: its last)."""
+
+    def __init__(self, teacher: TextModule, features: bool = False, layer: int | None = None) -> None:
+        if features and not isinstance(teacher, TextClassifier):
+            raise TypeError("feature and attention terms need a transformer teacher (a TextClassifier)")
+        self.teacher, self.features, self.layer = teacher, features, layer
+
+    @torch.no_grad()
+    def signal(self, index: Sequence[int], texts: list[str]) -> Signal:
+        batch = self.teacher.tokenize(texts)
+        if not self.features:
+            return DenseSignal(self.teacher(**batch).float())
+        assert isinstance(self.teacher, TextClassifier)
+        feats: Features = self.teacher.features(**batch)
+        layer = self.layer if self.layer is not None else len(feats.attentions) - 1
+        return DenseSignal(feats.logits.float(), feats.hidden_states[layer + 1], feats.attentions[layer])
