@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,17 +236,30 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> PreparedDataset:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataset.json").unlink(missing_ok=True)  # the marker of a complete folder goes last
+    writer = f"{os.getpid()}-{threading.get_ident()}"  # runs preparing the same folder at once never share a file
     for name, split in splits.items():
-        tmp = out / f".{name}.parquet.tmp"
+        tmp = out / f".{name}.parquet.{writer}.tmp"
         split.astype({"label": "int64"}).to_parquet(tmp, index=False)
         os.replace(tmp, out / f"{name}.parquet")
     digest = dataset_digest(splits)
     counts = {name: len(split) for name, split in splits.items()}
     meta = {"source": cfg.source, "labels": list(labels), "digest": digest, "counts": counts}
-    tmp = out / ".dataset.json.tmp"
+    tmp = out / f".dataset.json.{writer}.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / "dataset.json")
     return PreparedDataset(out, labels, digest, counts)
+
+
+def prepared_once(cfg: DataConfig, out_dir: str | Path) -> PreparedDataset:
+    """The dataset prepared in out_dir, preparing it first unless it is complete. Runs that start together on one
+    host (a burst of teacher versions) wait for one preparation and reuse it (a lock file beside the folder)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (out / "dataset.json").exists():
+            return load_prepared(out)
+        return prepare_dataset(cfg, out)
 
 
 def load_prepared(root: str | Path, verify: bool = True) -> PreparedDataset:

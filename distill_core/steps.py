@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from distill_core.data import PreparedDataset, load_prepared, preparation_key, prepare_dataset
+from distill_core.data import PreparedDataset, preparation_key, prepare_dataset, prepared_once
 from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import Report, comparison_table, measure_latency, relative_to
 from distill_core.model_io import load_teacher, log_teacher
@@ -53,8 +53,7 @@ def open_dataset(recipe: Recipe, settings: Settings) -> PreparedDataset:
     """The recipe's prepared dataset: through DVC when the recipe says so, else prepared under DISTILL_HOME."""
     if recipe.data.dvc is not None:
         return open_versioned(recipe.data.dvc, recipe.base_dir, settings)
-    root = dataset_dir(recipe, settings)
-    return load_prepared(root) if (root / "dataset.json").exists() else prepare(recipe, settings)
+    return prepared_once(recipe.data, dataset_dir(recipe, settings))
 
 
 def train_and_register_teacher(

@@ -126,3 +126,39 @@ def test_a_csv_that_is_not_utf8_is_named_with_the_byte_and_the_fix(tmp_path):
     source.write_bytes("text,label\ncaf\xe9 au lait,pos\nbad,neg\n".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"latin1.csv is not UTF-8: byte 0xe9 at offset 14 .*iconv -f latin1"):
         load_source(str(source))
+
+
+def test_runs_that_prepare_the_same_data_at_once_all_get_it_and_it_is_prepared_once(tmp_path):
+    """A burst of teacher versions started three flow runs on one host together: they wrote the same temporary
+    parquet file, and the runs whose rename came second failed with FileNotFoundError."""
+    import threading
+
+    from distill_core import steps
+    from distill_core.recipe import parse_recipe
+    from distill_core.settings import load_settings
+
+    settings = load_settings(tmp_path / "home")
+    source = _csv(tmp_path / "a.csv", 120, 1)
+    recipe = parse_recipe(
+        {"name": "burst", "data": {"source": str(source)}, "students": [{"name": "s", "family": "embedding_bag"}]}
+    )
+    barrier, results, errors = threading.Barrier(6), [], []
+
+    def run(call) -> None:
+        barrier.wait()
+        try:
+            results.append(call())
+        except Exception as err:  # noqa: BLE001 - every failure is the finding
+            errors.append(repr(err))
+
+    calls = [lambda: steps.open_dataset(recipe, settings)] * 3
+    calls += [lambda: prepare_dataset(recipe.data, tmp_path / "direct")] * 3  # without the lock: still no clash
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len({r.digest for r in results}) == 1
+    assert load_prepared(steps.dataset_dir(recipe, settings)).digest == results[0].digest
+    assert not [p.name for p in (tmp_path / "direct").iterdir() if p.name.endswith(".tmp")]
