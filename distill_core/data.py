@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,16 +251,17 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path) -> PreparedDataset:
     return PreparedDataset(out, labels, digest, counts)
 
 
-def prepared_once(cfg: DataConfig, out_dir: str | Path) -> PreparedDataset:
-    """The dataset prepared in out_dir, preparing it first unless it is complete. Runs that start together on one
-    host (a burst of teacher versions) wait for one preparation and reuse it (a lock file beside the folder)."""
+def prepared_once(out_dir: str | Path, prepare: Callable[[Path], PreparedDataset]) -> PreparedDataset:
+    """The dataset prepared in out_dir, calling prepare(out_dir) first unless it is complete. Runs that start
+    together on one host (a burst of teacher versions) wait for one preparation and reuse it (a lock file beside
+    the folder)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (out / "dataset.json").exists():
             return load_prepared(out)
-        return prepare_dataset(cfg, out)
+        return prepare(out)
 
 
 def load_prepared(root: str | Path, verify: bool = True) -> PreparedDataset:

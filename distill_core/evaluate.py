@@ -253,9 +253,9 @@ COLUMNS = [
 ]
 
 
-def comparison_table(reports: list[Report]) -> str:
-    """A markdown table of reports, teacher first."""
-    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in COLUMNS) + " |" for r in reports]
+def comparison_table(reports: list[Report], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+    """A markdown table of reports, teacher first: one column per (report field, title, format)."""
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    rows = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in columns) + " |" for r in reports]
     return "\n".join([header, rule, *rows])

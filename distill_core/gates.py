@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from distill_core.evaluate import Report
@@ -51,12 +52,17 @@ def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, ch
     return Verdict(candidate, report, reasons)
 
 
-def choose(verdicts: list[Verdict]) -> Verdict:
-    """The smallest passing candidate (ties: the most accurate); with none passing, the most accurate failure."""
+def _accuracy(report: Report) -> float:
+    return report.accuracy
+
+
+def choose(verdicts: list[Verdict], quality: Callable[[Report], float] = _accuracy) -> Verdict:
+    """The smallest passing candidate (ties: the best quality, by default accuracy); with none passing, the
+    best failure."""
     passing = [v for v in verdicts if v.passed]
     if passing:
-        return min(passing, key=lambda v: (v.report.params, -v.report.accuracy))
-    return max(verdicts, key=lambda v: v.report.accuracy)
+        return min(passing, key=lambda v: (v.report.params, -quality(v.report)))
+    return max(verdicts, key=lambda v: quality(v.report))
 
 
 def beats(candidate: Report, champion: Report | None) -> bool:

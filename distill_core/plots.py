@@ -89,13 +89,14 @@ def reliability_diagram(
     return fig
 
 
-def size_vs_quality(points: Sequence[dict[str, Any]]) -> Figure:
-    """Each candidate's parameter count (log x) against accuracy, marked by whether it passed the gates and
-    annotated with its name; a point with `teacher: True` is drawn as a reference line instead."""
+def size_vs_quality(points: Sequence[dict[str, Any]], quality: str = "accuracy") -> Figure:
+    """Each candidate's parameter count (log x) against its quality (the points' `quality` key, a task's quality
+    name), marked by whether it passed the gates and annotated with its name; a point with `teacher: True` is
+    drawn as a reference line instead."""
     teachers = [p for p in points if p.get("teacher")]
     candidates = [p for p in points if not p.get("teacher")]
     for point in candidates:
-        missing = [key for key in ("name", "params", "accuracy", "passed") if key not in point]
+        missing = [key for key in ("name", "params", quality, "passed") if key not in point]
         if missing:
             raise ValueError(f"size_vs_quality point {point.get('name', point)!r} lacks {missing}")
     fig = _figure(7, 5)
@@ -103,19 +104,19 @@ def size_vs_quality(points: Sequence[dict[str, Any]]) -> Figure:
     for passed, style in ((True, PASSED_STYLE), (False, FAILED_STYLE)):
         group = [p for p in candidates if bool(p["passed"]) is passed]
         if group:
-            ax.scatter([p["params"] for p in group], [p["accuracy"] for p in group], s=60, **style)  # type: ignore[arg-type]
+            ax.scatter([p["params"] for p in group], [p[quality] for p in group], s=60, **style)  # type: ignore[arg-type]
     for point in candidates:
         ax.annotate(
-            point["name"], (point["params"], point["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=9
+            point["name"], (point["params"], point[quality]), textcoords="offset points", xytext=(6, 6), fontsize=9
         )
     for teacher in teachers:
         label = str(teacher.get("name", "teacher"))
         if "params" in teacher:
             label += f" ({teacher['params']:,} params)"
-        ax.axhline(teacher["accuracy"], linestyle="--", color="grey", label=label)
+        ax.axhline(teacher[quality], linestyle="--", color="grey", label=label)
     ax.set_xscale("log")
     ax.margins(x=0.15)  # room for the names
-    ax.set(title="size against quality", xlabel="parameters (log scale)", ylabel="test accuracy")
+    ax.set(title="size against quality", xlabel="parameters (log scale)", ylabel=f"test {quality}")
     ax.grid(alpha=0.3, which="both")
     if points:
         ax.legend()

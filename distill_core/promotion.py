@@ -10,7 +10,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from distill_core import names
-from distill_core.evaluate import Report, measure_latency, relative_to
+from distill_core.evaluate import Report, measure_latency
 from distill_core.gates import Verdict, choose
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_module, log_student
@@ -73,7 +73,7 @@ def evaluate_champion(
     )
     report = task_of(recipe).evaluate(name, module, texts, labels, teacher_logits, speeds[name])
     paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)
-    return version, relative_to(report, paired_teacher)
+    return version, task_of(recipe).relative_to(report, paired_teacher)
 
 
 def judge_all(
@@ -98,7 +98,7 @@ def judge_all(
                 "accuracy): a weak teacher, or a student that also learned from the hard labels"
             )
         verdicts.append(verdict)
-    return Decision(verdicts, choose(verdicts), champion_version, champion_report, notes=notes)
+    return Decision(verdicts, choose(verdicts, task.quality), champion_version, champion_report, notes=notes)
 
 
 def register_and_promote(
@@ -178,11 +178,12 @@ def _move_aliases(
     if champion_set_by_hand(client, ledger, name) and not recipe.promotion.override_manual_champion:
         decision.notes.append(f"champion v{decision.champion_before} was set by hand and the recipe keeps it")
         return _challenger(decision, client, ledger, name, reason)
-    if not task_of(recipe).beats(verdict.report, decision.champion_report):
+    task = task_of(recipe)
+    if not task.beats(verdict.report, decision.champion_report):
         assert decision.champion_report is not None
         decision.notes.append(
-            f"accuracy {verdict.report.accuracy:.4f} does not beat champion "
-            f"v{decision.champion_before} ({decision.champion_report.accuracy:.4f})"
+            f"{task.quality_name} {task.quality(verdict.report):.4f} does not beat champion "
+            f"v{decision.champion_before} ({task.quality(decision.champion_report):.4f})"
         )
         return _challenger(decision, client, ledger, name, reason)
     promote(client, ledger, name, decision.student_version, PIPELINE, reason)

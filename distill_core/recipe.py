@@ -6,17 +6,27 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill_core.errors import RecipeError
-from distill_core.losses import LOSS_TERMS
+
+if TYPE_CHECKING:
+    from distill_core.losses import LossSpec
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
 # Learning rates that train each student family when neither the student nor train.lr sets one.
 FAMILY_LR = {"transformer": 1e-4, "embedding_bag": 5e-3}
+
+
+def loss_terms() -> dict[str, LossSpec]:
+    """The registered loss terms (imported on first use: torch stays out of a light import of this module, which
+    the flow module a worker starts from makes)."""
+    from distill_core.losses import LOSS_TERMS
+
+    return LOSS_TERMS
 
 
 class _Strict(BaseModel):
@@ -78,14 +88,14 @@ class LossTerm(_Strict):
     @field_validator("function")
     @classmethod
     def _registered(cls, function: str) -> str:
-        if function not in LOSS_TERMS:
-            raise ValueError(f"unknown loss term; allowed: {', '.join(repr(name) for name in LOSS_TERMS)}")
+        if function not in loss_terms():
+            raise ValueError(f"unknown loss term; allowed: {', '.join(repr(name) for name in loss_terms())}")
         return function
 
     @property
     def needs_features(self) -> bool:
         """Whether the term matches the teacher's hidden states or attention maps (the teacher in the loop)."""
-        return LOSS_TERMS[self.function].needs_features
+        return loss_terms()[self.function].needs_features
 
 
 class StudentConfig(_Strict):

@@ -71,17 +71,13 @@ def generate_soft_labels(
     prefix = f"soft_labels/{key}"
     if not force and store.exists(f"{prefix}/manifest.json"):
         return load_soft_labels(store, key, reused=True)
-    if tuple(teacher.module.labels) != dataset.labels:
-        raise SoftLabelError(
-            f"teacher {teacher.identity} predicts labels {list(teacher.module.labels)} but the dataset has "
-            f"{list(dataset.labels)}: they must match in order"
-        )
+    labeler.check_teacher(teacher, dataset)
     store.delete_prefix(prefix + "/")  # leftovers of an interrupted run
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []
     all_logits: dict[str, np.ndarray] = {}
     for split in LABELED_SPLITS:
-        texts = dataset.split(split)["text"].tolist()
+        texts, _ = labeler.examples(dataset, split)
         out = labeler.teacher_signal(teacher, texts, cfg, desc=f"soft labels ({split})")
         for shard_index, start in enumerate(range(0, max(len(texts), 1), cfg.shard_rows)):
             data = _npy_bytes(out[start : start + cfg.shard_rows])

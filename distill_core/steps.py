@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from distill_core.data import PreparedDataset, preparation_key, prepare_dataset, prepared_once
+from distill_core.data import PreparedDataset, prepared_once
 from distill_core.errors import DistillError, RecipeError
-from distill_core.evaluate import Report, comparison_table, measure_latency, relative_to
+from distill_core.evaluate import Report, comparison_table, measure_latency
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import LoadedTeacher, read_module, save_module
 from distill_core.names import DATASET_DIGEST, TRAINABLE_LAYERS, Kind, display_name
@@ -29,7 +29,6 @@ from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
-from distill_core.students import build_student
 from distill_core.tasks import Task, task_of
 from distill_core.teachers import train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
@@ -41,19 +40,19 @@ Log = Callable[[str], None]
 def dataset_dir(recipe: Recipe, settings: Settings) -> Path:
     """The recipe's prepared data under DISTILL_HOME, keyed by what decides its content (not the recipe's name
     alone: a changed data.source or split setting must never reuse what was prepared before)."""
-    return settings.data_dir / f"{recipe.name}-{preparation_key(recipe.data)}"
+    return settings.data_dir / f"{recipe.name}-{task_of(recipe).preparation_key(recipe.data)}"
 
 
 def prepare(recipe: Recipe, settings: Settings, out_dir: Path | None = None) -> PreparedDataset:
     """Prepared splits for the recipe's data (reused when the folder is complete and unchanged)."""
-    return prepare_dataset(recipe.data, out_dir or dataset_dir(recipe, settings))
+    return task_of(recipe).prepare(recipe.data, out_dir or dataset_dir(recipe, settings))
 
 
 def open_dataset(recipe: Recipe, settings: Settings) -> PreparedDataset:
     """The recipe's prepared dataset: through DVC when the recipe says so, else prepared under DISTILL_HOME."""
     if recipe.data.dvc is not None:
         return open_versioned(recipe.data.dvc, recipe.base_dir, settings)
-    return prepared_once(recipe.data, dataset_dir(recipe, settings))
+    return prepared_once(dataset_dir(recipe, settings), partial(task_of(recipe).prepare, recipe.data))
 
 
 def train_and_register_teacher(
@@ -62,8 +61,8 @@ def train_and_register_teacher(
     """Train a MiniLM teacher on the train split and register it: a stand-in for the teacher's own team."""
     cfg = recipe.teacher.model_copy(update=overrides)
     teacher = train_teacher(dataset, cfg, log)
-    test = dataset.split("test")
-    acc = task_of(recipe).validate(teacher, test["text"].tolist(), test["label"].to_numpy())
+    task = task_of(recipe)
+    acc = task.validate(teacher, *task.examples(dataset, "test"))
     log(f"teacher test accuracy {acc:.4f}")
     return log_teacher(
         teacher,
@@ -153,26 +152,18 @@ def distill_student(
     log: Log = print,
 ) -> TrainResult:
     """Train one student, by distillation or (baseline) on hard labels alone; resumable from out_dir."""
-    transfer_frame = dataset.split("transfer")
+    task = task_of(recipe)
+    transfer_texts, transfer_targets = task.examples(dataset, "transfer")
     torch.manual_seed(recipe.train.seed)
-    student = build_student(
-        student_cfg,
-        teacher.module,
-        dataset.labels,
-        transfer_frame["text"].tolist(),
-        recipe.soft_labels.max_length,
-        log,
+    student = task.build_student(
+        student_cfg, teacher.module, dataset, transfer_texts, recipe.soft_labels.max_length, log
     )
-    validation = dataset.split("validation")
-    val = (validation["text"].tolist(), validation["label"].to_numpy())
+    val = task.examples(dataset, "validation")
     if baseline:
-        train = dataset.split("train")
-        transfer = TransferSet(train["text"].tolist(), train["label"].to_numpy(), None)
+        transfer = TransferSet(*task.examples(dataset, "train"), None)
         cfg = baseline_config(recipe.train)
     else:
-        transfer = TransferSet(
-            transfer_frame["text"].tolist(), transfer_frame["label"].to_numpy(), labels.logits["transfer"]
-        )
+        transfer = TransferSet(transfer_texts, transfer_targets, labels.logits["transfer"])
         cfg = recipe.train
     kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
     fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
@@ -187,7 +178,7 @@ def distill_student(
         teacher=teacher.module,
         fingerprint=fingerprint,
         log=log,
-        task=task_of(recipe),
+        task=task,
     )
 
 
@@ -219,12 +210,11 @@ def evaluate_all(
     outcomes: list[StudentOutcome],
 ) -> list[Report]:
     """The teacher, then each distilled student and its hard-label twin, on the test split."""
-    test = dataset.split("test")
-    texts, y = test["text"].tolist(), test["label"].to_numpy()
+    task = task_of(recipe)
+    texts, y = task.examples(dataset, "test")
     teacher_logits = labels.logits["test"]
     cfg = recipe.evaluation
 
-    task = task_of(recipe)
     teacher_name = f"teacher {teacher.name} v{teacher.version}"
     models = {teacher_name: teacher.module}
     for outcome in outcomes:
@@ -236,13 +226,12 @@ def evaluate_all(
 
     teacher_report = report(teacher_name, teacher_logits)
     reports = [teacher_report]
-    train = dataset.split("train")
-    train_texts, train_labels = train["text"].tolist(), train["label"].to_numpy()
+    train_texts, train_labels = task.examples(dataset, "train")
     chance = task.chance(train_labels)
     for outcome in outcomes:
         for kind, _ in outcome.results():
             measured = report(display_name(outcome.config.name, kind))
-            outcome.reports[kind] = relative_to(measured, teacher_report)
+            outcome.reports[kind] = task.relative_to(measured, teacher_report)
             reports.append(outcome.reports[kind])
         outcome.train_accuracy = task.validate(outcome.distilled.student, train_texts, train_labels)
         outcome.chance_accuracy = chance
@@ -331,7 +320,7 @@ def write_report(
     """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation (teacher
     first, as evaluate_all returns them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(comparison_table(reports) + "\n")
+    (out_dir / "report.md").write_text(comparison_table(reports, task_of(recipe).columns) + "\n")
     pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
     write_json(out_dir / "metrics.json", headline_metrics(task_of(recipe), reports[0], outcomes))
     write_json(out_dir / "report.json", {**meta, "reports": [r.as_dict() for r in reports]})

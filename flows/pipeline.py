@@ -36,7 +36,6 @@ from distill_core.registry import Ledger
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
 from distill_core.store import check_locations, open_store
-from distill_core.students import check_fits
 from distill_core.tasks import task_of
 
 
@@ -61,8 +60,9 @@ def load_teacher_task(name: str, version: str, tracking_uri: str) -> LoadedTeach
 
 def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
     """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed."""
+    task = task_of(recipe)
     for student in recipe.students:
-        check_fits(student, teacher.module)
+        task.check_fits(student, teacher.module)
 
 
 @contextmanager
@@ -140,8 +140,8 @@ def _log_candidate(
     recipe: Recipe,
     outcome: steps.StudentOutcome,
     verdict_reasons: list[str],
-    teacher_logits: Any,
-    test_labels: Any,
+    teacher_signal: Any,
+    test_targets: Any,
     test_texts: list[str],
 ) -> None:
     """A nested MLflow run per candidate: params, per-evaluation metrics, plots."""
@@ -166,14 +166,17 @@ def _log_candidate(
         mlflow.set_tags(names.gate_tags(verdict_reasons))
         histories = {names.display_name(outcome.config.name, kind): r.history for kind, r in outcome.results()}
         mlflow.log_figure(plots.training_curves(histories), "plots/training_curves.png")
-        student_logits = task_of(recipe).predict(outcome.distilled.student, test_texts)
-        mlflow.log_figure(
-            plots.reliability_diagram(teacher_logits, student_logits, test_labels, outcome.config.name),
-            "plots/reliability.png",
+        figures = task_of(recipe).figures(
+            outcome.config.name, outcome.distilled.student, test_texts, test_targets, teacher_signal
         )
+        for path, figure in figures.items():
+            mlflow.log_figure(figure, path)
 
 
-def _summary_markdown(teacher: LoadedTeacher, decision: Decision, table: str, docs_uri: str, run_id: str) -> str:
+def _summary_markdown(
+    recipe: Recipe, teacher: LoadedTeacher, decision: Decision, table: str, docs_uri: str, run_id: str
+) -> str:
+    task = task_of(recipe)
     lines = [
         f"# Distillation of {teacher.name} v{teacher.version}",
         "",
@@ -185,13 +188,13 @@ def _summary_markdown(teacher: LoadedTeacher, decision: Decision, table: str, do
         "",
         "## Candidates",
         "",
-        "| candidate | params | accuracy | gate | reasons |",
+        f"| candidate | params | {task.quality_name} | gate | reasons |",
         "|---|---|---|---|---|",
     ]
     for v in decision.verdicts:
         lines.append(
             f"| {v.candidate}{' (chosen)' if v is decision.chosen else ''} | {v.report.params:,} | "
-            f"{v.report.accuracy:.4f} | {'passed' if v.passed else 'failed'} | {'; '.join(v.reasons)} |"
+            f"{task.quality(v.report):.4f} | {'passed' if v.passed else 'failed'} | {'; '.join(v.reasons)} |"
         )
     lines += ["", "## Test split", "", table, "", *[f"- {note}" for note in decision.notes]]
     return "\n".join(lines)
@@ -239,8 +242,8 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         check_soft_labels_task(labels, dataset, recipe, docs_dir)
     with _timed(timings, "distill"):
         outcomes = distill_candidates_task(recipe, dataset, labels, teacher, steps.run_dir(recipe, settings, teacher))
-    test = dataset.split("test")
-    texts, y = test["text"].tolist(), test["label"].to_numpy()
+    task = task_of(recipe)
+    texts, y = task.examples(dataset, "test")
     with _timed(timings, "evaluate"):
         reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes)
 
@@ -253,17 +256,18 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     if champion_report is not None:
         reports.append(champion_report)
     with _data_docs(docs_dir):
-        checks.raise_on_failure(task_of(recipe).check_evaluation(reports, docs_dir))
+        checks.raise_on_failure(task.check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
         _log_candidate(recipe, outcome, verdict.reasons, labels.logits["test"], y, texts)
+    quality = task.quality_name
     points = [
-        {"name": v.candidate, "params": v.report.params, "accuracy": v.report.accuracy, "passed": v.passed}
+        {"name": v.candidate, "params": v.report.params, quality: task.quality(v.report), "passed": v.passed}
         for v in decision.verdicts
     ]
-    points.append({"name": "teacher", "params": reports[0].params, "accuracy": reports[0].accuracy, "teacher": True})
-    mlflow.log_figure(plots.size_vs_quality(points), "plots/size_vs_quality.png")
-    table = comparison_table(reports)
+    points.append({"name": "teacher", "params": reports[0].params, quality: task.quality(reports[0]), "teacher": True})
+    mlflow.log_figure(plots.size_vs_quality(points, quality), "plots/size_vs_quality.png")
+    table = comparison_table(reports, task.columns)
     mlflow.log_text(table, "report.md")
     lineage = Lineage(
         teacher_name=teacher_name,
@@ -280,7 +284,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     decision.timings = timings
     mlflow.log_metrics({names.seconds_metric(phase): value for phase, value in timings.items()})
     create_markdown_artifact(
-        _summary_markdown(teacher, decision, table, docs_uri, run_id),
+        _summary_markdown(recipe, teacher, decision, table, docs_uri, run_id),
         key=f"distill-{teacher_name}-v{teacher_version}".lower().replace("_", "-"),
         description=f"{teacher_name} v{teacher_version}: {decision.status}",
     )

@@ -126,3 +126,14 @@ def test_a_registered_student_loads_as_a_teacher_and_both_carry_the_same_pins(tr
         return Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
 
     assert pins(f"models:/{name}/{version}") == pins(f"models:/teacher-{name}/{teacher_version}")
+
+
+def test_the_flow_module_a_worker_starts_from_imports_without_torch():
+    """A worker reports a run as started once it has imported flows.distill: torch (seconds) comes later."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.distill; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -13,6 +14,7 @@ from torch import Tensor
 from distill_core.modules import Batch, TextModule
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow.models import ModelSignature
     from mlflow.pyfunc import PythonModel
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from distill_core.evaluate import Report, Speed
     from distill_core.gates import Verdict
     from distill_core.modules import LoadedTeacher
-    from distill_core.recipe import BaseRecipe, ChecksConfig, GateConfig, SoftLabelConfig
+    from distill_core.recipe import BaseRecipe, ChecksConfig, DataConfig, GateConfig, SoftLabelConfig, StudentConfig
     from distill_core.soft_labels import SoftLabels
 
 
@@ -43,6 +45,38 @@ class Task(ABC):
     early_stopping: ClassVar[str]  # the validation metric in the training history that picks the best state
     headline: ClassVar[tuple[str, ...]]  # the report fields a person compares (metrics.json, per model)
     gate_tags: ClassVar[tuple[str, ...]]  # the fields a registered student version carries as distill.<field> tags
+    quality_name: ClassVar[str]  # what `quality` measures, as a person reads it ("accuracy")
+    columns: ClassVar[list[tuple[str, str, str]]]  # the comparison table: (report field, title, format)
+
+    # --- data ---
+    @abstractmethod
+    def preparation_key(self, cfg: DataConfig) -> str:
+        """A key of everything that decides the prepared data's content."""
+
+    @abstractmethod
+    def prepare(self, cfg: DataConfig, out_dir: Path) -> PreparedDataset:
+        """Load, check and split the recipe's data into out_dir (the marker of a complete folder last)."""
+
+    @abstractmethod
+    def examples(self, dataset: PreparedDataset, split: str) -> tuple[list[str], np.ndarray]:
+        """A split's inputs and targets (-100 where a row has none)."""
+
+    # --- students ---
+    @abstractmethod
+    def check_fits(self, cfg: StudentConfig, teacher: TextModule) -> None:
+        """Refuse, before anything is claimed, a student the teacher cannot give (layers, widths)."""
+
+    @abstractmethod
+    def build_student(
+        self,
+        cfg: StudentConfig,
+        teacher: TextModule,
+        dataset: PreparedDataset,
+        texts: list[str],
+        max_length: int,
+        log: Callable[[str], None],
+    ) -> TextModule:
+        """A fresh student of the configured family and size (texts: what it will be trained on)."""
 
     # --- batches and the teacher's signal ---
     @abstractmethod
@@ -52,6 +86,10 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: TextModule, texts: list[str]) -> np.ndarray:
         """The model's outputs on every text, in order (what the metrics read)."""
+
+    @abstractmethod
+    def check_teacher(self, teacher: LoadedTeacher, dataset: PreparedDataset) -> None:
+        """Refuse a teacher whose outputs do not fit the data (other labels), before anything is stored."""
 
     @abstractmethod
     def teacher_signal(self, teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str) -> np.ndarray:
@@ -74,6 +112,20 @@ class Task(ABC):
         outputs: np.ndarray | None = None,
     ) -> Report:
         """Everything measured about one model on the test split."""
+
+    @abstractmethod
+    def relative_to(self, report: Report, teacher: Report) -> Report:
+        """Fill in the report's fields measured against the teacher's (compression, speed-up, retention)."""
+
+    @abstractmethod
+    def quality(self, report: Report) -> float:
+        """The one number candidates are ranked by (higher is better)."""
+
+    @abstractmethod
+    def figures(
+        self, name: str, model: TextModule, texts: list[str], targets: np.ndarray, teacher_signal: np.ndarray
+    ) -> dict[str, Figure]:
+        """A candidate's figures for its MLflow run, by artifact path."""
 
     @abstractmethod
     def chance(self, targets: np.ndarray) -> float:

@@ -8,6 +8,7 @@ student serves (a pyfunc: a `text` column in, label and probabilities out).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,16 +22,25 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill_core import checks, evaluate, gates
+from distill_core import checks, data, evaluate, gates, plots, students
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, TeacherError
 from distill_core.evaluate import Report, Speed
 from distill_core.gates import Verdict
 from distill_core.modules import LoadedTeacher, TextModule, length_batches, read_module
-from distill_core.recipe import ChecksConfig, ClassificationRecipe, GateConfig, SoftLabelConfig
+from distill_core.recipe import (
+    ChecksConfig,
+    ClassificationRecipe,
+    DataConfig,
+    GateConfig,
+    SoftLabelConfig,
+    StudentConfig,
+)
 from distill_core.tasks.base import Task, TaskBatch
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from distill_core.soft_labels import SoftLabels
 
 STUDENT_ARTIFACT = "student"  # the pickled module inside a logged student (model_io writes it)
@@ -138,6 +148,39 @@ class ClassificationTask(Task):
         "p95_ms",
         "speedup",
     )
+    quality_name = "accuracy"
+    columns = evaluate.COLUMNS
+
+    def preparation_key(self, cfg: DataConfig) -> str:
+        return data.preparation_key(cfg)
+
+    def prepare(self, cfg: DataConfig, out_dir: Path) -> PreparedDataset:
+        return data.prepare_dataset(cfg, out_dir)
+
+    def examples(self, dataset: PreparedDataset, split: str) -> tuple[list[str], np.ndarray]:
+        frame = dataset.split(split)
+        return frame["text"].tolist(), frame["label"].to_numpy()
+
+    def check_fits(self, cfg: StudentConfig, teacher: TextModule) -> None:
+        students.check_fits(cfg, teacher)
+
+    def build_student(
+        self,
+        cfg: StudentConfig,
+        teacher: TextModule,
+        dataset: PreparedDataset,
+        texts: list[str],
+        max_length: int,
+        log: Callable[[str], None],
+    ) -> TextModule:
+        return students.build_student(cfg, teacher, dataset.labels, texts, max_length, log)
+
+    def check_teacher(self, teacher: LoadedTeacher, dataset: PreparedDataset) -> None:
+        if tuple(teacher.module.labels) != dataset.labels:
+            raise SoftLabelError(
+                f"teacher {teacher.identity} predicts labels {list(teacher.module.labels)} but the dataset has "
+                f"{list(dataset.labels)}: they must match in order"
+            )
 
     def batch(self, model: TextModule, texts: list[str], targets: Tensor) -> TaskBatch:
         return TaskBatch(model.tokenize(texts), targets)
@@ -162,6 +205,18 @@ class ClassificationTask(Task):
         outputs: np.ndarray | None = None,
     ) -> Report:
         return evaluate.evaluate_model(name, model, texts, targets, teacher_signal, outputs, speed=speed)
+
+    def relative_to(self, report: Report, teacher: Report) -> Report:
+        return evaluate.relative_to(report, teacher)
+
+    def quality(self, report: Report) -> float:
+        return report.accuracy
+
+    def figures(
+        self, name: str, model: TextModule, texts: list[str], targets: np.ndarray, teacher_signal: np.ndarray
+    ) -> dict[str, Figure]:
+        diagram = plots.reliability_diagram(teacher_signal, self.predict(model, texts), targets, name)
+        return {"plots/reliability.png": diagram}
 
     def chance(self, targets: np.ndarray) -> float:
         return float(np.bincount(targets).max() / len(targets))  # the largest class's share
