@@ -18,9 +18,7 @@ from torch import Tensor, nn
 from distill_core.data import PreparedDataset
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import (
-    LoadedTeacher,
     TextClassifier,
-    TextModule,
     WrappedTeacher,
     length_batches,
     load_minilm,
@@ -29,9 +27,7 @@ from distill_core.modules import (
 from distill_core.recipe import TeacherConfig
 
 __all__ = [
-    "LoadedTeacher",
     "TextClassifier",
-    "TextModule",
     "WrappedTeacher",
     "load_teacher",
     "log_teacher",

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from distill_core.evaluate import Report, Speed
     from distill_core.gates import Verdict
     from distill_core.modules import LoadedTeacher
-    from distill_core.recipe import BaseRecipe, ChecksConfig, DataConfig, GateConfig, SoftLabelConfig, StudentConfig
+    from distill_core.recipe import BaseRecipe, SoftLabelConfig, StudentConfig
     from distill_core.soft_labels import SoftLabels
 
 
@@ -38,7 +38,11 @@ class TaskBatch:
 
 
 class Task(ABC):
-    """A kind of distillation: text classification today. One instance per task, registered by name."""
+    """A kind of distillation: text classification today. One instance per task, registered by name.
+
+    Arguments typed Any that name a recipe section (data, checks, gates) are this task's own section classes, as
+    its recipe class declares them. Every task's data section has `dvc` and its recipe has `gates`: the pipeline
+    reads those without asking the task."""
 
     name: ClassVar[str]
     recipe_class: ClassVar[type[BaseRecipe]]  # the task's recipe: the fields it has and their checks
@@ -50,11 +54,11 @@ class Task(ABC):
 
     # --- data ---
     @abstractmethod
-    def preparation_key(self, cfg: DataConfig) -> str:
+    def preparation_key(self, cfg: Any) -> str:
         """A key of everything that decides the prepared data's content."""
 
     @abstractmethod
-    def prepare(self, cfg: DataConfig, out_dir: Path) -> PreparedDataset:
+    def prepare(self, cfg: Any, out_dir: Path) -> PreparedDataset:
         """Load, check and split the recipe's data into out_dir (the marker of a complete folder last)."""
 
     @abstractmethod
@@ -133,21 +137,17 @@ class Task(ABC):
 
     # --- data checks (Great Expectations) ---
     @abstractmethod
-    def check_data(self, dataset: PreparedDataset, docs_dir: Path, cfg: ChecksConfig) -> CheckResult: ...
+    def check_data(self, dataset: PreparedDataset, docs_dir: Path, cfg: Any) -> CheckResult: ...
 
     @abstractmethod
-    def check_signal(
-        self, labels: SoftLabels, dataset: PreparedDataset, docs_dir: Path, cfg: ChecksConfig
-    ) -> CheckResult: ...
+    def check_signal(self, labels: SoftLabels, dataset: PreparedDataset, docs_dir: Path, cfg: Any) -> CheckResult: ...
 
     @abstractmethod
     def check_evaluation(self, reports: list[Report], docs_dir: Path) -> CheckResult: ...
 
     # --- gates and the registry ---
     @abstractmethod
-    def judge(
-        self, candidate: str, report: Report, teacher: Report, gates: GateConfig, champion: Report | None
-    ) -> Verdict:
+    def judge(self, candidate: str, report: Report, teacher: Report, gates: Any, champion: Report | None) -> Verdict:
         """The candidate against the recipe's gates and, when there is one, the champion."""
 
     @abstractmethod
