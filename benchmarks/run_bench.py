@@ -29,9 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 from distill_core.data import prepare_dataset  # noqa: E402
 from distill_core.modules import LoadedTeacher, TextClassifier, content_digest, length_batches, load_minilm  # noqa: E402
 from distill_core.recipe import DataConfig, LossTerm, SoftLabelConfig, StudentConfig, TrainConfig  # noqa: E402
-from distill_core.soft_labels import teacher_logits  # noqa: E402
+from distill_core.signals import StoredSource  # noqa: E402
 from distill_core.students import build_student  # noqa: E402
-from distill_core.train import Distiller  # noqa: E402
+from distill_core.tasks.classification import teacher_logits  # noqa: E402
+from distill_core.train import Distiller, objective_for  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -75,7 +76,8 @@ def bench_soft_labels(teacher: TextClassifier, texts: list[str]) -> dict[str, fl
 
 
 def bench_train_step(teacher: TextClassifier, texts: list[str], student_cfg: StudentConfig) -> dict[str, float]:
-    """One Distiller.step vs a bare KD step (forward, T²-scaled KL + CE, backward, AdamW) on the same batch."""
+    """One Distiller.step vs a bare KD step (tokenise, forward, T²-scaled KL + CE, backward, AdamW) on the same
+    batch, both reading the teacher's logits from memory."""
     cfg = TrainConfig(
         losses=[LossTerm(function="forward_kl", weight=0.5, temperature=2.0), LossTerm(function="ce", weight=0.5)],
         batch_size=32,
@@ -86,18 +88,20 @@ def bench_train_step(teacher: TextClassifier, texts: list[str], student_cfg: Stu
     t_logits = torch.randn(32, 2)
     ours_student = build_student(student_cfg, teacher, ("a", "b"), texts, 64, log=lambda _: None)
     bare_student = build_student(student_cfg, teacher, ("a", "b"), texts, 64, log=lambda _: None)
-    batch = ours_student.tokenize(batch_texts)
-    distiller = Distiller(ours_student, cfg, student_cfg)
-    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=student_cfg.learning_rate(cfg), weight_decay=0.01)
+    lr = student_cfg.learning_rate(cfg)
+    objective = objective_for(ours_student, cfg, None)
+    distiller = Distiller(ours_student, objective, StoredSource(t_logits), lr, cfg.weight_decay)
+    index = list(range(32))
+    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=lr, weight_decay=cfg.weight_decay)
 
     def ours() -> None:
         for _ in range(STEPS):
-            distiller.step(batch, labels, t_logits)
+            distiller.step(index, batch_texts, labels)
 
     def bare() -> None:
         bare_student.train()
         for _ in range(STEPS):
-            logits = bare_student(**batch)
+            logits = bare_student(**bare_student.tokenize(batch_texts))
             kl = (
                 F.kl_div(
                     F.log_softmax(logits / 2, -1),

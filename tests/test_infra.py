@@ -95,3 +95,16 @@ def test_every_distillation_deployment_names_the_teacher_and_student_of_its_own_
         recipe = load_recipe(INFRA.parent / deployment["work_pool"]["job_variables"]["env"]["DISTILL_RECIPE"])
         tags = dict(tag.split(":", 1) for tag in deployment["tags"] if ":" in tag)
         assert tags == {"teacher": recipe.teacher.registered_name, "student": recipe.student_registered_name}
+
+
+def test_the_benchmark_script_imports_what_the_core_has_today():
+    """`make bench` is not part of the suite; a core change that breaks its imports (as a moved function once did)
+    must still fail here, not on the next bench run."""
+    import sys
+
+    root = INFRA.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "run_bench.py"), "--help"], capture_output=True, text=True, cwd=root
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--only" in out.stdout
