@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -255,12 +254,16 @@ def prepared_once(out_dir: str | Path, prepare: Callable[[Path], PreparedDataset
     """The dataset prepared in out_dir, calling prepare(out_dir) first unless it is complete. Runs that start
     together on one host (a burst of teacher versions) wait for one preparation and reuse it (a lock file beside
     the folder)."""
+    import fcntl  # POSIX; imported here so that the rest of this module imports anywhere
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (out / "dataset.json").exists():
             return load_prepared(out)
+        for stale in out.glob(".*.tmp"):  # a run killed while preparing; no one else writes here now
+            stale.unlink()
         return prepare(out)
 
 

@@ -1,5 +1,5 @@
-"""Distillation losses in three layers: divergences, terms with parameters of their own, and the registry of
-terms a recipe names with their weighted sum.
+"""Distillation losses in three layers: divergences, terms with parameters of their own, and the functions of
+the terms a recipe names (declared in distill_core.loss_terms) with their weighted sum.
 
 Divergences take logits `[batch, classes]` or `[batch, seq, vocab]` and an optional `mask` shaped like the
 logits without the last dim (True = counts). They compute in float32 and average over the positions that
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill_core.loss_terms import ATTENTIONS, HIDDEN_STATES, LOSS_TERMS, TEACHER_LOGITS, LossSpec
 from distill_core.signals import DenseSignal, Outputs, Signal, SparseSignal
 
 TAIL_EPS = 1e-8  # smallest leftover mass in the "other tokens" bucket of a top-k teacher signal
@@ -250,17 +251,7 @@ def attention_transfer(
     return _mean_rows((t_rows * (t_rows.clamp_min(eps).log() - s_rows.clamp_min(eps).log())).sum(-1))
 
 
-# --- layer 3: the registry of loss terms a recipe can name, and their weighted sum --------------------------
-
-# What a term reads. A term whose needs a step cannot meet is refused with its name; terms that need the
-# teacher's features need it in the loop (train.mode: online) and a student with features (a transformer).
-TEACHER_LOGITS, LABELS, HIDDEN_STATES, ATTENTIONS = "teacher_logits", "labels", "hidden_states", "attentions"
-FEATURES = frozenset({HIDDEN_STATES, ATTENTIONS})
-_MISSING = {  # how a missing need is named in an error: the tensors the step did not provide
-    TEACHER_LOGITS: ("teacher_logits",),
-    HIDDEN_STATES: ("student_hidden", "teacher_hidden"),
-    ATTENTIONS: ("student_attention", "teacher_attention"),
-}
+# --- layer 3: the functions of the declared loss terms (distill_core.loss_terms), and their weighted sum -----
 
 
 @dataclass(frozen=True)
@@ -289,35 +280,19 @@ class _Step:
 
 
 Compute = Callable[[_Term, _Step], Tensor]
+_COMPUTE: dict[str, Compute] = {}  # each declared term's function
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """One registered loss term: its recipe name, what it reads, the recipe parameters it uses besides weight."""
-
-    name: str
-    needs: frozenset[str]
-    parameters: tuple[str, ...]
-    compute: Compute
-    projection: str | None = None  # a FeatureLoss kind: the term owns a learned projection of hidden states
-
-    @property
-    def needs_features(self) -> bool:
-        return bool(self.needs & FEATURES)
-
-
-LOSS_TERMS: dict[str, LossSpec] = {}
-
-
-def register_loss(
-    name: str, needs: Sequence[str], parameters: Sequence[str] = (), projection: str | None = None
-) -> Callable[[Compute], Compute]:
-    """Add a loss term to the registry: the recipe's allowed `train.losses[].function` values come from here."""
+def implements(*names: str) -> Callable[[Compute], Compute]:
+    """Make a function the computation of the loss terms `names`, as declared in distill_core.loss_terms."""
 
     def add(compute: Compute) -> Compute:
-        if name in LOSS_TERMS:
-            raise ValueError(f"loss term {name!r} is registered twice")
-        LOSS_TERMS[name] = LossSpec(name, frozenset(needs), tuple(parameters), compute, projection)
+        for name in names:
+            if name not in LOSS_TERMS:
+                raise ValueError(f"loss term {name!r} is not declared in distill_core.loss_terms")
+            if name in _COMPUTE:
+                raise ValueError(f"loss term {name!r} is implemented twice")
+            _COMPUTE[name] = compute
         return compute
 
     return add
@@ -341,7 +316,7 @@ def _divergence(function: Callable[..., Tensor], shape: str | None = None) -> Co
     return compute
 
 
-@register_loss("forward_kl", [TEACHER_LOGITS], ["temperature"])
+@implements("forward_kl")
 def _forward_kl_term(term: _Term, step: _Step) -> Tensor:
     """Dense: forward_kl; a sparse signal: sparse_forward_kl over its entries, the left-out mass as it says."""
     signal = step.signal
@@ -352,13 +327,13 @@ def _forward_kl_term(term: _Term, step: _Step) -> Tensor:
     return _divergence(forward_kl)(term, step)
 
 
-register_loss("reverse_kl", [TEACHER_LOGITS], ["temperature"])(_divergence(reverse_kl))
-register_loss("generalized_jsd", [TEACHER_LOGITS], ["temperature", "beta"])(_divergence(generalized_jsd, "beta"))
-register_loss("skew_kl", [TEACHER_LOGITS], ["temperature", "alpha"])(_divergence(skew_kl, "alpha"))
-register_loss("skew_reverse_kl", [TEACHER_LOGITS], ["temperature", "alpha"])(_divergence(skew_reverse_kl, "alpha"))
+implements("reverse_kl")(_divergence(reverse_kl))
+implements("generalized_jsd")(_divergence(generalized_jsd, "beta"))
+implements("skew_kl")(_divergence(skew_kl, "alpha"))
+implements("skew_reverse_kl")(_divergence(skew_reverse_kl, "alpha"))
 
 
-@register_loss("ce", [LABELS])
+@implements("ce")
 def _ce_term(term: _Term, step: _Step) -> Tensor:
     """Hard-label cross-entropy; no labels (an unlabelled transfer batch): nothing to fit, 0."""
     if step.labels is None:
@@ -366,23 +341,23 @@ def _ce_term(term: _Term, step: _Step) -> Tensor:
     return hard_label_ce(step.student.logits, step.labels, step.mask)
 
 
+@implements("feature", "feature_cosine")  # the projection's kind (mse, cosine) is the declaration's
 def _feature_term(term: _Term, step: _Step) -> Tensor:
     assert step.signal is not None and step.student.hidden_states is not None
     assert isinstance(step.signal, DenseSignal) and step.signal.hidden_states is not None
     return step.modules[term.name](step.student.hidden_states, step.signal.hidden_states, step.token_mask)
 
 
-register_loss("feature", [HIDDEN_STATES], projection="mse")(_feature_term)
-register_loss("feature_cosine", [HIDDEN_STATES], projection="cosine")(_feature_term)
-
-
-@register_loss("attention", [ATTENTIONS])
+@implements("attention")
 def _attention_term(term: _Term, step: _Step) -> Tensor:
     assert isinstance(step.signal, DenseSignal) and step.signal.attentions is not None
     assert step.student.attentions is not None
     return attention_transfer(step.student.attentions, step.signal.attentions, step.token_mask)
 
 
+_UNIMPLEMENTED = sorted(set(LOSS_TERMS) - set(_COMPUTE))
+if _UNIMPLEMENTED:
+    raise ImportError(f"loss terms declared without a function in distill_core.losses: {_UNIMPLEMENTED}")
 TERM_FUNCTIONS: tuple[str, ...] = tuple(LOSS_TERMS)
 _DEFAULTS = {"weight": 1.0, "temperature": 1.0, "beta": 0.5, "alpha": 0.1}
 
@@ -393,37 +368,35 @@ def _field(spec: object, name: str, default: Any) -> Any:
 
 
 def _missing(spec: LossSpec, step: _Step) -> list[str]:
-    """The tensors a term needs that this step does not have."""
+    """The tensors a term needs that this step does not have, by the names the objective's callers know."""
     signal = step.signal if isinstance(step.signal, DenseSignal) else None
-    have = {
-        TEACHER_LOGITS: step.signal is not None,
-        HIDDEN_STATES: step.student.hidden_states is not None
-        and signal is not None
-        and signal.hidden_states is not None,
-        ATTENTIONS: step.student.attentions is not None and signal is not None and signal.attentions is not None,
+    offered: dict[str, list[tuple[str, object]]] = {
+        TEACHER_LOGITS: [("teacher_logits", step.signal)],
+        HIDDEN_STATES: [
+            ("student_hidden", step.student.hidden_states),
+            ("teacher_hidden", None if signal is None else signal.hidden_states),
+        ],
+        ATTENTIONS: [
+            ("student_attention", step.student.attentions),
+            ("teacher_attention", None if signal is None else signal.attentions),
+        ],
     }
-    missing: list[str] = []
-    for need in sorted(spec.needs & set(have)):
-        if not have[need]:
-            missing += _MISSING[need]
-    return missing
+    return [name for need in sorted(spec.needs & set(offered)) for name, value in offered[need] if value is None]
 
 
 class DistillationObjective(nn.Module):
-    """Weighted sum of registered terms `{function, weight, temperature, beta, alpha}`; owns the projections."""
+    """Weighted sum of declared terms `{function, weight, temperature, beta, alpha}`; owns the projections."""
 
     def __init__(self, terms: Sequence[object], student_dim: int | None = None, teacher_dim: int | None = None) -> None:
         super().__init__()
         if not terms:
-            raise ValueError(f"the loss list is empty; add a term, function one of {', '.join(TERM_FUNCTIONS)}")
+            raise ValueError(f"the loss list is empty; add a term, function one of {', '.join(LOSS_TERMS)}")
         self.terms: list[_Term] = []
         self.feature_losses = nn.ModuleDict()
         functions = [_field(spec, "function", None) for spec in terms]
         for index, (spec, function) in enumerate(zip(terms, functions, strict=True)):
             if function not in LOSS_TERMS:
-                raise ValueError(
-                    f"loss term {index}: unknown function {function!r}; allowed: {', '.join(TERM_FUNCTIONS)}"
-                )
+                raise ValueError(f"loss term {index}: unknown function {function!r}; allowed: {', '.join(LOSS_TERMS)}")
             name = function if functions.count(function) == 1 else f"{function}_{index}"
             fields = {key: float(_field(spec, key, default)) for key, default in _DEFAULTS.items()}
             term = _Term(name=name, function=function, **fields)
@@ -465,14 +438,13 @@ class DistillationObjective(nn.Module):
         total = student.logits.new_zeros((), dtype=torch.float32)
         values: dict[str, float] = {}
         for term in self.terms:
-            spec = LOSS_TERMS[term.function]
-            missing = _missing(spec, step)
+            missing = _missing(LOSS_TERMS[term.function], step)
             if missing:
                 raise ValueError(
                     f"loss term {term.name!r} needs {' and '.join(missing)}, which this step did not provide; "
                     "pass them to the objective or remove the term from the loss list"
                 )
-            value = spec.compute(term, step)
+            value = _COMPUTE[term.function](term, step)
             total = total + term.weight * value
             values[term.name] = float(value.detach())
         return total, values

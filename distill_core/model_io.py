@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from distill_core import names
 from distill_core.errors import DistillError, TeacherError, redact
@@ -62,7 +63,7 @@ def log_teacher(
         client.create_experiment(experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment)
     version_tags = {
-        names.ROLE: "teacher",
+        names.ROLE: names.TEACHER,
         names.CONTENT_DIGEST: content_digest(teacher),
         names.LABELS: json.dumps(list(teacher.labels)),
         **(tags or {}),
@@ -91,7 +92,13 @@ def load_module(model_uri: str) -> TextModule:
     if "pytorch" in info.flavors:
         module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     else:
-        module = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().module
+        wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        module = getattr(wrapped, "module", None)
+        if not isinstance(module, nn.Module):
+            raise TeacherError(
+                f"{model_uri} is a pyfunc model ({type(wrapped).__name__}) that holds no torch module: register "
+                "teachers with distill_core.teachers.log_teacher, students with distill_core.model_io.log_student"
+            )
     return module.eval()
 
 
@@ -162,7 +169,7 @@ def log_student(
     if registered_model_name is None:
         return LoggedStudent(info, None)
     version_tags = {
-        names.ROLE: "student",
+        names.ROLE: names.STUDENT,
         names.LABELS: json.dumps(list(student.labels)),
         names.CONTENT_DIGEST: content_digest(student),
         **(tags or {}),

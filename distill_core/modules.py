@@ -68,6 +68,8 @@ class TextModule(nn.Module):
 class TextClassifier(TextModule):
     """A BERT-style encoder, mean pooling and a linear head; it carries its own tokenizer."""
 
+    __module__ = "distill_core.teachers"  # its pickles name it there, so the previous release loads them too
+
     encoder: Any  # a transformers BertModel
 
     def __init__(self, encoder: Any, tokenizer: Any, labels: tuple[str, ...], max_length: int = 64):
@@ -107,6 +109,8 @@ class TextClassifier(TextModule):
 
 class WrappedTeacher(TextModule):
     """Makes any module that maps a batch to logits a teacher, given a tokenizer (HF or a callable)."""
+
+    __module__ = "distill_core.teachers"  # its pickles name it there, so the previous release loads them too
 
     def __init__(
         self,
@@ -196,10 +200,13 @@ def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
 
 
 def check_module(module: Any, role: str = "teacher") -> None:
-    """Refuse a module that does not follow the contract, saying what is missing and how to wrap it."""
+    """Refuse a module that does not follow the contract, saying what is missing (and, for a teacher, how to
+    wrap it)."""
     missing = [attr for attr in CONTRACT if not hasattr(module, attr)]
     if missing:
-        raise TeacherError(
-            f"{type(module).__name__} is not a {role}: it lacks {missing}. "
+        how = (
             "Wrap a plain module with distill_core.teachers.WrappedTeacher(module, tokenizer, labels)"
+            if role == "teacher"
+            else "Students are TextModules: build them with distill_core.students"
         )
+        raise TeacherError(f"{type(module).__name__} is not a {role}: it lacks {missing}. {how}")

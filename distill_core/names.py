@@ -19,7 +19,8 @@ def fields_of(tags: dict[str, str]) -> dict[str, str]:
 
 
 # Tags on every registered model version (teacher or student) and on runs.
-ROLE = tag("role")  # "teacher" or "student"
+ROLE = tag("role")  # TEACHER or STUDENT
+TEACHER, STUDENT = "teacher", "student"
 CONTENT_DIGEST = tag("content_digest")  # digest of the weights
 LABELS = tag("labels")  # the class names, JSON, in order
 DATASET_DIGEST = tag("dataset_digest")

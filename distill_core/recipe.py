@@ -6,27 +6,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill_core.errors import RecipeError
-
-if TYPE_CHECKING:
-    from distill_core.losses import LossSpec
+from distill_core.loss_terms import LOSS_TERMS, allowed_terms
 
 Fraction = Annotated[float, Field(gt=0.0, lt=0.5)]
 # Learning rates that train each student family when neither the student nor train.lr sets one.
 FAMILY_LR = {"transformer": 1e-4, "embedding_bag": 5e-3}
-
-
-def loss_terms() -> dict[str, LossSpec]:
-    """The registered loss terms (imported on first use: torch stays out of a light import of this module, which
-    the flow module a worker starts from makes)."""
-    from distill_core.losses import LOSS_TERMS
-
-    return LOSS_TERMS
 
 
 class _Strict(BaseModel):
@@ -79,7 +69,7 @@ class SoftLabelConfig(_Strict):
 class LossTerm(_Strict):
     """One weighted term of the distillation objective."""
 
-    function: str  # a registered loss term (distill_core.losses.LOSS_TERMS)
+    function: str  # a declared loss term (distill_core.loss_terms.LOSS_TERMS)
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)  # finite: an infinite weight trains on NaN
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     beta: float = Field(default=0.5, ge=0.0, le=1.0)  # generalized_jsd only
@@ -88,14 +78,14 @@ class LossTerm(_Strict):
     @field_validator("function")
     @classmethod
     def _registered(cls, function: str) -> str:
-        if function not in loss_terms():
-            raise ValueError(f"unknown loss term; allowed: {', '.join(repr(name) for name in loss_terms())}")
+        if function not in LOSS_TERMS:
+            raise ValueError(f"Input should be {allowed_terms()}")
         return function
 
     @property
     def needs_features(self) -> bool:
         """Whether the term matches the teacher's hidden states or attention maps (the teacher in the loop)."""
-        return loss_terms()[self.function].needs_features
+        return LOSS_TERMS[self.function].needs_features
 
 
 class StudentConfig(_Strict):
@@ -255,7 +245,7 @@ class ClassificationRecipe(BaseRecipe):
 RECIPES: dict[str, type[ClassificationRecipe]] = {
     cls.model_fields["task"].default: cls for cls in (ClassificationRecipe,)
 }
-DEFAULT_TASK = "classification"
+DEFAULT_TASK: str = BaseRecipe.model_fields["task"].default
 Recipe = ClassificationRecipe  # a recipe of any task: the union of RECIPES' classes (one task today)
 
 

@@ -495,7 +495,7 @@ def unhandled_versions(client: MlflowClient, ledger: Ledger, name: str, student:
 
 def find_student_version(client: MlflowClient, student: str, idempotency_key: str) -> ModelVersion | None:
     """The student version already registered for this key (registration has no idempotency of its own)."""
-    found = client.search_model_versions(f"name='{student}' and tags.`distill.idempotency_key` = '{idempotency_key}'")
+    found = client.search_model_versions(f"name='{student}' and tags.`{names.IDEMPOTENCY_KEY}` = '{idempotency_key}'")
     return found[0] if found else None
 
 

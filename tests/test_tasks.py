@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from distill_core import names
-from distill_core.errors import RecipeError
+from distill_core.errors import RecipeError, TeacherError
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_teacher, log_student, log_teacher
 from distill_core.modules import TextClassifier, WrappedTeacher
@@ -45,7 +45,7 @@ def test_every_task_has_its_recipe_class_and_every_recipe_class_its_task():
 
     assert set(TASKS) == set(RECIPES)
     for name, task in TASKS.items():
-        assert task.name == name and task.recipe_class is RECIPES[name]
+        assert task.name == name and RECIPES[name].model_fields["task"].default == name
 
 
 def test_lineage_written_as_tags_reads_back_the_same_and_tolerates_what_earlier_versions_lack():
@@ -71,9 +71,11 @@ def test_lineage_written_as_tags_reads_back_the_same_and_tolerates_what_earlier_
 )
 def test_classes_that_models_pickled_by_earlier_releases_name_still_resolve(old_path, cls):
     """Registered teachers and students are pickles that name their classes by module path: unpickling one looks
-    the class up exactly like this."""
+    the class up exactly like this. And what this release pickles names the same paths, so a worker still on the
+    previous release (a rolling deploy, a rollback) loads the models registered from now on."""
     module, name = old_path.split()
     assert pickle.loads(f"c{module}\n{name}\n.".encode()) is cls
+    assert f"c{module}\n{name}\n".encode() in pickle.dumps(cls, protocol=0)
 
 
 def test_the_source_is_chosen_once_from_the_objective_and_the_recipe(registered_teacher, tracking_uri):
@@ -137,3 +139,16 @@ def test_the_flow_module_a_worker_starts_from_imports_without_torch():
         "import sys, flows.distill; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_a_pyfunc_model_that_holds_no_module_is_refused_as_a_teacher_by_name(tracking_uri, tmp_path):
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    _experiment(tracking_uri, tmp_path)
+    name = f"foreign-{uuid.uuid4().hex[:6]}"
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="model", python_model=Echo(), registered_model_name=name)
+    with pytest.raises(TeacherError, match="is a pyfunc model \\(Echo\\) that holds no torch module"):
+        load_teacher(name, "1", tracking_uri)

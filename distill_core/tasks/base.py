@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from distill_core.evaluate import Report, Speed
     from distill_core.gates import Verdict
     from distill_core.modules import LoadedTeacher
-    from distill_core.recipe import BaseRecipe, SoftLabelConfig, StudentConfig
+    from distill_core.recipe import SoftLabelConfig, StudentConfig
     from distill_core.soft_labels import SoftLabels
 
 
@@ -45,7 +45,6 @@ class Task(ABC):
     reads those without asking the task."""
 
     name: ClassVar[str]
-    recipe_class: ClassVar[type[BaseRecipe]]  # the task's recipe: the fields it has and their checks
     early_stopping: ClassVar[str]  # the validation metric in the training history that picks the best state
     headline: ClassVar[tuple[str, ...]]  # the report fields a person compares (metrics.json, per model)
     gate_tags: ClassVar[tuple[str, ...]]  # the fields a registered student version carries as distill.<field> tags

@@ -30,7 +30,6 @@ from distill_core.gates import Verdict
 from distill_core.modules import LoadedTeacher, TextModule, length_batches, read_module
 from distill_core.recipe import (
     ChecksConfig,
-    ClassificationRecipe,
     DataConfig,
     GateConfig,
     SoftLabelConfig,
@@ -86,6 +85,8 @@ def _texts(model_input: Any) -> list[str]:
 class TextClassifierModel(PythonModel):
     """A pyfunc wrapper around a pickled student (any TextModule): raw text in, label and probabilities out."""
 
+    __module__ = "distill_core.serving"  # its pickles name it there, so the previous release loads them too
+
     def load_context(self, context: Any) -> None:
         module = read_module(context.artifacts[STUDENT_ARTIFACT])
         self.module: TextModule = module.eval()
@@ -134,7 +135,6 @@ def teacher_logits(
 
 
 class ClassificationTask(Task):
-    recipe_class = ClassificationRecipe
     name = "classification"
     early_stopping = "val_accuracy"
     headline = ("accuracy", "macro_f1", "retention", "agreement", "kl_to_teacher", "params", "p50_ms", "speedup")
