@@ -1,5 +1,5 @@
 """What the previous release wrote keeps reading correctly: its flat ledger tags (distill.status on the teacher
-version, one per teacher version), its alias history and its claims table.
+version, one per teacher version), its alias history and its claims table, and the models it pickled.
 
 tests/fixtures/release-2026-11-28 was made by that release's own code (commit bd90871): teacher `old-teacher`
 v1 distilled into `old-student` (champion), v2 registered and left unhandled.
@@ -51,3 +51,26 @@ def test_status_shows_the_previous_release_s_ledger_and_alias_history(previous_r
     assert v2["status"] == "pending"
     assert state["student"]["aliases"] == {CHAMPION: "1"}
     assert [(m["alias"], m["version"], m["actor"]) for m in state["alias_history"]] == [(CHAMPION, "1", "pipeline")]
+
+
+# Made by the code before the core was split into tasks/modules/model_io (commit b43117d): a student saved as its
+# pyfunc (distill_core.serving.TextClassifierModel) and a WrappedTeacher pickled as distill_core.teachers'.
+OLD_MODELS = Path(__file__).parent / "fixtures" / "models-before-tasks"
+
+
+def test_models_the_previous_release_pickled_load_and_predict_as_they_did() -> None:
+    import json
+
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from distill_core.modules import read_module
+
+    expected = json.loads((OLD_MODELS / "expected.json").read_text())
+    texts = expected["texts"]
+    teacher = read_module(OLD_MODELS / "teacher.pt")
+    with torch.no_grad():
+        assert teacher(**teacher.tokenize(texts)).tolist() == expected["teacher_logits"]
+    served = mlflow.pyfunc.load_model(str(OLD_MODELS / "student-pyfunc"))
+    assert served.predict(pd.DataFrame({"text": texts})).to_dict(orient="list") == expected["student"]
