@@ -61,8 +61,10 @@ def _freeze_below(model: TextClassifier, trainable_layers: int | None) -> None:
 
 def train_teacher(dataset: PreparedDataset, cfg: TeacherConfig, log: Callable[[str], None] = print) -> TextClassifier:
     """Fine-tune MiniLM (all, the top layers, or only a head on frozen features): the teacher team's stand-in."""
-    torch.manual_seed(cfg.seed)
     encoder, tokenizer = load_minilm()
+    # Seeded after loading: whether loading draws from torch's generator depends on what is installed (with
+    # accelerate, transformers builds the model on the meta device and draws nothing), the head's start must not.
+    torch.manual_seed(cfg.seed)
     model = TextClassifier(encoder, tokenizer, dataset.labels, cfg.max_length)
     train = dataset.split("train")
     texts, labels = train["text"].tolist(), torch.tensor(train["label"].to_numpy())
