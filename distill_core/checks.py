@@ -91,7 +91,7 @@ def check_dataset(
         if split == "train":
             expectations.append(gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes))
         tables[split] = (frame, expectations)
-    return _run_suite("dataset", tables, docs_dir, run_name=f"dataset-{dataset.digest[:12]}")
+    return run_suite("dataset", tables, docs_dir, run_name=f"dataset-{dataset.digest[:12]}")
 
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
@@ -143,7 +143,7 @@ def check_soft_labels(
     prob_columns = [f"prob_{name}" for name in dataset.labels]
     tables: dict[str, tuple[pd.DataFrame, list[Any]]] = {}
     for split in SOFT_LABEL_SPLITS:
-        logits = labels.logits.get(split, np.zeros((0, classes), dtype=np.float32))
+        logits = np.asarray(labels.signal.get(split, np.zeros((0, classes), dtype=np.float32)))
         expectations = [
             gxe.ExpectTableColumnsToMatchSet(
                 column_set=[*prob_columns, "row_sum_error", "predicted", "finite_logits"], exact_match=True
@@ -163,7 +163,7 @@ def check_soft_labels(
                 )
             )
         tables[split] = (probability_frame(logits, dataset.labels), expectations)
-    return _run_suite("soft_labels", tables, docs_dir, run_name=f"soft_labels-{labels.key[:12]}")
+    return run_suite("soft_labels", tables, docs_dir, run_name=f"soft_labels-{labels.key[:12]}")
 
 
 def check_evaluation(reports: list[dict], docs_dir: Path) -> CheckResult:
@@ -189,10 +189,10 @@ def check_evaluation(reports: list[dict], docs_dir: Path) -> CheckResult:
         gxe.ExpectColumnValuesToBeBetween(column="p50_ms", min_value=0, strict_min=True),
         gxe.ExpectColumnValuesToBeBetween(column="p95_ms", min_value=0),
     ]
-    return _run_suite("evaluation", {"models": (frame, expectations)}, docs_dir)
+    return run_suite("evaluation", {"models": (frame, expectations)}, docs_dir)
 
 
-def _run_suite(
+def run_suite(
     suite: str, tables: dict[str, tuple[pd.DataFrame, list[Any]]], docs_dir: Path, run_name: str | None = None
 ) -> CheckResult:
     """Validate each table (GX suite '<suite>.<table>'), store the results and rebuild the docs site's pages and index.

@@ -8,8 +8,9 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,7 @@ class PreparedDataset:
     digest: str
     counts: dict[str, int]
     version: DataVersion | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # what its task records besides (an LM's tokenizer, blocks)
 
     def lineage(self) -> dict[str, str]:
         """What identifies this data in lineage tags: the digest, and where DVC keeps it when it came through DVC."""
@@ -274,16 +276,21 @@ def load_prepared(root: str | Path, verify: bool = True) -> PreparedDataset:
     if not meta_path.is_file():
         raise DatasetError(f"{root} is not a prepared dataset (no dataset.json): run `distill stage prepare`")
     meta = json.loads(meta_path.read_text())
-    prepared = PreparedDataset(root, tuple(meta["labels"]), meta["digest"], meta["counts"])
+    prepared = PreparedDataset(root, tuple(meta["labels"]), meta["digest"], meta["counts"], info=meta)
     if verify:
         splits = {name: prepared.split(name) for name in SPLITS}
-        actual = dataset_digest(splits)
+        if meta.get("layout") == "token_blocks":  # a causal LM's blocks (distill_core.lm_data)
+            from distill_core.lm_data import blocks_digest
+
+            actual = blocks_digest(root, meta)
+        else:
+            actual = dataset_digest(splits)
         if actual != prepared.digest:
             raise DatasetError(
                 f"dataset {root} changed after it was prepared: digest {actual} != recorded {prepared.digest}; "
                 "prepare it again"
             )
-        for name in ("train", "validation", "test"):
+        for name in ("train", "validation", "test") if prepared.labels else ():
             frame = splits[name]
             bad = ~frame["label"].between(0, len(prepared.labels) - 1)
             if bad.any():

@@ -7,8 +7,10 @@ import io
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -167,8 +169,34 @@ def size_of(model: nn.Module) -> dict[str, int]:
     return {"params": sum(p.numel() for p in model.parameters()), "bytes": buffer.getbuffer().nbytes}
 
 
+class ModelReport(Protocol):
+    """What every task's report has: the model's size and speed, against the teacher's, and a dict form. Each task
+    has its report class (a classifier's Report; a causal LM's LMReport) with its quality fields besides."""
+
+    name: str
+    p50_ms: float
+    p95_ms: float
+    throughput: float
+    params: int
+    bytes: int
+    threads: int
+    load_average: float
+    under_load: bool
+    compression: float
+    speedup: float
+
+    def as_dict(self) -> dict[str, float | int | str]: ...
+
+
+class AsDict:
+    """as_dict for a report dataclass."""
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass
-class Report:
+class Report(AsDict):
     """Everything measured about one model on the test split."""
 
     name: str
@@ -188,9 +216,6 @@ class Report:
     compression: float = 1.0  # teacher params / params
     speedup: float = 1.0  # teacher p50 / p50
     retention: float = 1.0  # accuracy / teacher accuracy
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
 
 
 def evaluate_model(
@@ -253,7 +278,7 @@ COLUMNS = [
 ]
 
 
-def comparison_table(reports: list[Report], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
+def comparison_table(reports: Sequence[ModelReport], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
     """A markdown table of reports, teacher first: one column per (report field, title, format)."""
     header = "| " + " | ".join(title for _, title, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"

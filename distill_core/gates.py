@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from distill_core.evaluate import Report
+from distill_core.evaluate import ModelReport, Report
 from distill_core.recipe import GateConfig
 
 
@@ -15,7 +15,7 @@ class Verdict:
     """Whether a candidate passed every gate, and why not."""
 
     candidate: str
-    report: Report
+    report: ModelReport
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -52,11 +52,12 @@ def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, ch
     return Verdict(candidate, report, reasons)
 
 
-def _accuracy(report: Report) -> float:
+def _accuracy(report: ModelReport) -> float:
+    assert isinstance(report, Report)
     return report.accuracy
 
 
-def choose(verdicts: list[Verdict], quality: Callable[[Report], float] = _accuracy) -> Verdict:
+def choose(verdicts: list[Verdict], quality: Callable[[ModelReport], float] = _accuracy) -> Verdict:
     """The smallest passing candidate (ties: the best quality, by default accuracy); with none passing, the
     best failure."""
     passing = [v for v in verdicts if v.passed]

@@ -24,24 +24,38 @@ class LossSpec:
     needs: frozenset[str]
     parameters: tuple[str, ...] = ()
     projection: str | None = None
+    # the readings of a stored sparse signal the term is defined over: "renormalise" (top-k renormalised),
+    # "rest" (top-k plus one bucket for the rest), "sampled" (tokens drawn from the teacher)
+    sparse: frozenset[str] = frozenset()
 
     @property
     def needs_features(self) -> bool:
         return bool(self.needs & FEATURES)
 
 
-def _spec(name: str, needs: set[str], parameters: tuple[str, ...] = (), projection: str | None = None) -> LossSpec:
-    return LossSpec(name, frozenset(needs), parameters, projection)
+ALL_READINGS = frozenset({"renormalise", "rest", "sampled"})
+
+
+def _spec(
+    name: str,
+    needs: set[str],
+    parameters: tuple[str, ...] = (),
+    projection: str | None = None,
+    sparse: frozenset[str] = frozenset(),
+) -> LossSpec:
+    return LossSpec(name, frozenset(needs), parameters, projection, ALL_READINGS if LABELS in needs else sparse)
 
 
 LOSS_TERMS: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        _spec("forward_kl", {TEACHER_LOGITS}, ("temperature",)),  # over a sparse signal: its sparse estimate
-        _spec("reverse_kl", {TEACHER_LOGITS}, ("temperature",)),
-        _spec("generalized_jsd", {TEACHER_LOGITS}, ("temperature", "beta")),
-        _spec("skew_kl", {TEACHER_LOGITS}, ("temperature", "alpha")),
-        _spec("skew_reverse_kl", {TEACHER_LOGITS}, ("temperature", "alpha")),
+        # over a sparse signal: renormalised, with a rest bucket, or the sampled signal's unbiased estimate
+        _spec("forward_kl", {TEACHER_LOGITS}, ("temperature",), sparse=ALL_READINGS),
+        # the others need every outcome's mass on both sides: the full distribution, or top-k plus a rest bucket
+        _spec("reverse_kl", {TEACHER_LOGITS}, ("temperature",), sparse=frozenset({"rest"})),
+        _spec("generalized_jsd", {TEACHER_LOGITS}, ("temperature", "beta"), sparse=frozenset({"rest"})),
+        _spec("skew_kl", {TEACHER_LOGITS}, ("temperature", "alpha"), sparse=frozenset({"rest"})),
+        _spec("skew_reverse_kl", {TEACHER_LOGITS}, ("temperature", "alpha"), sparse=frozenset({"rest"})),
         _spec("ce", {LABELS}),
         _spec("feature", {HIDDEN_STATES}, projection="mse"),
         _spec("feature_cosine", {HIDDEN_STATES}, projection="cosine"),

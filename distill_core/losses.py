@@ -81,6 +81,36 @@ def _log_probs(student: Tensor, teacher: Tensor, temperature: float, mask: Tenso
 
 
 # --- layer 1: divergences, all times T**2 so gradients keep their size across temperatures (Hinton 2015) ----
+# Each is a per-row formula over log-probabilities (student, teacher), so that it applies alike to full
+# distributions and to the k + 1 outcomes of a top-k signal with a rest bucket.
+
+
+def _forward_rows(log_s: Tensor, log_t: Tensor) -> Tensor:
+    return _kl_rows(log_t, log_s)
+
+
+def _reverse_rows(log_s: Tensor, log_t: Tensor) -> Tensor:
+    return _kl_rows(log_s, log_t)
+
+
+def _jsd_rows(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    _check_unit("beta", beta)
+    if beta == 0.0:
+        return _forward_rows(log_s, log_t)
+    if beta == 1.0:
+        return _reverse_rows(log_s, log_t)
+    log_m = _mix(log_t, log_s, beta)
+    return beta * _kl_rows(log_t, log_m) + (1 - beta) * _kl_rows(log_s, log_m)
+
+
+def _skew_rows(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
+    _check_unit("alpha", alpha)
+    return _kl_rows(log_t, _mix(log_t, log_s, alpha))
+
+
+def _skew_reverse_rows(log_s: Tensor, log_t: Tensor, alpha: float) -> Tensor:
+    _check_unit("alpha", alpha)
+    return _kl_rows(log_s, _mix(log_s, log_t, alpha))
 
 
 def forward_kl(
@@ -88,7 +118,7 @@ def forward_kl(
 ) -> Tensor:
     """KL(p_teacher || p_student) at temperature T, times T**2: the classic, mean-seeking KD loss."""
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature, mask)
-    return _mean_rows(_kl_rows(log_t, log_s)) * temperature**2
+    return _mean_rows(_forward_rows(log_s, log_t)) * temperature**2
 
 
 def reverse_kl(
@@ -96,7 +126,7 @@ def reverse_kl(
 ) -> Tensor:
     """KL(p_student || p_teacher) at temperature T, times T**2: mode-seeking (MiniLLM)."""
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature, mask)
-    return _mean_rows(_kl_rows(log_s, log_t)) * temperature**2
+    return _mean_rows(_reverse_rows(log_s, log_t)) * temperature**2
 
 
 def generalized_jsd(
@@ -112,13 +142,8 @@ def generalized_jsd(
     As in TRL the endpoints are special cases; the mixture formula itself goes to 0 as beta -> 0 or 1.
     """
     _check_unit("beta", beta)
-    if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, temperature, mask)
-    if beta == 1.0:
-        return reverse_kl(student_logits, teacher_logits, temperature, mask)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature, mask)
-    log_m = _mix(log_t, log_s, beta)
-    return _mean_rows(beta * _kl_rows(log_t, log_m) + (1 - beta) * _kl_rows(log_s, log_m)) * temperature**2
+    return _mean_rows(_jsd_rows(log_s, log_t, beta)) * temperature**2
 
 
 def skew_kl(
@@ -131,7 +156,7 @@ def skew_kl(
     """DistiLLM skew KL: KL(p_t || alpha * p_t + (1 - alpha) * p_s), times T**2; alpha=0 is forward KL."""
     _check_unit("alpha", alpha)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature, mask)
-    return _mean_rows(_kl_rows(log_t, _mix(log_t, log_s, alpha))) * temperature**2
+    return _mean_rows(_skew_rows(log_s, log_t, alpha)) * temperature**2
 
 
 def skew_reverse_kl(
@@ -144,7 +169,7 @@ def skew_reverse_kl(
     """DistiLLM skew reverse KL: KL(p_s || alpha * p_s + (1 - alpha) * p_t), times T**2."""
     _check_unit("alpha", alpha)
     log_s, log_t = _log_probs(student_logits, teacher_logits, temperature, mask)
-    return _mean_rows(_kl_rows(log_s, _mix(log_s, log_t, alpha))) * temperature**2
+    return _mean_rows(_skew_reverse_rows(log_s, log_t, alpha)) * temperature**2
 
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
@@ -170,6 +195,51 @@ def hard_label_ce(
     return F.cross_entropy(logits, labels[keep], reduction="sum") / max(logits.shape[0], 1)
 
 
+def _check_sparse(student_logits: Tensor, ids: Tensor, *others: Tensor) -> None:
+    if any(o.shape != ids.shape for o in others) or ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"sparse ids {tuple(ids.shape)} and their values {[tuple(o.shape) for o in others]} must all be "
+            f"{tuple(student_logits.shape[:-1])} + (k,) to match student logits {tuple(student_logits.shape)}"
+        )
+
+
+def sparse_buckets(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    missing_mass: str = "zero",
+    stored_temperature: float = 1.0,
+    tail: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities over the outcomes a top-k signal defines, at temperature T.
+
+    The stored probabilities (taken at stored_temperature) are re-tempered as p**(stored_T / T), renormalised
+    (DistillKit's rule). "zero": both sides renormalised over the teacher's top-k ids. "tail": a (k+1)-th bucket
+    holds each side's leftover mass (clamped >= 1e-8; the teacher's from `tail` when stored, else from its
+    entries); p**(1/T) amplifies a tiny leftover, so use it when top-k leaves mass out.
+    """
+    if missing_mass not in ("zero", "tail"):
+        raise ValueError(f"missing_mass must be 'zero' or 'tail', got {missing_mass!r}")
+    _check_temperature(temperature)
+    _check_sparse(student_logits, topk_ids, topk_logprobs)
+    student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
+    student_k = student.gather(-1, topk_ids.reshape(-1, topk_ids.shape[-1]) if mask is None else topk_ids[mask.bool()])
+    stored = _rows(topk_logprobs, mask, "top-k log-probs")
+    if missing_mass == "tail":
+        if tail is not None:
+            flat_tail = tail.reshape(-1) if mask is None else tail[mask.bool()]
+            teacher_left = flat_tail.float().unsqueeze(-1)
+        else:
+            teacher_left = -torch.expm1(torch.logsumexp(stored, dim=-1, keepdim=True))
+        student_left = -torch.expm1(torch.logsumexp(student_k, dim=-1, keepdim=True))
+        stored = torch.cat([stored, teacher_left.clamp_min(TAIL_EPS).log()], dim=-1)
+        student_k = torch.cat([student_k, student_left.clamp_min(TAIL_EPS).log()], dim=-1)
+    log_t = F.log_softmax(stored * (stored_temperature / temperature), dim=-1)
+    return F.log_softmax(student_k, dim=-1), log_t
+
+
 def sparse_forward_kl(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -178,30 +248,31 @@ def sparse_forward_kl(
     mask: Tensor | None = None,
     missing_mass: str = "zero",
 ) -> Tensor:
-    """Forward KL, times T**2, against a teacher stored as top-k ids and log-probs taken at temperature 1.
+    """Forward KL, times T**2, against a teacher stored as top-k ids and log-probs taken at temperature 1 (the
+    outcomes as sparse_buckets defines them)."""
+    log_s, log_t = sparse_buckets(student_logits, topk_ids, topk_logprobs, temperature, mask, missing_mass)
+    return _mean_rows(_forward_rows(log_s, log_t)) * temperature**2
 
-    T is re-applied to the stored probabilities as p**(1/T), renormalised (DistillKit's rule).
-    "zero": both sides renormalised over the teacher's top-k ids. "tail": a (k+1)-th bucket holds each side's
-    leftover mass (clamped >= 1e-8); p**(1/T) amplifies a tiny leftover, so use it when top-k leaves mass out.
-    """
-    if missing_mass not in ("zero", "tail"):
-        raise ValueError(f"missing_mass must be 'zero' or 'tail', got {missing_mass!r}")
+
+def sampled_forward_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    logprobs: Tensor,
+    weights: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The unbiased estimate of KL(p_T || q_T), times T**2, from tokens drawn from the teacher at temperature T
+    (random-sampling KD, Anshumann et al. 2025): sum_j w_j (log p_T(j) - log q_T(j)), with w_j each id's share
+    of the draws (0 for padding) and q_T the student's full softmax, not one renormalised over the drawn ids.
+    Its expectation over the draws is the forward KL, and its gradient the full-distribution one's."""
     _check_temperature(temperature)
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"top-k ids {tuple(topk_ids.shape)} and log-probs {tuple(topk_logprobs.shape)} must both be "
-            f"{tuple(student_logits.shape[:-1])} + (k,) to match student logits {tuple(student_logits.shape)}"
-        )
+    _check_sparse(student_logits, ids, logprobs, weights)
     student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
-    student_k = student.gather(-1, topk_ids.reshape(-1, topk_ids.shape[-1]) if mask is None else topk_ids[mask.bool()])
-    stored = _rows(topk_logprobs, mask, "top-k log-probs")
-    if missing_mass == "tail":
-        teacher_left = -torch.expm1(torch.logsumexp(stored, dim=-1, keepdim=True))
-        student_left = -torch.expm1(torch.logsumexp(student_k, dim=-1, keepdim=True))
-        stored = torch.cat([stored, teacher_left.clamp_min(TAIL_EPS).log()], dim=-1)
-        student_k = torch.cat([student_k, student_left.clamp_min(TAIL_EPS).log()], dim=-1)
-    log_t = F.log_softmax(stored / temperature, dim=-1)
-    return _mean_rows(_kl_rows(log_t, F.log_softmax(student_k, dim=-1))) * temperature**2
+    student_j = student.gather(-1, ids.reshape(-1, ids.shape[-1]) if mask is None else ids[mask.bool()])
+    w = _rows(weights, mask, "sample weights")
+    per_row = (w * (_rows(logprobs, mask, "sampled log-probs") - student_j)).sum(-1)
+    return _mean_rows(per_row) * temperature**2
 
 
 # --- layer 2: terms with parameters of their own (a projection) and over attention maps -------------------
@@ -298,39 +369,77 @@ def implements(*names: str) -> Callable[[Compute], Compute]:
     return add
 
 
-def _dense_teacher(term: _Term, step: _Step) -> Tensor:
-    if not isinstance(step.signal, DenseSignal):
-        raise ValueError(
-            f"loss term {term.name!r} needs the teacher's full distribution (a dense signal); this teacher signal "
-            f"is {type(step.signal).__name__}: use forward_kl, or a signal that keeps the whole distribution"
+_READINGS = {"zero": "a renormalised top-k", "tail": "a top-k with a rest bucket", "sampled": "a sampled"}
+
+
+def _reading(signal: SparseSignal) -> str:
+    return "sampled" if signal.weights is not None else signal.missing_mass
+
+
+def _pair(term: _Term, step: _Step) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities at the term's temperature: over the full distribution, or over the
+    top-k outcomes plus the rest bucket; any other signal does not define the term, which is refused by name."""
+    signal = step.signal
+    if isinstance(signal, SparseSignal):
+        if _reading(signal) != "tail":
+            raise ValueError(
+                f"loss term {term.name!r} is not defined over {_READINGS[_reading(signal)]} teacher signal: store "
+                "top-k with a rest bucket (soft_labels.tail: rest), run the teacher in the loop, or use forward_kl"
+            )
+        return sparse_buckets(
+            step.student.logits,
+            signal.ids,
+            signal.logprobs,
+            term.temperature,
+            step.mask,
+            "tail",
+            signal.temperature,
+            signal.tail,
         )
-    return step.signal.logits
+    assert isinstance(signal, DenseSignal)
+    return _log_probs(step.student.logits, signal.logits, term.temperature, step.mask)
 
 
-def _divergence(function: Callable[..., Tensor], shape: str | None = None) -> Compute:
+def _divergence(rows: Callable[..., Tensor], shape: str | None = None) -> Compute:
     def compute(term: _Term, step: _Step) -> Tensor:
         extra = {} if shape is None else {shape: getattr(term, shape)}
-        teacher = _dense_teacher(term, step)
-        return function(step.student.logits, teacher, temperature=term.temperature, mask=step.mask, **extra)
+        return _mean_rows(rows(*_pair(term, step), **extra)) * term.temperature**2
 
     return compute
 
 
 @implements("forward_kl")
 def _forward_kl_term(term: _Term, step: _Step) -> Tensor:
-    """Dense: forward_kl; a sparse signal: sparse_forward_kl over its entries, the left-out mass as it says."""
+    """Dense: forward_kl; top-k: over its entries, the left-out mass as it says; sampled: the unbiased estimate."""
     signal = step.signal
-    if isinstance(signal, SparseSignal):
-        return sparse_forward_kl(
-            step.student.logits, signal.ids, signal.logprobs, term.temperature, step.mask, signal.missing_mass
+    if isinstance(signal, SparseSignal) and signal.weights is not None:
+        if abs(term.temperature - signal.temperature) > 1e-9:
+            raise ValueError(
+                f"loss term {term.name!r} reads a signal drawn at temperature {signal.temperature} at "
+                f"{term.temperature}: a sampled signal is read at the temperature it was drawn at"
+            )
+        return sampled_forward_kl(
+            step.student.logits, signal.ids, signal.logprobs, signal.weights, term.temperature, step.mask
         )
-    return _divergence(forward_kl)(term, step)
+    if isinstance(signal, SparseSignal):
+        log_s, log_t = sparse_buckets(
+            step.student.logits,
+            signal.ids,
+            signal.logprobs,
+            term.temperature,
+            step.mask,
+            signal.missing_mass,
+            signal.temperature,
+            signal.tail,
+        )
+        return _mean_rows(_forward_rows(log_s, log_t)) * term.temperature**2
+    return _divergence(_forward_rows)(term, step)
 
 
-implements("reverse_kl")(_divergence(reverse_kl))
-implements("generalized_jsd")(_divergence(generalized_jsd, "beta"))
-implements("skew_kl")(_divergence(skew_kl, "alpha"))
-implements("skew_reverse_kl")(_divergence(skew_reverse_kl, "alpha"))
+implements("reverse_kl")(_divergence(_reverse_rows))
+implements("generalized_jsd")(_divergence(_jsd_rows, "beta"))
+implements("skew_kl")(_divergence(_skew_rows, "alpha"))
+implements("skew_reverse_kl")(_divergence(_skew_reverse_rows, "alpha"))
 
 
 @implements("ce")

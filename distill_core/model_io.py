@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import mlflow
 import pandas as pd
@@ -136,7 +136,7 @@ def log_student(
     *,
     name: str = "student",
     registered_model_name: str | None,
-    input_texts: list[str],
+    input_texts: Any,
     tags: dict[str, str] | None = None,
     description: str | None = None,
     await_registration_for: int = 60,
@@ -152,7 +152,7 @@ def log_student(
         raise ServingError(
             "log_student logs into the active MLflow run, and none is active: call it inside `with mlflow.start_run():`"
         )
-    if not input_texts:
+    if len(input_texts) == 0:
         raise ServingError("log_student needs at least one input text for the model's input example")
     student.eval()
     with tempfile.TemporaryDirectory(prefix="student-") as tmp:
@@ -163,7 +163,7 @@ def log_student(
             python_model=task.python_model(),
             artifacts={STUDENT_ARTIFACT: str(path)},
             signature=task.signature(student),
-            input_example=task.input_example(input_texts),
+            input_example=task.input_example(student, input_texts),
             pip_requirements=pip_requirements(),
         )
     if registered_model_name is None:

@@ -25,18 +25,20 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def training_curves(histories: dict[str, list[dict[str, float]]]) -> Figure:
-    """Validation accuracy (left) and training loss (right) against step, one line per run in each panel.
+def training_curves(histories: dict[str, list[dict[str, float]]], metric: str = "val_accuracy") -> Figure:
+    """The validation metric (left; the task's early-stopping one) and training loss (right) against step, one
+    line per run in each panel.
 
     `histories` maps a run's name (e.g. "minilm (distilled)") to its `TrainResult.history`."""
     fig = _figure(11, 4)
     acc_ax, loss_ax = fig.subplots(1, 2, sharex=True)
     for run, history in histories.items():
         rows = sorted(history, key=lambda row: row["step"])
-        acc_ax.plot([r["step"] for r in rows], [r["val_accuracy"] for r in rows], marker=".", label=run)
+        acc_ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=run)
         with_loss = [r for r in rows if "loss" in r]
         loss_ax.plot([r["step"] for r in with_loss], [r["loss"] for r in with_loss], marker=".", label=run)
-    acc_ax.set(title="validation accuracy", xlabel="step", ylabel="accuracy")
+    title = metric.removeprefix("val_").replace("_", " ")
+    acc_ax.set(title=f"validation {title}", xlabel="step", ylabel=title)
     loss_ax.set(title="training loss (last batch before each evaluation)", xlabel="step", ylabel="loss")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)

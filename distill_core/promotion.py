@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from mlflow.tracking import MlflowClient
 
 from distill_core import names
-from distill_core.evaluate import Report, measure_latency
+from distill_core.evaluate import ModelReport
 from distill_core.gates import Verdict, choose
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_module, log_student
@@ -38,7 +39,7 @@ class Decision:
     verdicts: list[Verdict]
     chosen: Verdict
     champion_before: str | None
-    champion_report: Report | None
+    champion_report: ModelReport | None
     student_version: str = ""
     alias: str | None = None  # champion, challenger, or None (failed the gates)
     notes: list[str] = field(default_factory=list)
@@ -52,13 +53,13 @@ class Decision:
 
 def evaluate_champion(
     recipe: Recipe,
-    texts: list[str],
+    texts: Any,
     labels: np.ndarray,
-    teacher_logits: np.ndarray,
+    teacher_signal: Any,
     teacher: LoadedTeacher,
-    teacher_report: Report,
+    teacher_report: ModelReport,
     tracking_uri: str,
-) -> tuple[str | None, Report | None]:
+) -> tuple[str | None, ModelReport | None]:
     """The current champion measured on today's test split, so the comparison is like for like; its speed-up is
     measured side by side with the teacher, as the candidates' is."""
     client = MlflowClient(tracking_uri)
@@ -66,22 +67,19 @@ def evaluate_champion(
     if version is None:
         return None, None
     module = load_module(f"models:/{recipe.student_registered_name}/{version}")
-    cfg = recipe.evaluation
-    name = f"champion v{version}"
-    speeds = measure_latency(
-        {"teacher": teacher.module, name: module}, texts, cfg.latency_samples, cfg.throughput_batch
-    )
-    report = task_of(recipe).evaluate(name, module, texts, labels, teacher_logits, speeds[name])
-    paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)
-    return version, task_of(recipe).relative_to(report, paired_teacher)
+    task, name = task_of(recipe), f"champion v{version}"
+    speeds = task.measure_speed({"teacher": teacher.module, name: module}, texts, recipe.evaluation)
+    report = task.evaluate(name, module, texts, labels, teacher_signal, speeds[name])
+    paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)  # type: ignore[type-var]
+    return version, task.relative_to(report, paired_teacher)
 
 
 def judge_all(
     recipe: Recipe,
     outcomes: list[StudentOutcome],
-    teacher_report: Report,
+    teacher_report: ModelReport,
     champion_version: str | None,
-    champion_report: Report | None,
+    champion_report: ModelReport | None,
 ) -> Decision:
     """Every distilled candidate against the gates; the smallest passing one is chosen."""
     verdicts, notes = [], []
@@ -89,14 +87,10 @@ def judge_all(
     for outcome in outcomes:
         report = outcome.reports[names.Kind.DISTILLED]
         verdict = task.judge(outcome.config.name, report, teacher_report, recipe.gates, champion_report)
-        not_learned = outcome.did_not_learn()
+        not_learned = outcome.did_not_learn(task)
         if not_learned is not None:
             verdict.reasons.append(not_learned)
-        if verdict.report.retention > 1.0:  # legitimate (born-again networks rely on it), and worth a look
-            notes.append(
-                f"{outcome.config.name} beats its teacher ({verdict.report.retention:.1%} of the teacher's "
-                "accuracy): a weak teacher, or a student that also learned from the hard labels"
-            )
+        notes += task.notes(outcome.config.name, verdict.report)
         verdicts.append(verdict)
     return Decision(verdicts, choose(verdicts, task.quality), champion_version, champion_report, notes=notes)
 
@@ -109,7 +103,7 @@ def register_and_promote(
     input_texts: list[str],
     tracking_uri: str,
     ledger: Ledger,
-    champion_now: Callable[[], tuple[str | None, Report | None]] | None = None,
+    champion_now: Callable[[], tuple[str | None, ModelReport | None]] | None = None,
 ) -> Decision:
     """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says.
 

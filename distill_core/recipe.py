@@ -43,11 +43,17 @@ class DataConfig(_Strict):
     dvc: DvcDataRef | None = None  # set: runs read the prepared data through DVC, and lineage names its version
 
 
-class TeacherConfig(_Strict):
-    """The teacher's registered name, and how the local helper trains one (it stands in for the teacher's team)."""
+class BaseTeacherConfig(_Strict):
+    """The teacher's registered name and the version the DVC stages distill; each task's recipe adds how its
+    stand-in helper makes one (it stands in for the teacher's team)."""
 
     registered_name: str = Field(default="sentiment-teacher", min_length=1)
     version: int | None = Field(default=None, ge=1)  # the registered version the DVC stages distill
+
+
+class TeacherConfig(BaseTeacherConfig):
+    """A classifier teacher: the packaged MiniLM encoder fine-tuned on the train split with a head."""
+
     # top encoder layers to fine-tune: None = all (best), 0 = only the head on frozen features (fast, weaker)
     trainable_layers: int | None = Field(default=None, ge=0, le=48)
     epochs: float = Field(default=1.0, gt=0, le=20)
@@ -110,7 +116,7 @@ class StudentConfig(_Strict):
             return self.lr
         if "lr" in train.model_fields_set:
             return train.lr
-        return FAMILY_LR[self.family]
+        return train.family_lr(self.family)
 
     @model_validator(mode="after")
     def _layers_valid(self) -> StudentConfig:
@@ -139,6 +145,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=200, ge=1)  # steps
     eval_every: int = Field(default=200, ge=1)  # steps; also at the end of every epoch
     patience: int = Field(default=3, ge=1)  # evaluations without improvement before stopping early
+
+    def family_lr(self, family: str) -> float:
+        """The lr a student family trains at when neither it nor the recipe sets one."""
+        return FAMILY_LR[family]
 
     @model_validator(mode="after")
     def _online_losses(self) -> TrainConfig:
@@ -192,8 +202,7 @@ class BaseRecipe(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     task: str = "classification"
     student_registered_name: str = Field(default="sentiment-student", min_length=1)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    soft_labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
+    teacher: BaseTeacherConfig = Field(default_factory=BaseTeacherConfig)
     students: list[StudentConfig] = Field(min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
@@ -236,17 +245,158 @@ class ClassificationRecipe(BaseRecipe):
     """A text classifier distilled: labeled text, class-balance checks, accuracy gates."""
 
     task: Literal["classification"] = "classification"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    soft_labels: SoftLabelConfig = Field(default_factory=SoftLabelConfig)
     checks: ChecksConfig = Field(default_factory=ChecksConfig)
     gates: GateConfig = Field(default_factory=GateConfig)
 
 
+# --- the causal LM's sections -------------------------------------------------------------------------------
+
+
+class LMTeacherConfig(BaseTeacherConfig):
+    """An LM teacher. The stand-in helper registers the packaged SmolLM2-135M-Instruct as v1 and, for later
+    versions, that model fine-tuned for `finetune_steps` on the train split's blocks (a better teacher on this
+    domain: its held-out perplexity drops)."""
+
+    registered_name: str = Field(default="lm-teacher", min_length=1)
+    finetune_steps: int = Field(default=40, ge=0, le=100_000)  # 0: as packaged
+    lr: float = Field(default=5e-5, gt=0, lt=1)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    seed: int = 0
+
+
+class LMDataConfig(_Strict):
+    """Documents, split by document and packed into token blocks with the teacher's tokenizer."""
+
+    source: str = "pydoc_topics"  # a built-in corpus, or a .txt (blank-line separated) / .csv / .parquet file
+    tokenizer: str = "smollm2"  # the packaged SmolLM2 tokenizer, or a local folder holding the teacher's tokenizer
+    block_size: int = Field(default=128, ge=8, le=8192)  # tokens per block (each with its next token as target)
+    max_documents: int | None = Field(default=None, ge=3)
+    train_blocks: int | None = Field(default=None, ge=1)  # the token budget of train and transfer, in blocks
+    eval_blocks: int | None = Field(default=None, ge=1)  # the budget of validation and of test, each, in blocks
+    validation_fraction: Fraction = 0.1  # of the documents
+    test_fraction: Fraction = 0.2
+    seed: int = 0
+    dvc: DvcDataRef | None = None
+
+
+SparseReading = Literal["renormalise", "rest", "sampled"]
+
+
+class LMSignalConfig(_Strict):
+    """The teacher's signal per token, stored sparse: the top-k entries (and the mass left out), or tokens drawn
+    from the teacher's distribution with their counts (unbiased: Anshumann et al. 2025). Every field but
+    batch_size and shard_rows changes what is stored, so it is part of the soft-label key."""
+
+    kind: Literal["top_k", "sampled"] = "top_k"
+    k: int = Field(default=32, ge=1, le=4096)  # top_k: entries kept; sampled: at most this many distinct tokens
+    draws: int = Field(default=50, ge=1, le=100_000)  # sampled: draws per position
+    tail: Literal["renormalise", "rest"] = "rest"  # top_k: the left-out mass renormalised away, or one more outcome
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)  # of the teacher distribution the signal describes
+    seed: int = 0  # sampled: the draws' seed
+    batch_size: int = Field(default=8, ge=1, le=4096)  # blocks per teacher forward
+    shard_rows: int = Field(default=256, ge=1)  # blocks per stored shard
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> LMSignalConfig:
+        if self.kind == "sampled" and "tail" in self.model_fields_set:
+            raise ValueError("tail applies to kind top_k only: a sampled signal is unbiased and has no tail rule")
+        if self.kind == "top_k" and "draws" in self.model_fields_set:
+            raise ValueError("draws applies to kind sampled only")
+        return self
+
+    @property
+    def reading(self) -> SparseReading:
+        """How the loss reads the stored entries: renormalised top-k, top-k plus a rest bucket, or sampled."""
+        return "sampled" if self.kind == "sampled" else self.tail
+
+
+def _lm_losses() -> list[LossTerm]:
+    return [LossTerm(function="forward_kl", weight=0.9), LossTerm(function="ce", weight=0.1)]
+
+
+class LMTrainConfig(TrainConfig):
+    """The LM loop: the common one plus gradient accumulation and clipping. The loss is normalised by the count
+    of tokens that count over all micro-batches of an update."""
+
+    losses: list[LossTerm] = Field(default_factory=_lm_losses, min_length=1)
+    batch_size: int = Field(default=8, ge=1, le=8192)  # blocks per micro-batch
+    lr: float = Field(default=3e-4, gt=0, lt=1)
+    grad_accumulation: int = Field(default=1, ge=1, le=1024)  # micro-batches per optimizer update
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+
+    def family_lr(self, family: str) -> float:
+        return self.lr  # a student cut from the LM teacher: the LM loop's own default
+
+
+class LMChecksConfig(_Strict):
+    """Great Expectations checks on LM data and on the stored signal."""
+
+    max_duplicate_share: float = Field(default=0.05, ge=0, le=1)  # share of repeated documents in a split
+    min_blocks: int = Field(default=2, ge=1)  # blocks every split must have
+    max_mass_error: float = Field(default=5e-3, gt=0)  # stored probability mass per position may exceed 1 by this
+
+
+class LMGateConfig(_Strict):
+    """Thresholds an LM student must meet; unset ones are not checked."""
+
+    max_perplexity_ratio: float | None = Field(default=2.0, gt=0)  # held-out perplexity, student / teacher
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # next-token top-1 agreement with the teacher
+    min_gap_closed: float | None = Field(default=None, le=1)  # (ppl_twin - ppl) / (ppl_twin - ppl_teacher)
+    max_p95_ms: float | None = Field(default=None, gt=0)  # per generated token, greedy, batch 1, CPU
+    max_param_ratio: float | None = Field(default=0.25, gt=0)
+    max_size_mb: float | None = Field(default=None, gt=0)
+    max_regression: float = Field(default=0.01, ge=0, le=1)  # share of the champion's perplexity it may lose by
+
+
+class CausalLMRecipe(BaseRecipe):
+    """A causal language model distilled into a smaller one that shares its tokenizer."""
+
+    task: Literal["causal_lm"] = "causal_lm"
+    student_registered_name: str = Field(default="lm-student", min_length=1)
+    teacher: LMTeacherConfig = Field(default_factory=LMTeacherConfig)
+    data: LMDataConfig = Field(default_factory=LMDataConfig)
+    soft_labels: LMSignalConfig = Field(default_factory=LMSignalConfig)
+    train: LMTrainConfig = Field(default_factory=LMTrainConfig)
+    checks: LMChecksConfig = Field(default_factory=LMChecksConfig)
+    gates: LMGateConfig = Field(default_factory=LMGateConfig)
+
+    @model_validator(mode="after")
+    def _signal_fits_losses(self) -> CausalLMRecipe:
+        bags = [s.name for s in self.students if s.family != "transformer"]
+        if bags:
+            raise ValueError(f"students {bags}: a causal LM's students are transformers cut from the teacher")
+        features = sorted({t.function for t in self.train.losses if t.needs_features})
+        if features:
+            raise ValueError(f"loss terms {features} are for classifier students; a causal LM distills its logits")
+        if self.train.mode == "online":
+            return self  # the full teacher distribution: every divergence is defined
+        reading = self.soft_labels.reading
+        undefined = sorted({t.function for t in self.train.losses if reading not in LOSS_TERMS[t.function].sparse})
+        if undefined:
+            how = {"renormalise": "a renormalised top-k", "rest": "top-k with a rest bucket", "sampled": "a sampled"}
+            raise ValueError(
+                f"loss terms {undefined} are not defined over {how[reading]} signal: use soft_labels.tail: rest "
+                "(top_k) or train.mode: online, or forward_kl"
+            )
+        if reading == "sampled":
+            off = [t.temperature for t in self.train.losses if t.function == "forward_kl"]
+            if any(abs(temp - self.soft_labels.temperature) > 1e-12 for temp in off):
+                raise ValueError(
+                    f"forward_kl temperature {off} differs from soft_labels.temperature "
+                    f"{self.soft_labels.temperature}: a sampled signal is drawn at one temperature and read at it"
+                )
+        return self
+
+
 # Each task's recipe class, by task name (distill_core.tasks registers the task itself under the same name).
-RECIPES: dict[str, type[ClassificationRecipe]] = {
-    cls.model_fields["task"].default: cls for cls in (ClassificationRecipe,)
+RECIPES: dict[str, type[ClassificationRecipe] | type[CausalLMRecipe]] = {
+    cls.model_fields["task"].default: cls for cls in (ClassificationRecipe, CausalLMRecipe)
 }
 DEFAULT_TASK: str = BaseRecipe.model_fields["task"].default
-Recipe = ClassificationRecipe  # a recipe of any task: the union of RECIPES' classes (one task today)
+Recipe = ClassificationRecipe | CausalLMRecipe  # a recipe of any task: the union of RECIPES' classes
 
 
 def _format_errors(err: ValidationError, recipe_class: type[BaseRecipe]) -> str:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from distill_core.modules import Features, TextClassifier, TextModule
+
+if TYPE_CHECKING:
+    from distill_core.tasks.base import Task, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,17 @@ class DenseSignal:
 
 @dataclass(frozen=True)
 class SparseSignal:
-    """The teacher's largest (or sampled) entries per position: ids `[N, T, k]` and their log-probabilities at
-    temperature 1. `missing_mass` says how the left-out mass is read: "zero" renormalises over the k entries,
-    "tail" keeps it as one more outcome."""
+    """The teacher's largest (or sampled) entries per position: ids `[N, T, k]` and their log-probabilities (over
+    the full vocabulary) at `temperature`. Top-k: `missing_mass` says how the left-out mass is read ("zero"
+    renormalises over the k entries, "tail" keeps it as one more outcome, `tail [N, T]` when stored). Sampled:
+    `weights [N, T, k]` are each drawn id's share of the draws (0 for padding entries)."""
 
     ids: Tensor
     logprobs: Tensor
     missing_mass: str = "zero"
+    weights: Tensor | None = None
+    tail: Tensor | None = None
+    temperature: float = 1.0
 
 
 Signal = DenseSignal | SparseSignal
@@ -56,9 +63,10 @@ class Outputs:
 
 
 class SignalSource(Protocol):
-    """Gives the teacher's signal for the rows `index` of the transfer set (whose texts are `texts`)."""
+    """Gives the teacher's signal for the rows `index` of the transfer set (whose inputs are `texts`, and the
+    student's batch of them `batch`)."""
 
-    def signal(self, index: Sequence[int], texts: list[str]) -> Signal: ...
+    def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal: ...
 
 
 class StoredSource:
@@ -67,25 +75,32 @@ class StoredSource:
     def __init__(self, logits: Tensor) -> None:
         self.logits = logits
 
-    def signal(self, index: Sequence[int], texts: list[str]) -> Signal:
+    def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal:
         return DenseSignal(self.logits[list(index)])
 
 
 class OnlineSource:
-    """The teacher in the loop: its logits on every batch, and with `features` the hidden states and attention
-    maps of `layer` (the teacher layer the student's last layer imitates; None: its last)."""
+    """The teacher in the loop: its logits on every batch (over the full vocabulary), and with `features` the
+    hidden states and attention maps of `layer` (the teacher layer the student's last layer imitates; None: its
+    last). The task says what the teacher reads: its own tokens of the texts, or the student's batch."""
 
-    def __init__(self, teacher: TextModule, features: bool = False, layer: int | None = None) -> None:
+    def __init__(
+        self, teacher: TextModule, features: bool = False, layer: int | None = None, task: Task | None = None
+    ) -> None:
         if features and not isinstance(teacher, TextClassifier):
             raise TypeError("feature and attention terms need a transformer teacher (a TextClassifier)")
-        self.teacher, self.features, self.layer = teacher, features, layer
+        if task is None:
+            from distill_core.tasks import CLASSIFICATION
+
+            task = CLASSIFICATION
+        self.teacher, self.features, self.layer, self.task = teacher, features, layer, task
 
     @torch.no_grad()
-    def signal(self, index: Sequence[int], texts: list[str]) -> Signal:
-        batch = self.teacher.tokenize(texts)
+    def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal:
+        inputs = self.task.teacher_inputs(self.teacher, texts, batch)
         if not self.features:
-            return DenseSignal(self.teacher(**batch).float())
+            return DenseSignal(self.teacher(**inputs).float())
         assert isinstance(self.teacher, TextClassifier)
-        feats: Features = self.teacher.features(**batch)
+        feats: Features = self.teacher.features(**inputs)
         layer = self.layer if self.layer is not None else len(feats.attentions) - 1
         return DenseSignal(feats.logits.float(), feats.hidden_states[layer + 1], feats.attentions[layer])

@@ -1,10 +1,11 @@
 """Soft labels: batched teacher inference, written as checksummed shards plus a manifest under a content key.
 
-Each task makes its own signal (Task.teacher_signal); this module stores and reads it. The key hashes the
-task, the teacher identity (name, version, weight digest), the dataset digest and the label settings that change
-what the teacher is shown (max_length; not batch or shard sizes), so any such change makes new labels and a rerun
-with the same key reuses the stored ones. The manifest is written last: an entry without one is incomplete and
-is never read.
+Each task makes its own signal (Task.teacher_signal), shard by shard; this module streams each shard to the store
+as it comes and reads them back. A shard is one array (.npy: a classifier's logits) or several named ones (.npz:
+a causal LM's sparse ids, log-probabilities and tail). The key hashes the task, the teacher identity (name,
+version, weight digest), the dataset digest and the signal settings that change what is stored (Task.signal_key;
+not batch or shard sizes), so any such change makes new labels and a rerun with the same key reuses the stored
+ones. The manifest is written last: an entry without one is incomplete and is never read.
 """
 
 from __future__ import annotations
@@ -14,53 +15,75 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
 from distill_core.modules import LoadedTeacher
-from distill_core.recipe import SoftLabelConfig
 from distill_core.store import ArtifactStore
 from distill_core.tasks import task_named
 
 LABELED_SPLITS = ("transfer", "validation", "test")
 FORMAT_VERSION = 1
+Arrays = Union[np.ndarray, dict[str, np.ndarray]]  # noqa: UP007 - a runtime alias; one array or named ones
 
 
-def soft_label_key(teacher_identity: str, dataset_digest: str, cfg: SoftLabelConfig, task: str) -> str:
+def soft_label_key(teacher_identity: str, dataset_digest: str, cfg: Any, task: str) -> str:
     """The content key of a soft-label entry (shard size and batch size change layout only, not content)."""
     parts = {
         "format": FORMAT_VERSION,
         "teacher": teacher_identity,
         "dataset": dataset_digest,
         "task": task,
-        "max_length": cfg.max_length,
+        **task_named(task).signal_key(cfg),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @dataclass
 class SoftLabels:
-    """Teacher logits per split, with the manifest that describes how they were made."""
+    """The stored teacher signal per split (a classifier's logits [N, C]; a causal LM's named sparse arrays),
+    with the manifest that describes how it was made."""
 
     key: str
-    logits: dict[str, np.ndarray]
+    signal: dict[str, Arrays]
     manifest: dict[str, Any]
     reused: bool
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _shard_bytes(arrays: Arrays) -> tuple[str, bytes]:
+    """The file suffix and bytes of one shard: .npy for one array, .npz (uncompressed) for named ones."""
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    if isinstance(arrays, dict):
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        return "npz", buffer.getvalue()
+    np.save(buffer, arrays, allow_pickle=False)
+    return "npy", buffer.getvalue()
+
+
+def _rows(arrays: Arrays) -> int:
+    return len(next(iter(arrays.values()))) if isinstance(arrays, dict) else len(arrays)
+
+
+def _read_shard(data: bytes, file: str) -> Arrays:
+    if file.endswith(".npz"):
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _concatenate(chunks: list[Arrays]) -> Arrays:
+    if chunks and isinstance(chunks[0], dict):
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+    return np.concatenate(chunks)  # type: ignore[arg-type]
 
 
 def generate_soft_labels(
     teacher: LoadedTeacher,
     dataset: PreparedDataset,
-    cfg: SoftLabelConfig,
+    cfg: Any,
     store: ArtifactStore,
     task: str = "classification",
     force: bool = False,
@@ -75,23 +98,19 @@ def generate_soft_labels(
     store.delete_prefix(prefix + "/")  # leftovers of an interrupted run
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []
-    all_logits: dict[str, np.ndarray] = {}
+    signal: dict[str, Arrays] = {}
     for split in LABELED_SPLITS:
-        texts, _ = labeler.examples(dataset, split)
-        out = labeler.teacher_signal(teacher, texts, cfg, desc=f"soft labels ({split})")
-        for shard_index, start in enumerate(range(0, max(len(texts), 1), cfg.shard_rows)):
-            data = _npy_bytes(out[start : start + cfg.shard_rows])
-            name = f"{split}-{shard_index:05d}.npy"
-            store.write_bytes(f"{prefix}/{name}", data)
+        inputs, _ = labeler.examples(dataset, split)
+        chunks = []
+        for shard_index, chunk in enumerate(labeler.teacher_signal(teacher, inputs, cfg, f"soft labels ({split})")):
+            suffix, data = _shard_bytes(chunk)
+            name = f"{split}-{shard_index:05d}.{suffix}"
+            store.write_bytes(f"{prefix}/{name}", data)  # each shard as it comes: a split is never held twice
             shards.append(
-                {
-                    "file": name,
-                    "split": split,
-                    "rows": len(out[start : start + cfg.shard_rows]),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
+                {"file": name, "split": split, "rows": _rows(chunk), "sha256": hashlib.sha256(data).hexdigest()}
             )
-        all_logits[split] = out
+            chunks.append(chunk)
+        signal[split] = _concatenate(chunks)
     manifest = {
         "format": FORMAT_VERSION,
         "key": key,
@@ -104,13 +123,13 @@ def generate_soft_labels(
         "dataset_digest": dataset.digest,
         "labels": list(dataset.labels),
         "settings": cfg.model_dump(),
-        "rows": {split: len(v) for split, v in all_logits.items()},
+        "rows": {split: _rows(v) for split, v in signal.items()},
         "shards": shards,
         "seconds": round(time.perf_counter() - started, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     store.write_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
-    return SoftLabels(key, all_logits, manifest, reused=False)
+    return SoftLabels(key, signal, manifest, reused=False)
 
 
 def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> SoftLabels:
@@ -120,7 +139,7 @@ def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> Sof
         manifest = json.loads(store.read_bytes(f"{prefix}/manifest.json"))
     except StoreError as err:
         raise SoftLabelError(f"no complete soft labels under key {key} in {store.describe()}: {err}") from None
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in manifest["rows"]}
+    parts: dict[str, list[Arrays]] = {split: [] for split in manifest["rows"]}
     for shard in manifest["shards"]:
         data = store.read_bytes(f"{prefix}/{shard['file']}")
         digest = hashlib.sha256(data).hexdigest()
@@ -129,14 +148,15 @@ def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> Sof
                 f"soft-label shard {prefix}/{shard['file']} in {store.describe()} is corrupt: sha256 {digest[:12]}… "
                 f"!= manifest {shard['sha256'][:12]}…; delete soft_labels/{key} or relabel with --force"
             )
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.shape[0] != shard["rows"]:
+        arrays = _read_shard(data, shard["file"])
+        counts = {len(a) for a in arrays.values()} if isinstance(arrays, dict) else {len(arrays)}
+        if counts != {shard["rows"]}:
             raise SoftLabelError(
-                f"soft-label shard {prefix}/{shard['file']} has {array.shape[0]} rows, manifest says {shard['rows']}"
+                f"soft-label shard {prefix}/{shard['file']} has {sorted(counts)} rows, manifest says {shard['rows']}"
             )
-        parts[shard["split"]].append(array)
-    logits = {split: np.concatenate(chunks) for split, chunks in parts.items()}
+        parts[shard["split"]].append(arrays)
+    signal = {split: _concatenate(chunks) for split, chunks in parts.items()}
     for split, rows in manifest["rows"].items():
-        if len(logits[split]) != rows:
-            raise SoftLabelError(f"soft labels {key} hold {len(logits[split])} {split} rows, manifest says {rows}")
-    return SoftLabels(key, logits, manifest, reused=reused)
+        if _rows(signal[split]) != rows:
+            raise SoftLabelError(f"soft labels {key} hold {_rows(signal[split])} {split} rows, manifest says {rows}")
+    return SoftLabels(key, signal, manifest, reused=reused)

@@ -129,9 +129,13 @@ def render(state: dict[str, Any]) -> str:
         + (", ".join(f"{a}=v{v}" for a, v in sorted(student["aliases"].items())) or "none"),
     ]
     for s in student["versions"]:
+        if "perplexity" in s:  # a causal LM's student
+            quality = f"ppl {s['perplexity']} ({s.get('perplexity_ratio', '?')}x the teacher's)"
+        else:
+            quality = f"acc {s.get('accuracy', '?')} ({s.get('retention', '?')} of teacher)"
         lines.append(
             f"  v{s['version']:<4} {','.join(s['aliases']) or '-':<20} {s.get('candidate', '?'):<18} "
-            f"gate {s.get('gate', '?'):<6} acc {s.get('accuracy', '?')} ({s.get('retention', '?')} of teacher) "
+            f"gate {s.get('gate', '?'):<6} {quality} "
             f"params {s.get('params', '?')} from teacher v{s.get('teacher_version', '?')}"
         )
         if "dataset_rev" in s:

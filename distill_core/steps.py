@@ -13,24 +13,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
 from distill_core.data import PreparedDataset, prepared_once
 from distill_core.errors import DistillError, RecipeError
-from distill_core.evaluate import Report, comparison_table, measure_latency
+from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import LoadedTeacher, read_module, save_module
-from distill_core.names import DATASET_DIGEST, TRAINABLE_LAYERS, Kind, display_name
+from distill_core.names import Kind, display_name
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
 from distill_core.store import open_store
 from distill_core.tasks import Task, task_of
-from distill_core.teachers import train_teacher
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
 from distill_core.versioning import open_versioned
 
@@ -58,21 +56,16 @@ def open_dataset(recipe: Recipe, settings: Settings) -> PreparedDataset:
 def train_and_register_teacher(
     recipe: Recipe, settings: Settings, dataset: PreparedDataset, log: Log = print, **overrides: object
 ) -> tuple[str, str]:
-    """Train a MiniLM teacher on the train split and register it: a stand-in for the teacher's own team."""
+    """Make the task's stand-in teacher from the recipe's teacher section (with overrides) and register it: a
+    stand-in for the teacher's own team (a MiniLM classifier; SmolLM2, as packaged or fine-tuned)."""
     cfg = recipe.teacher.model_copy(update=overrides)
-    teacher = train_teacher(dataset, cfg, log)
-    task = task_of(recipe)
-    acc = task.validate(teacher, *task.examples(dataset, "test"))
-    log(f"teacher test accuracy {acc:.4f}")
+    teacher, tags, metrics = task_of(recipe).stand_in_teacher(cfg, dataset, log)
     return log_teacher(
         teacher,
         recipe.teacher.registered_name,
         settings.tracking_uri,
-        tags={
-            DATASET_DIGEST: dataset.digest,
-            TRAINABLE_LAYERS: str(cfg.trainable_layers),
-        },
-        metrics={"test_accuracy": acc},
+        tags=tags,
+        metrics=metrics,
         artifact_location=settings.experiment_location("teachers"),
     )
 
@@ -115,22 +108,17 @@ class StudentOutcome:
     config: StudentConfig
     distilled: TrainResult
     baseline: TrainResult | None  # None when the recipe skips the hard-label twin
-    reports: dict[Kind, Report] = field(default_factory=dict)  # by kind, filled by evaluate_all
+    reports: dict[Kind, ModelReport] = field(default_factory=dict)  # by kind, filled by evaluate_all
     # the distilled student's validation metric on the train split, and chance there (for a classifier, accuracy
     # and the largest class's share): a student still at chance did not learn (filled by evaluate_all)
-    train_accuracy: float | None = None
-    chance_accuracy: float | None = None
+    train_score: float | None = None
+    chance_score: float | None = None
 
-    def did_not_learn(self, margin: float = 0.02) -> str | None:
+    def did_not_learn(self, task: Task) -> str | None:
         """Why the distilled student counts as not having learned, or None."""
-        if self.train_accuracy is None or self.chance_accuracy is None:
+        if self.train_score is None or self.chance_score is None:
             return None
-        if self.train_accuracy > self.chance_accuracy + margin:
-            return None
-        return (
-            f"did not learn: train-split accuracy {self.train_accuracy:.3f} is at chance "
-            f"({self.chance_accuracy:.3f}, the largest class's share); raise students[].lr or train.epochs"
-        )
+        return task.did_not_learn(self.train_score, self.chance_score)
 
     def results(self) -> list[tuple[Kind, TrainResult]]:
         pairs = [(Kind.DISTILLED, self.distilled), (Kind.HARD_LABEL, self.baseline)]
@@ -155,15 +143,13 @@ def distill_student(
     task = task_of(recipe)
     transfer_texts, transfer_targets = task.examples(dataset, "transfer")
     torch.manual_seed(recipe.train.seed)
-    student = task.build_student(
-        student_cfg, teacher.module, dataset, transfer_texts, recipe.soft_labels.max_length, log
-    )
+    student = task.build_student(student_cfg, teacher.module, dataset, transfer_texts, recipe.soft_labels, log)
     val = task.examples(dataset, "validation")
     if baseline:
         transfer = TransferSet(*task.examples(dataset, "train"), None)
         cfg = baseline_config(recipe.train)
     else:
-        transfer = TransferSet(transfer_texts, transfer_targets, labels.logits["transfer"])
+        transfer = TransferSet(transfer_texts, transfer_targets, labels.signal["transfer"])
         cfg = recipe.train
     kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
     fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
@@ -179,6 +165,7 @@ def distill_student(
         fingerprint=fingerprint,
         log=log,
         task=task,
+        signal_cfg=recipe.soft_labels,
     )
 
 
@@ -208,33 +195,33 @@ def evaluate_all(
     labels: SoftLabels,
     teacher: LoadedTeacher,
     outcomes: list[StudentOutcome],
-) -> list[Report]:
+) -> list[ModelReport]:
     """The teacher, then each distilled student and its hard-label twin, on the test split."""
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
-    teacher_logits = labels.logits["test"]
-    cfg = recipe.evaluation
+    teacher_signal = labels.signal["test"]
 
     teacher_name = f"teacher {teacher.name} v{teacher.version}"
     models = {teacher_name: teacher.module}
     for outcome in outcomes:
         models.update({display_name(outcome.config.name, k): result.student for k, result in outcome.results()})
-    speeds = measure_latency(models, texts, cfg.latency_samples, cfg.throughput_batch)  # side by side
+    speeds = task.measure_speed(models, texts, recipe.evaluation)  # side by side
 
-    def report(name: str, outputs: np.ndarray | None = None) -> Report:
-        return task.evaluate(name, models[name], texts, y, teacher_logits, speeds[name], outputs)
+    def report(name: str, outputs: Any = None) -> ModelReport:
+        return task.evaluate(name, models[name], texts, y, teacher_signal, speeds[name], outputs)
 
-    teacher_report = report(teacher_name, teacher_logits)
+    teacher_report = report(teacher_name, teacher_signal)
     reports = [teacher_report]
     train_texts, train_labels = task.examples(dataset, "train")
     chance = task.chance(train_labels)
     for outcome in outcomes:
-        for kind, _ in outcome.results():
-            measured = report(display_name(outcome.config.name, kind))
-            outcome.reports[kind] = task.relative_to(measured, teacher_report)
+        measured = {kind: report(display_name(outcome.config.name, kind)) for kind, _ in outcome.results()}
+        twin = measured.get(Kind.HARD_LABEL)
+        for kind, value in measured.items():
+            outcome.reports[kind] = task.relative_to(value, teacher_report, twin)
             reports.append(outcome.reports[kind])
-        outcome.train_accuracy = task.validate(outcome.distilled.student, train_texts, train_labels)
-        outcome.chance_accuracy = chance
+        outcome.train_score = task.validate(outcome.distilled.student, train_texts, train_labels)
+        outcome.chance_score = chance
     return reports
 
 
@@ -261,7 +248,7 @@ def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
         f"{o.config.name}/{k}": {
             "steps": r.steps,
             "best_step": r.best_step,
-            "best_accuracy": r.best_accuracy,
+            "best_score": r.best_score,
             "stopped_early": r.stopped_early,
             "seconds": round(r.seconds, 1),
             "history": r.history,
@@ -286,8 +273,9 @@ def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
             if meta is None:
                 continue
             module = read_module(out_dir / cfg.name / f"{kind}.pt")
+            best = meta.get("best_score", meta.get("best_accuracy", 0.0))  # training.json of earlier releases
             results[kind] = TrainResult(
-                module, meta["history"], meta["steps"], meta["best_step"], meta["best_accuracy"], meta["stopped_early"]
+                module, meta["history"], meta["steps"], meta["best_step"], best, meta["stopped_early"]
             )
         if Kind.DISTILLED not in results:
             raise DistillError(f"student '{cfg.name}' of recipe '{recipe.name}' is not in {out_dir}: train it again")
@@ -295,7 +283,7 @@ def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
     return outcomes
 
 
-def headline_metrics(task: Task, teacher: Report, outcomes: list[StudentOutcome]) -> dict[str, Any]:
+def headline_metrics(task: Task, teacher: ModelReport, outcomes: list[StudentOutcome]) -> dict[str, Any]:
     """The numbers a person compares, as `dvc metrics show` prints them: teacher.accuracy, bag.distilled.accuracy."""
     metrics: dict[str, Any] = {"teacher": {k: getattr(teacher, k) for k in task.headline}}
     for outcome in outcomes:
@@ -315,7 +303,11 @@ def write_training_curves(out_dir: Path, outcomes: list[StudentOutcome]) -> None
 
 
 def write_report(
-    recipe: Recipe, out_dir: Path, reports: list[Report], outcomes: list[StudentOutcome], meta: Mapping[str, object]
+    recipe: Recipe,
+    out_dir: Path,
+    reports: list[ModelReport],
+    outcomes: list[StudentOutcome],
+    meta: Mapping[str, object],
 ) -> Path:
     """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation (teacher
     first, as evaluate_all returns them)."""
@@ -342,7 +334,7 @@ def lineage_meta(
 
 def distill_and_evaluate(
     recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, log: Log = print
-) -> tuple[list[Report], Path]:
+) -> tuple[list[ModelReport], Path]:
     """One teacher version through prepare → label → distill → evaluate, in this process and with no registry
     writes (the flow's version is flows.pipeline.distill_and_promote); returns the reports and run folder."""
     dataset = open_dataset(recipe, settings)

@@ -2,7 +2,9 @@
 
 A `Distiller` is a student, an objective and a source of the teacher's signal: stored soft labels (offline) or
 the teacher in the loop (online), which the feature and attention terms need. The hard-label baseline is the same
-loop with a single cross-entropy term and no source.
+loop with a single cross-entropy term and no source. An update may accumulate gradients over micro-batches; each
+micro-batch's loss is weighted by its share of the positions that count in the whole update, so the result is
+the mean over all of them, as one large batch would give (not a mean of means: TRL issue 4719).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from distill_core.losses import DistillationObjective
 from distill_core.modules import TextClassifier, TextModule, fast_attention
 from distill_core.recipe import LossTerm, StudentConfig, TrainConfig
-from distill_core.signals import OnlineSource, Outputs, SignalSource, StoredSource
+from distill_core.signals import OnlineSource, Outputs, SignalSource
 from distill_core.tasks import CLASSIFICATION, Task
 
 CHECKPOINT = "last.pt"
@@ -29,11 +31,12 @@ CHECKPOINT = "last.pt"
 
 @dataclass
 class TransferSet:
-    """What the student learns from: texts, hard labels (-100 where unlabeled) and stored teacher logits."""
+    """What the student learns from: inputs (texts, token blocks), targets (-100 where unlabeled) and the stored
+    teacher signal."""
 
-    texts: list[str]
+    texts: Sequence[Any]
     labels: np.ndarray
-    teacher_logits: np.ndarray | None  # None in online mode or for the hard-label baseline
+    teacher_signal: Any  # the soft-label store's transfer split; None in online mode or for the hard-label baseline
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     best_step: int = 0
-    best_accuracy: float = 0.0
+    best_score: float = 0.0  # the best validation value of the task's early-stopping metric
     stopped_early: bool = False
     resumed_from: int | None = None
     seconds: float = 0.0
@@ -72,16 +75,18 @@ def source_for(
     transfer: TransferSet,
     teacher: TextModule | None,
     teacher_layer: int | None = None,
+    task: Task = CLASSIFICATION,
+    signal_cfg: Any = None,
 ) -> SignalSource | None:
     """Where the teacher's signal comes from: none when no term reads it, the teacher in the loop when the recipe
-    says online (and a teacher is given), else the stored soft labels."""
+    says online (and a teacher is given), else the stored soft labels (read as the task's signal settings say)."""
     if not (objective.needs_teacher_logits or objective.needs_features):
         return None
     if cfg.mode == "online" and teacher is not None:
-        return OnlineSource(teacher, objective.needs_features, teacher_layer)
-    if transfer.teacher_logits is None:
-        raise ValueError("offline distillation needs stored teacher logits; pass them or use mode: online")
-    return StoredSource(torch.tensor(transfer.teacher_logits))
+        return OnlineSource(teacher, objective.needs_features, teacher_layer, task)
+    if transfer.teacher_signal is None:
+        raise ValueError("offline distillation needs the stored teacher signal; pass it or use mode: online")
+    return task.stored_source(transfer.teacher_signal, signal_cfg)
 
 
 class Distiller:
@@ -95,10 +100,13 @@ class Distiller:
         lr: float,
         weight_decay: float,
         task: Task = CLASSIFICATION,
+        accumulation: int = 1,
+        max_grad_norm: float | None = None,
     ):
         self.student, self.objective, self.source, self.task = student, objective, source, task
-        params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
+        self.params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
 
     def _outputs(self, inputs: dict[str, torch.Tensor]) -> Outputs:
         if not self.objective.needs_features:
@@ -108,16 +116,29 @@ class Distiller:
         feats = self.student.features(**inputs)
         return Outputs(feats.logits, feats.hidden_states[-1], feats.attentions[-1], inputs["attention_mask"])
 
-    def step(self, index: Sequence[int], texts: list[str], targets: torch.Tensor) -> dict[str, float]:
-        """One update on the transfer rows `index`: forward, loss, backward, optimizer step. Returns the terms."""
+    def step(self, index: Sequence[int], texts: Sequence[Any], targets: torch.Tensor) -> dict[str, float]:
+        """One update on the transfer rows `index`, over `accumulation` micro-batches: forward, loss, backward
+        (each weighted by its share of the counted positions), clipping, optimizer step. Returns the terms."""
         self.student.train()
-        batch = self.task.batch(self.student, texts, targets)
-        signal = self.source.signal(index, texts) if self.source is not None else None
-        loss, terms = self.objective(self._outputs(batch.inputs), signal, batch.targets, batch.mask)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        size = -(-len(index) // self.accumulation)
+        parts = [range(start, min(start + size, len(index))) for start in range(0, len(index), size)]
+        batches = [self.task.batch(self.student, [texts[i] for i in part], targets[list(part)]) for part in parts]
+        counts = [float(b.mask.sum()) if b.mask is not None else float(len(b.targets)) for b in batches]
+        total_count = max(sum(counts), 1.0)
+        logged: dict[str, float] = {}
+        for part, batch, count in zip(parts, batches, counts, strict=True):
+            rows, inputs = [index[i] for i in part], [texts[i] for i in part]
+            signal = self.source.signal(rows, inputs, batch) if self.source is not None else None
+            loss, terms = self.objective(self._outputs(batch.inputs), signal, batch.targets, batch.mask)
+            share = count / total_count
+            (loss * share).backward()
+            for name, value in {"loss": float(loss.detach()), **terms}.items():
+                logged[name] = logged.get(name, 0.0) + value * share
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        return {"loss": float(loss.detach()), **terms}
+        return logged
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -135,25 +156,35 @@ def train_student(
     student_cfg: StudentConfig,
     cfg: TrainConfig,
     transfer: TransferSet,
-    validation: tuple[list[str], np.ndarray],
+    validation: tuple[Sequence[Any], np.ndarray],
     checkpoint_dir: str | Path,
     teacher: TextModule | None = None,
     fingerprint: str = "",
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
     task: Task = CLASSIFICATION,
+    signal_cfg: Any = None,
 ) -> TrainResult:
     """Train until epochs/max_steps or early stop; resume from `checkpoint_dir` when a matching checkpoint exists."""
     torch.manual_seed(cfg.seed)
     layer = student_cfg.teacher_layers[-1] if student_cfg.family == "transformer" else None
     objective = objective_for(student, cfg, teacher if cfg.mode == "online" else None)
-    source = source_for(objective, cfg, transfer, teacher, layer)
-    distiller = Distiller(student, objective, source, student_cfg.learning_rate(cfg), cfg.weight_decay, task)
+    source = source_for(objective, cfg, transfer, teacher, layer, task, signal_cfg)
+    distiller = Distiller(
+        student,
+        objective,
+        source,
+        student_cfg.learning_rate(cfg),
+        cfg.weight_decay,
+        task,
+        accumulation=getattr(cfg, "grad_accumulation", 1),  # LM recipes set these; a classifier's has neither
+        max_grad_norm=getattr(cfg, "max_grad_norm", None),
+    )
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = checkpoint_dir / CHECKPOINT
     n = len(transfer.texts)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = math.ceil(n / (cfg.batch_size * getattr(cfg, "grad_accumulation", 1)))
     total = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
     result = TrainResult(student)
     best_state = {k: v.clone() for k, v in student.state_dict().items()}
@@ -171,11 +202,8 @@ def train_student(
                 torch.set_rng_state(state["rng"])
                 stale = state["stale"]
             step, best_state = state["step"], state["best_state"]
-            result.history, result.best_step, result.best_accuracy = (
-                state["history"],
-                state["best_step"],
-                state["best_accuracy"],
-            )
+            result.history, result.best_step = state["history"], state["best_step"]
+            result.best_score = state.get("best_score", state.get("best_accuracy", 0.0))  # older checkpoints
             result.resumed_from, result.stopped_early = step, state["stopped_early"]
             log(f"resumed from checkpoint at step {step}" + (" (training had finished)" if finished else ""))
         else:
@@ -186,8 +214,9 @@ def train_student(
         nonlocal stale, best_state
         acc = task.validate(student, validation[0], validation[1])
         result.history.append({"step": at, "epoch": at / steps_per_epoch, task.early_stopping: acc, **last_terms})
-        if acc > result.best_accuracy or not result.best_step:
-            result.best_accuracy, result.best_step, stale = acc, at, 0
+        better = acc > result.best_score if task.maximize else acc < result.best_score
+        if better or not result.best_step:
+            result.best_score, result.best_step, stale = acc, at, 0
             best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
             stale += 1
@@ -197,10 +226,11 @@ def train_student(
     started = time.perf_counter()
     last_terms: dict[str, float] = {}
     labels_all = torch.tensor(transfer.labels, dtype=torch.long)
+    rows_per_step = cfg.batch_size * distiller.accumulation
     while step < total and not result.stopped_early and not finished:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n, cfg.seed, epoch)
-        index = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+        index = order[position * rows_per_step : (position + 1) * rows_per_step]
         texts = [transfer.texts[i] for i in index]
         last_terms = distiller.step(index, texts, labels_all[index])
         step += 1
@@ -224,7 +254,7 @@ def train_student(
                     "best_state": best_state,
                     "history": result.history,
                     "best_step": result.best_step,
-                    "best_accuracy": result.best_accuracy,
+                    "best_score": result.best_score,
                     "stopped_early": result.stopped_early,
                 },
             )
@@ -241,7 +271,7 @@ def train_student(
                 "best_state": best_state,
                 "history": result.history,
                 "best_step": result.best_step,
-                "best_accuracy": result.best_accuracy,
+                "best_score": result.best_score,
                 "stopped_early": result.stopped_early,
             },
         )

@@ -223,7 +223,7 @@ def stage_train(
     steps.save_students(out, outcomes)
     if plots is not None:
         steps.write_training_curves(plots, outcomes)
-    typer.echo(json.dumps({f"{o.config.name}/{k}": r.best_accuracy for o in outcomes for k, r in o.results()}))
+    typer.echo(json.dumps({f"{o.config.name}/{k}": r.best_score for o in outcomes for k, r in o.results()}))
 
 
 @stage_app.command("evaluate")

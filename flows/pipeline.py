@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from distill_core import checks, names, plots, steps
 from distill_core.data import PreparedDataset
 from distill_core.errors import DistillError, SoftLabelError
-from distill_core.evaluate import Report, comparison_table
+from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_teacher
 from distill_core.modules import LoadedTeacher
@@ -120,7 +120,7 @@ def register_task(
     lineage: Lineage,
     input_texts: list[str],
     settings: Settings,
-    champion_now: Callable[[], tuple[str | None, Report | None]],
+    champion_now: Callable[[], tuple[str | None, ModelReport | None]],
 ) -> Decision:
     ledger = Ledger(settings.ledger_uri)
     return register_and_promote(
@@ -142,7 +142,7 @@ def _log_candidate(
     verdict_reasons: list[str],
     teacher_signal: Any,
     test_targets: Any,
-    test_texts: list[str],
+    test_texts: Any,
 ) -> None:
     """A nested MLflow run per candidate: params, per-evaluation metrics, plots."""
     parent = mlflow.active_run()
@@ -165,7 +165,8 @@ def _log_candidate(
             )
         mlflow.set_tags(names.gate_tags(verdict_reasons))
         histories = {names.display_name(outcome.config.name, kind): r.history for kind, r in outcome.results()}
-        mlflow.log_figure(plots.training_curves(histories), "plots/training_curves.png")
+        curves = plots.training_curves(histories, task_of(recipe).early_stopping)
+        mlflow.log_figure(curves, "plots/training_curves.png")
         figures = task_of(recipe).figures(
             outcome.config.name, outcome.distilled.student, test_texts, test_targets, teacher_signal
         )
@@ -247,9 +248,9 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     with _timed(timings, "evaluate"):
         reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes)
 
-        def champion_now() -> tuple[str | None, Report | None]:
+        def champion_now() -> tuple[str | None, ModelReport | None]:
             return evaluate_champion(
-                recipe, texts, y, labels.logits["test"], teacher, reports[0], settings.tracking_uri
+                recipe, texts, y, labels.signal["test"], teacher, reports[0], settings.tracking_uri
             )
 
         champion_version, champion_report = champion_now()
@@ -259,7 +260,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         checks.raise_on_failure(task.check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
-        _log_candidate(recipe, outcome, verdict.reasons, labels.logits["test"], y, texts)
+        _log_candidate(recipe, outcome, verdict.reasons, labels.signal["test"], y, texts)
     quality = task.quality_name
     points = [
         {"name": v.candidate, "params": v.report.params, quality: task.quality(v.report), "passed": v.passed}

@@ -32,7 +32,7 @@ def soft_labels(registered_teacher, small_dataset, tracking_uri, tmp_path_factor
 
 
 def _with_logits(labels: SoftLabels, split: str, logits: np.ndarray) -> SoftLabels:
-    return dataclasses.replace(labels, logits={**labels.logits, split: logits})
+    return dataclasses.replace(labels, signal={**labels.signal, split: logits})
 
 
 def _failures_about(result: CheckResult, *words: str) -> list[str]:
@@ -91,7 +91,7 @@ def test_real_soft_labels_pass_and_share_the_dataset_docs_site(soft_labels, smal
 
 
 def test_nan_logits_fail_naming_the_row(soft_labels, small_dataset, tmp_path):
-    logits = soft_labels.logits["validation"].copy()
+    logits = soft_labels.signal["validation"].copy()
     logits[4] = np.nan
 
     result = check_soft_labels(_with_logits(soft_labels, "validation", logits), small_dataset, tmp_path)
@@ -103,7 +103,7 @@ def test_nan_logits_fail_naming_the_row(soft_labels, small_dataset, tmp_path):
 
 
 def test_infinite_logit_fails_even_though_its_probabilities_look_fine(soft_labels, small_dataset, tmp_path):
-    logits = soft_labels.logits["test"].copy()
+    logits = soft_labels.signal["test"].copy()
     logits[0, 1] = -np.inf  # softmax gives (1, 0): only the raw-logit check sees it
 
     result = check_soft_labels(_with_logits(soft_labels, "test", logits), small_dataset, tmp_path)
@@ -114,7 +114,7 @@ def test_infinite_logit_fails_even_though_its_probabilities_look_fine(soft_label
 
 
 def test_soft_labels_missing_transfer_rows_fail_on_row_count(soft_labels, small_dataset, tmp_path):
-    truncated = _with_logits(soft_labels, "transfer", soft_labels.logits["transfer"][:-10])
+    truncated = _with_logits(soft_labels, "transfer", soft_labels.signal["transfer"][:-10])
 
     result = check_soft_labels(truncated, small_dataset, tmp_path)
 

@@ -20,6 +20,7 @@ from distill_core.losses import (
     generalized_jsd,
     hard_label_ce,
     reverse_kl,
+    sampled_forward_kl,
     skew_kl,
     skew_reverse_kl,
     sparse_forward_kl,
@@ -507,12 +508,56 @@ def test_forward_kl_over_a_sparse_signal_is_the_sparse_divergence():
         assert total.item() == pytest.approx(expected.item())
 
 
-def test_a_divergence_that_needs_the_whole_distribution_refuses_a_sparse_signal_by_name():
+@pytest.mark.parametrize(
+    ("signal", "reading"),
+    [({}, "a renormalised top-k"), ({"weights": True}, "a sampled")],
+)
+def test_a_divergence_that_needs_every_outcome_refuses_a_renormalised_or_sampled_signal_by_name(signal, reading):
     top = random_logits(2, 10, seed=62).log_softmax(-1).topk(3, dim=-1)
-    with pytest.raises(ValueError, match="'reverse_kl' needs the teacher's full distribution"):
+    weights = torch.full_like(top.values, 1 / 3) if signal else None
+    with pytest.raises(ValueError, match=f"'reverse_kl' is not defined over {reading} teacher signal"):
         DistillationObjective([{"function": "reverse_kl"}])(
-            Outputs(random_logits(2, 10, seed=63)), SparseSignal(top.indices, top.values)
+            Outputs(random_logits(2, 10, seed=63)), SparseSignal(top.indices, top.values, weights=weights)
         )
+
+
+@pytest.mark.parametrize("function", ["reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl"])
+def test_over_a_top_k_with_a_rest_bucket_every_divergence_is_defined_and_exact_when_k_is_the_vocab(function):
+    student, teacher = random_logits(2, 4, 8, seed=70), random_logits(2, 4, 8, seed=71)
+    full = teacher.log_softmax(-1).topk(8, dim=-1)
+    term = [{"function": function, "temperature": 2.0}]
+    dense, _ = DistillationObjective(term)(Outputs(student), DenseSignal(teacher), mask=MASK)
+    sparse, _ = DistillationObjective(term)(
+        Outputs(student), SparseSignal(full.indices, full.values, "tail"), mask=MASK
+    )
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-3, abs=1e-5)
+    top = teacher.log_softmax(-1).topk(3, dim=-1)
+    partial, _ = DistillationObjective(term)(Outputs(student), SparseSignal(top.indices, top.values, "tail"), mask=MASK)
+    assert torch.isfinite(partial) and partial.item() >= 0
+
+
+def test_the_sampled_estimate_is_unbiased_and_its_gradient_matches_the_full_forward_kl():
+    """Averaged over many independent draws, the sampled estimate and its gradient are the full-distribution
+    forward KL's; a top-k renormalised over 3 of 12 entries is biased, which is why the sampled signal exists."""
+    student = random_logits(1, 4, 12, seed=72).requires_grad_(True)
+    teacher = random_logits(1, 4, 12, seed=73) * 2
+    exact = forward_kl(student, teacher)
+    (exact_grad,) = torch.autograd.grad(exact, student)
+    p = teacher.softmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    rounds, draws, estimates, grads = 400, 20, [], torch.zeros_like(student)
+    for _ in range(rounds):
+        drawn = torch.multinomial(p.reshape(-1, 12), draws, replacement=True, generator=generator).reshape(1, 4, draws)
+        weights = torch.full(drawn.shape, 1 / draws)
+        value = sampled_forward_kl(student, drawn, teacher.log_softmax(-1).gather(-1, drawn), weights)
+        (grad,) = torch.autograd.grad(value, student)
+        estimates.append(value.item())
+        grads += grad / rounds
+    assert sum(estimates) / rounds == pytest.approx(exact.item(), abs=0.03)
+    assert torch.allclose(grads, exact_grad, atol=0.01)
+    top = teacher.log_softmax(-1).topk(3, dim=-1)
+    biased = sparse_forward_kl(student, top.indices, top.values)
+    assert abs(biased.item() - exact.item()) > 0.1
 
 
 def test_the_cosine_feature_term_is_a_recipe_term_with_its_own_projection():

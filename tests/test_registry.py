@@ -208,8 +208,8 @@ def test_a_student_still_at_chance_did_not_learn_and_a_student_beating_its_teach
     recipe = parse_recipe({"name": "r", "students": [{"name": "stuck", "family": "embedding_bag"},
                                                     {"name": "better", "family": "embedding_bag"}]})  # fmt: skip
     teacher = _report("teacher", 0.60, 1_000_000)
-    stuck = StudentOutcome(recipe.students[0], TrainResult(None), None, train_accuracy=0.52, chance_accuracy=0.52)  # type: ignore[arg-type]
-    better = StudentOutcome(recipe.students[1], TrainResult(None), None, train_accuracy=0.9, chance_accuracy=0.52)  # type: ignore[arg-type]
+    stuck = StudentOutcome(recipe.students[0], TrainResult(None), None, train_score=0.52, chance_score=0.52)  # type: ignore[arg-type]
+    better = StudentOutcome(recipe.students[1], TrainResult(None), None, train_score=0.9, chance_score=0.52)  # type: ignore[arg-type]
     stuck.reports["distilled"] = _report("stuck", 0.58, 10_000)
     better.reports["distilled"] = _report("better", 0.75, 20_000)
     better.reports["distilled"].retention = 0.75 / 0.60

@@ -34,13 +34,13 @@ def test_labels_are_sharded_with_a_manifest_and_reused(registered_teacher, small
     assert len([s for s in manifest["shards"] if s["split"] == "transfer"]) == -(
         -small_dataset.counts["transfer"] // 100
     )
-    probabilities = np.exp(first.logits["test"]) / np.exp(first.logits["test"]).sum(1, keepdims=True)
-    assert np.isfinite(first.logits["transfer"]).all() and probabilities.max(1).min() >= 0.5
+    probabilities = np.exp(first.signal["test"]) / np.exp(first.signal["test"]).sum(1, keepdims=True)
+    assert np.isfinite(first.signal["transfer"]).all() and probabilities.max(1).min() >= 0.5
 
     calls.clear()
     second = generate_soft_labels(teacher, small_dataset, CFG, store)
     assert second.reused and second.key == first.key and not calls
-    np.testing.assert_array_equal(second.logits["transfer"], first.logits["transfer"])
+    np.testing.assert_array_equal(second.signal["transfer"], first.signal["transfer"])
 
 
 def test_key_follows_teacher_data_and_settings(small_dataset):
@@ -112,4 +112,4 @@ def test_labels_round_trip_through_s3(registered_teacher, small_dataset, trackin
     assert store.exists(f"soft_labels/{first.key}/manifest.json")
     second = generate_soft_labels(teacher, small_dataset, CFG, open_store(f"s3://{s3_env}/distill"))
     assert second.reused
-    np.testing.assert_array_equal(second.logits["test"], first.logits["test"])
+    np.testing.assert_array_equal(second.signal["test"], first.signal["test"])

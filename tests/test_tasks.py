@@ -30,8 +30,8 @@ BAG = {"name": "bag", "family": "embedding_bag", "buckets": 1024, "dim": 8}
 
 def test_the_recipe_s_task_selects_the_task_and_an_unknown_task_is_refused_with_the_tasks_there_are():
     assert task_of(parse_recipe({"name": "r", "students": [BAG]})) is CLASSIFICATION
-    with pytest.raises(RecipeError, match=r"task: unknown task; tasks: classification \(got 'causal_lm'\)"):
-        parse_recipe({"name": "r", "task": "causal_lm", "students": [BAG]})
+    with pytest.raises(RecipeError, match=r"task: unknown task; tasks: classification, causal_lm \(got 'ranking'\)"):
+        parse_recipe({"name": "r", "task": "ranking", "students": [BAG]})
 
 
 def test_a_field_the_task_does_not_have_is_refused_naming_the_field_and_the_task():
@@ -86,7 +86,7 @@ def test_the_source_is_chosen_once_from_the_objective_and_the_recipe(registered_
     kd = TrainConfig()
     stored = source_for(objective_for(student, kd, None), kd, transfer, teacher)
     assert isinstance(stored, StoredSource)
-    signal = stored.signal([2, 0], ["c", "a"])
+    signal = stored.signal([2, 0], ["c", "a"], CLASSIFICATION.batch(student, ["c", "a"], torch.tensor([0, 0])))
     assert isinstance(signal, DenseSignal) and torch.equal(signal.logits, torch.tensor(logits[[2, 0]]))
     online = TrainConfig(mode="online")
     source = source_for(objective_for(student, online, teacher), online, transfer, teacher)
@@ -94,10 +94,11 @@ def test_the_source_is_chosen_once_from_the_objective_and_the_recipe(registered_
     texts = ["a warm, funny film", "dull"]
     with torch.no_grad():
         expected = teacher(**teacher.tokenize(texts))
-    assert torch.allclose(source.signal([0, 1], texts).logits, expected)
+    batch = CLASSIFICATION.batch(student, texts, torch.tensor([0, 1]))
+    assert torch.allclose(source.signal([0, 1], texts, batch).logits, expected)
     ce_only = TrainConfig(losses=[{"function": "ce"}])
     assert source_for(objective_for(student, ce_only, None), ce_only, transfer, None) is None
-    with pytest.raises(ValueError, match="offline distillation needs stored teacher logits"):
+    with pytest.raises(ValueError, match="offline distillation needs the stored teacher signal"):
         source_for(objective_for(student, kd, None), kd, TransferSet(["a"], np.array([0]), None), None)
 
 

@@ -22,7 +22,7 @@ def setup(registered_teacher, small_dataset, tracking_uri, tmp_path_factory):
     teacher = load_teacher(*registered_teacher, tracking_uri)
     labels = generate_soft_labels(teacher, small_dataset, _soft_cfg(), LocalStore(tmp_path_factory.mktemp("store")))
     frame = small_dataset.split("transfer")
-    transfer = TransferSet(frame["text"].tolist(), frame["label"].to_numpy(), labels.logits["transfer"])
+    transfer = TransferSet(frame["text"].tolist(), frame["label"].to_numpy(), labels.signal["transfer"])
     val = small_dataset.split("validation")
     return teacher, transfer, (val["text"].tolist(), val["label"].to_numpy())
 
@@ -58,8 +58,8 @@ def test_distillation_fits_the_teacher(setup, tmp_path):
     start = predict(before, transfer.texts)
     result = _train(setup, BAG, cfg, tmp_path)
     fitted = predict(result.student, transfer.texts)
-    assert agreement(fitted, transfer.teacher_logits) > 0.9
-    assert mean_kl(transfer.teacher_logits, fitted) < 0.3 * mean_kl(transfer.teacher_logits, start)
+    assert agreement(fitted, transfer.teacher_signal) > 0.9
+    assert mean_kl(transfer.teacher_signal, fitted) < 0.3 * mean_kl(transfer.teacher_signal, start)
     assert [h["step"] for h in result.history] == [result.steps // 8 * (e + 1) for e in range(8)]
 
 

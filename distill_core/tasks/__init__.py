@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 from distill_core.errors import RecipeError
 from distill_core.tasks.base import Task, TaskBatch
+from distill_core.tasks.causal_lm import CAUSAL_LM
 from distill_core.tasks.classification import CLASSIFICATION
 
 if TYPE_CHECKING:
     from distill_core.recipe import BaseRecipe
 
-TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION,)}
+TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION, CAUSAL_LM)}
 
 
 def task_named(name: str) -> Task:
@@ -34,4 +35,4 @@ def task_of(recipe: BaseRecipe) -> Task:
     return task_named(recipe.task)
 
 
-__all__ = ["CLASSIFICATION", "TASKS", "Task", "TaskBatch", "task_named", "task_of"]
+__all__ = ["CAUSAL_LM", "CLASSIFICATION", "TASKS", "Task", "TaskBatch", "task_named", "task_of"]

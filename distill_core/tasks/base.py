@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,11 +20,12 @@ if TYPE_CHECKING:
 
     from distill_core.checks import CheckResult
     from distill_core.data import PreparedDataset
-    from distill_core.evaluate import Report, Speed
+    from distill_core.evaluate import ModelReport, Speed
     from distill_core.gates import Verdict
     from distill_core.modules import LoadedTeacher
-    from distill_core.recipe import SoftLabelConfig, StudentConfig
-    from distill_core.soft_labels import SoftLabels
+    from distill_core.recipe import EvalConfig, StudentConfig
+    from distill_core.signals import SignalSource
+    from distill_core.soft_labels import Arrays, SoftLabels
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,17 @@ class TaskBatch:
 
 
 class Task(ABC):
-    """A kind of distillation: text classification today. One instance per task, registered by name.
+    """A kind of distillation (text classification, causal language modelling). One instance per task,
+    registered by name.
 
-    Arguments typed Any that name a recipe section (data, checks, gates) are this task's own section classes, as
-    its recipe class declares them. Every task's data section has `dvc` and its recipe has `gates`: the pipeline
-    reads those without asking the task."""
+    Arguments typed Any that name a recipe section (data, soft_labels, checks, gates, teacher) are this task's own
+    section classes, as its recipe class declares them. Every task's data section has `dvc` and its recipe has
+    `gates`: the pipeline reads those without asking the task. A task's inputs are what `examples` returns (texts
+    for a classifier, token blocks for a causal LM); its reports are its own ModelReport class."""
 
     name: ClassVar[str]
     early_stopping: ClassVar[str]  # the validation metric in the training history that picks the best state
+    maximize: ClassVar[bool] = True  # whether a higher early-stopping metric is better (accuracy) or not (perplexity)
     headline: ClassVar[tuple[str, ...]]  # the report fields a person compares (metrics.json, per model)
     gate_tags: ClassVar[tuple[str, ...]]  # the fields a registered student version carries as distill.<field> tags
     quality_name: ClassVar[str]  # what `quality` measures, as a person reads it ("accuracy")
@@ -61,7 +65,7 @@ class Task(ABC):
         """Load, check and split the recipe's data into out_dir (the marker of a complete folder last)."""
 
     @abstractmethod
-    def examples(self, dataset: PreparedDataset, split: str) -> tuple[list[str], np.ndarray]:
+    def examples(self, dataset: PreparedDataset, split: str) -> tuple[Sequence[Any], np.ndarray]:
         """A split's inputs and targets (-100 where a row has none)."""
 
     # --- students ---
@@ -75,64 +79,87 @@ class Task(ABC):
         cfg: StudentConfig,
         teacher: TextModule,
         dataset: PreparedDataset,
-        texts: list[str],
-        max_length: int,
+        texts: Sequence[Any],
+        soft_labels: Any,
         log: Callable[[str], None],
     ) -> TextModule:
         """A fresh student of the configured family and size (texts: what it will be trained on)."""
 
     # --- batches and the teacher's signal ---
     @abstractmethod
-    def batch(self, model: TextModule, texts: list[str], targets: Tensor) -> TaskBatch:
-        """The model's batch of these texts with their targets."""
+    def batch(self, model: TextModule, texts: Sequence[Any], targets: Tensor) -> TaskBatch:
+        """The model's batch of these inputs with their targets."""
 
     @abstractmethod
-    def predict(self, model: TextModule, texts: list[str]) -> np.ndarray:
-        """The model's outputs on every text, in order (what the metrics read)."""
+    def teacher_inputs(self, teacher: TextModule, texts: Sequence[Any], batch: TaskBatch) -> dict[str, Tensor]:
+        """What the teacher in the loop reads for the student's batch (its own tokens, or the student's)."""
+
+    @abstractmethod
+    def predict(self, model: TextModule, texts: Sequence[Any]) -> np.ndarray:
+        """The model's outputs on every input, in order (what the metrics read)."""
 
     @abstractmethod
     def check_teacher(self, teacher: LoadedTeacher, dataset: PreparedDataset) -> None:
         """Refuse a teacher whose outputs do not fit the data (other labels), before anything is stored."""
 
     @abstractmethod
-    def teacher_signal(self, teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str) -> np.ndarray:
-        """The signal the soft-label store keeps for these texts; bad teacher output is refused by row."""
+    def signal_key(self, cfg: Any) -> dict[str, Any]:
+        """The soft-label settings that change what is stored (they go into the soft-label key)."""
+
+    @abstractmethod
+    def teacher_signal(self, teacher: LoadedTeacher, texts: Sequence[Any], cfg: Any, desc: str) -> Iterator[Arrays]:
+        """The signal the soft-label store keeps for these inputs, shard by shard (at most cfg.shard_rows rows
+        each, in order, at least one); bad teacher output is refused by row."""
+
+    @abstractmethod
+    def stored_source(self, signal: Any, cfg: Any) -> SignalSource:
+        """The source that gives the stored signal of a batch's rows to the loss."""
 
     # --- metrics ---
     @abstractmethod
-    def validate(self, model: TextModule, texts: list[str], targets: np.ndarray) -> float:
-        """The early-stopping metric on validation data (higher is better)."""
+    def validate(self, model: TextModule, texts: Sequence[Any], targets: np.ndarray) -> float:
+        """The early-stopping metric on validation data (better: higher when `maximize`, else lower)."""
+
+    @abstractmethod
+    def measure_speed(self, models: dict[str, TextModule], texts: Sequence[Any], cfg: EvalConfig) -> dict[str, Speed]:
+        """Every model's speed, measured side by side (the task's latency: a prediction, or a generated token)."""
 
     @abstractmethod
     def evaluate(
         self,
         name: str,
         model: TextModule,
-        texts: list[str],
+        texts: Sequence[Any],
         targets: np.ndarray,
-        teacher_signal: np.ndarray,
+        teacher_signal: Any,
         speed: Speed,
-        outputs: np.ndarray | None = None,
-    ) -> Report:
-        """Everything measured about one model on the test split."""
+        outputs: Any = None,
+    ) -> ModelReport:
+        """Everything measured about one model on the test split (outputs: the teacher's own, when it is the
+        teacher)."""
 
     @abstractmethod
-    def relative_to(self, report: Report, teacher: Report) -> Report:
-        """Fill in the report's fields measured against the teacher's (compression, speed-up, retention)."""
+    def relative_to(self, report: Any, teacher: Any, twin: Any = None) -> ModelReport:
+        """The report with its fields measured against the teacher's (compression, speed-up, retention) and, given
+        one, the student's hard-label twin."""
 
     @abstractmethod
-    def quality(self, report: Report) -> float:
+    def quality(self, report: Any) -> float:
         """The one number candidates are ranked by (higher is better)."""
 
     @abstractmethod
     def figures(
-        self, name: str, model: TextModule, texts: list[str], targets: np.ndarray, teacher_signal: np.ndarray
+        self, name: str, model: TextModule, texts: Sequence[Any], targets: np.ndarray, teacher_signal: Any
     ) -> dict[str, Figure]:
         """A candidate's figures for its MLflow run, by artifact path."""
 
     @abstractmethod
     def chance(self, targets: np.ndarray) -> float:
         """The validation metric a model reaches without learning (a student at it did not learn)."""
+
+    @abstractmethod
+    def did_not_learn(self, train_value: float, chance: float) -> str | None:
+        """Why a student whose train-split metric is train_value counts as not having learned, or None."""
 
     # --- data checks (Great Expectations) ---
     @abstractmethod
@@ -142,24 +169,39 @@ class Task(ABC):
     def check_signal(self, labels: SoftLabels, dataset: PreparedDataset, docs_dir: Path, cfg: Any) -> CheckResult: ...
 
     @abstractmethod
-    def check_evaluation(self, reports: list[Report], docs_dir: Path) -> CheckResult: ...
+    def check_evaluation(self, reports: list[Any], docs_dir: Path) -> CheckResult: ...
 
     # --- gates and the registry ---
     @abstractmethod
-    def judge(self, candidate: str, report: Report, teacher: Report, gates: Any, champion: Report | None) -> Verdict:
-        """The candidate against the recipe's gates and, when there is one, the champion."""
+    def judge(self, candidate: str, report: Any, teacher: Any, gates: Any, champion: Any) -> Verdict:
+        """The candidate against the recipe's gates and, when there is one (a report, else None), the champion."""
 
     @abstractmethod
-    def beats(self, candidate: Report, champion: Report | None) -> bool:
-        """Whether a passing candidate should replace the champion."""
+    def beats(self, candidate: Any, champion: Any) -> bool:
+        """Whether a passing candidate should replace the champion (None: there is none)."""
 
     @abstractmethod
-    def report_tags(self, report: Report) -> dict[str, str]:
+    def report_tags(self, report: Any) -> dict[str, str]:
         """The measured fields a registered student version carries: gate_tags, each as distill.<field>."""
 
     @abstractmethod
-    def summary(self, report: Report) -> str:
+    def summary(self, report: Any) -> str:
         """One sentence of what was measured, for a registered version's description."""
+
+    @abstractmethod
+    def notes(self, candidate: str, report: Any) -> list[str]:
+        """What a person should look at in a candidate's report (a student better than its teacher)."""
+
+    # --- the stand-in teacher (the teacher team's, for the demo and a fresh local registry) ---
+    @abstractmethod
+    def stand_in_teacher(
+        self, cfg: Any, dataset: PreparedDataset, log: Callable[[str], None]
+    ) -> tuple[TextModule, dict[str, str], dict[str, float]]:
+        """A teacher made from the recipe's teacher section: the module, its version tags and metrics."""
+
+    @abstractmethod
+    def stand_in_versions(self, version: int) -> tuple[str, dict[str, Any]]:
+        """What the demo's teacher version `version` is, in words, and the teacher-section overrides that make it."""
 
     # --- serving ---
     @abstractmethod
@@ -170,4 +212,4 @@ class Task(ABC):
     def signature(self, model: TextModule) -> ModelSignature: ...
 
     @abstractmethod
-    def input_example(self, texts: list[str]) -> Any: ...
+    def input_example(self, model: TextModule, texts: Sequence[Any]) -> Any: ...

