@@ -1,10 +1,12 @@
-"""`make bench`: the pipeline's overheads against bare torch loops, distillation quality on real data, and
-how fast a teacher registration starts its flow run in the production topology.
+"""`make bench`: the pipeline's overheads against bare torch loops, distillation quality on real data, how
+fast a teacher registration starts its flow run in the production topology, and causal-LM distillation of the
+packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality table, peak memory).
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
-benchmarks/results.json and benchmarks/results.md (the README quotes the latter).
+benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
+overheads 5 min, pipeline 5 min, quality 30 min, trigger 10 min, lm 45 min.
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|trigger ...] [--recipe recipes/bench.yaml]
+    python benchmarks/run_bench.py [--only overheads|pipeline|quality|trigger|lm ...] [--recipe recipes/bench.yaml]
 """
 
 from __future__ import annotations
@@ -286,6 +288,215 @@ def trigger(webhook_samples: int = 7, watcher_samples: int = 3, interval_s: int 
     }
 
 
+class PeakRSS:
+    """The peak resident memory of this process while the block runs (sampled every 20 ms), in MB."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml") -> dict[str, object]:
+    """SmolLM2-135M-Instruct distilled into the LM demo's student on the demo's data: bytes per token of the
+    stored signal against dense fp32 logits; labeling against a bare teacher forward over the same blocks;
+    a training step against a bare torch loop with the same loss; the quality table (teacher, hard-label twin,
+    top-k, sampled and online students); peak resident memory of labeling and training."""
+    import math
+
+    from distill_core import steps
+    from distill_core.lm import load_smollm2
+    from distill_core.losses import sparse_buckets
+    from distill_core.recipe import load_recipe
+    from distill_core.settings import load_settings
+    from distill_core.soft_labels import generate_soft_labels
+    from distill_core.store import LocalStore
+    from distill_core.tasks.causal_lm import CAUSAL_LM, StoredSparseSource, sparse_signal
+    from distill_core.train import TransferSet, baseline_config, train_student
+
+    recipe = load_recipe(recipe_path)
+    home = HERE / ".work" / "lm"
+    shutil.rmtree(home, ignore_errors=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    settings = load_settings(home)
+    dataset = steps.prepare(recipe, settings)
+    teacher = LoadedTeacher(load_smollm2(), "smollm2", "1", "bench")
+    module = teacher.module
+    inputs, blocks = CAUSAL_LM.examples(dataset, "transfer")
+    vocab = module.vocab_size  # type: ignore[attr-defined]
+    out: dict[str, object] = {"recipe": str(recipe_path.relative_to(ROOT)), "tokens": dataset.info["tokens"]}
+
+    # labeling vs a bare forward over the same 16 blocks, interleaved
+    few, cfg = blocks[:16], recipe.soft_labels
+
+    @torch.inference_mode()
+    def bare_forward() -> None:
+        for start in range(0, len(few), cfg.batch_size):
+            module(torch.as_tensor(few[start : start + cfg.batch_size, :-1]))
+
+    t_ours, t_bare = interleaved(lambda: sparse_signal(module, few, cfg, slice(0, len(few))), bare_forward, 5)
+    tokens = few[:, :-1].size
+    out["labeling"] = {
+        "tokens": tokens,
+        "ours_tokens_per_s": tokens / statistics.median(t_ours),
+        "bare_tokens_per_s": tokens / statistics.median(t_bare),
+        "ratio": statistics.median(t_bare) / statistics.median(t_ours),
+    }
+    print(out["labeling"], flush=True)
+
+    # the stored signals (labels every split; peak memory while doing it)
+    store, signals, sizes = LocalStore(home / "store"), {}, {}
+    variants = {"top_k": cfg, "sampled": cfg.model_copy(update={"kind": "sampled", "k": 16, "tail": "rest"})}
+    for name, signal_cfg in variants.items():
+        with PeakRSS() as rss:
+            labels = generate_soft_labels(teacher, dataset, signal_cfg, store, "causal_lm")
+        transfer = labels.signal["transfer"]
+        positions = transfer["ids"].shape[0] * transfer["ids"].shape[1]
+        per_token = sum(a.nbytes for a in transfer.values()) / positions
+        signals[name] = labels
+        sizes[name] = {
+            "bytes_per_token": per_token,
+            "share_of_dense_fp32": per_token / (4 * vocab),
+            "label_seconds": labels.manifest["seconds"],
+            "peak_rss_mb": rss.peak,
+        }
+        print(name, sizes[name], flush=True)
+    out["signal"] = sizes
+
+    # a training step against a bare loop: student forward, the same forward KL over top-k plus the rest, CE
+    student_cfg = recipe.students[0]
+    batch_rows = list(range(recipe.train.batch_size))
+    targets = torch.as_tensor(blocks[batch_rows])
+
+    def fresh():  # noqa: ANN202
+        torch.manual_seed(0)
+        return CAUSAL_LM.build_student(student_cfg, module, dataset, inputs, cfg, lambda _: None)
+
+    from distill_core.train import Distiller as LMDistiller
+
+    ours_student, bare_student = fresh(), fresh()
+    source = StoredSparseSource(signals["top_k"].signal["transfer"], cfg)
+    objective = objective_for(ours_student, recipe.train, None)
+    distiller = LMDistiller(
+        ours_student,
+        objective,
+        source,
+        recipe.train.lr,
+        recipe.train.weight_decay,
+        CAUSAL_LM,
+        max_grad_norm=recipe.train.max_grad_norm,
+    )
+    optimizer = torch.optim.AdamW(bare_student.parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    stored = {k: torch.as_tensor(v[batch_rows]) for k, v in signals["top_k"].signal["transfer"].items()}
+    lm_steps = 3
+
+    def ours_step() -> None:
+        for _ in range(lm_steps):
+            distiller.step(batch_rows, [inputs[i] for i in batch_rows], targets)
+
+    def bare_step() -> None:
+        bare_student.train()
+        for _ in range(lm_steps):
+            logits = bare_student(targets[:, :-1])
+            log_s, log_t = sparse_buckets(
+                logits, stored["ids"].long(), stored["logprobs"].float(), 1.0, None, "tail", 1.0, stored["tail"]
+            )
+            kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
+            loss = 0.9 * kl + 0.1 * ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(bare_student.parameters(), recipe.train.max_grad_norm or 1e9)
+            optimizer.step()
+
+    t_ours, t_bare = interleaved(ours_step, bare_step, 5)
+    ours_ms, bare_ms = statistics.median(t_ours) * 1000 / lm_steps, statistics.median(t_bare) * 1000 / lm_steps
+    out["train_step"] = {"ours_ms_per_step": ours_ms, "bare_ms_per_step": bare_ms, "ratio": ours_ms / bare_ms}
+    print(out["train_step"], flush=True)
+
+    # quality: teacher, hard-label twin, top-k, sampled and online students, measured side by side
+    val = CAUSAL_LM.examples(dataset, "validation")
+    students, seconds, rss_train = {}, {}, {}
+    runs = {
+        "hard-label twin": (baseline_config(recipe.train), None, cfg),
+        "top-k student": (recipe.train, signals["top_k"], cfg),
+        "sampled student": (
+            recipe.train,
+            signals["sampled"],
+            variants["sampled"],
+        ),
+        "online student": (recipe.train.model_copy(update={"mode": "online"}), None, cfg),
+    }
+    for name, (train_cfg, labels, signal_cfg) in runs.items():
+        transfer = TransferSet(inputs, blocks, None if labels is None else labels.signal["transfer"])
+        started = time.perf_counter()
+        with PeakRSS() as rss:
+            result = train_student(
+                fresh(),
+                student_cfg,
+                train_cfg,
+                transfer,
+                val,
+                home / "runs" / name.replace(" ", "-"),
+                teacher=module,
+                fingerprint=name,
+                log=print,
+                task=CAUSAL_LM,
+                signal_cfg=signal_cfg,
+            )
+        students[name], seconds[name], rss_train[name] = result.student, time.perf_counter() - started, rss.peak
+        print(name, f"{seconds[name]:.0f} s, peak RSS {rss.peak:.0f} MB", flush=True)
+    test_inputs, test_blocks = CAUSAL_LM.examples(dataset, "test")
+    test_signal = signals["top_k"].signal["test"]
+    models = {"teacher SmolLM2-135M": module, **students}
+    speeds = CAUSAL_LM.measure_speed(models, test_inputs, recipe.evaluation)
+    teacher_report = CAUSAL_LM.evaluate(
+        "teacher SmolLM2-135M",
+        module,
+        test_inputs,
+        test_blocks,
+        test_signal,
+        speeds["teacher SmolLM2-135M"],
+        test_signal,
+    )
+    measured = {
+        name: CAUSAL_LM.evaluate(name, model, test_inputs, test_blocks, test_signal, speeds[name])
+        for name, model in students.items()
+    }
+    twin = measured["hard-label twin"]
+    reports = [teacher_report] + [CAUSAL_LM.relative_to(r, teacher_report, twin) for r in measured.values()]
+    from distill_core.evaluate import comparison_table
+
+    out["quality"] = {
+        "reports": [r.as_dict() for r in reports],
+        "train_seconds": seconds,
+        "train_peak_rss_mb": rss_train,
+        "table": comparison_table(reports, CAUSAL_LM.columns),
+        "teacher_ppl_check": math.isfinite(teacher_report.perplexity),
+    }
+    print(out["quality"]["table"], flush=True)
+    return out
+
+
 def markdown(results: dict[str, object]) -> str:
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     over = results.get("overheads")
@@ -338,6 +549,37 @@ def markdown(results: dict[str, object]) -> str:
             + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]
+    lm_part = results.get("lm")
+    if isinstance(lm_part, dict):
+        lab, step, sig = lm_part["labeling"], lm_part["train_step"], lm_part["signal"]
+        q = lm_part["quality"]
+        lines += [
+            f"## Causal LM: SmolLM2-135M-Instruct → the LM demo's student ({lm_part['recipe']}, "
+            f"{lm_part['tokens']['transfer']:,} transfer tokens, test {lm_part['tokens']['test']:,} tokens)",
+            "",
+            "| measurement | ours | reference | ratio | goal |",
+            "|---|---|---|---|---|",
+            *(
+                f"| stored signal, {name} | {v['bytes_per_token']:.0f} B/token | dense fp32 logits "
+                f"{4 * 49152:,} B/token | {v['share_of_dense_fp32']:.3%} | ≤ 1% |"
+                for name, v in sig.items()
+            ),
+            f"| labeling, {lab['tokens']:,} tokens | {lab['ours_tokens_per_s']:.0f} tokens/s | bare teacher forward "
+            f"{lab['bare_tokens_per_s']:.0f} tokens/s | {lab['ratio']:.3f} | ≥ 0.9 |",
+            f"| training step, 8 blocks of 128 | {step['ours_ms_per_step']:.0f} ms | bare torch loop "
+            f"{step['bare_ms_per_step']:.0f} ms | {step['ratio']:.3f} | ≤ 1.1 |",
+            "",
+            q["table"].strip(),
+            "",
+            "Peak resident memory: labeling "
+            + ", ".join(f"{name} {v['peak_rss_mb']:.0f} MB" for name, v in sig.items())
+            + "; training "
+            + ", ".join(f"{name} {v:.0f} MB" for name, v in q["train_peak_rss_mb"].items())
+            + ". Training time: "
+            + ", ".join(f"{name} {v:.0f} s" for name, v in q["train_seconds"].items())
+            + ".",
+            "",
+        ]
     trig = results.get("trigger")
     if isinstance(trig, dict) and "webhook" in trig:
         hook, watch = trig["webhook"], trig["watcher"]
@@ -363,7 +605,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=("overheads", "pipeline", "quality", "trigger"),
+        choices=("overheads", "pipeline", "quality", "trigger", "lm"),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
     )
@@ -381,7 +623,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "pipeline", "quality", "trigger"]
+    parts = args.only or ["overheads", "pipeline", "quality", "trigger", "lm"]
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
@@ -390,6 +632,8 @@ def main() -> None:
         print(json.dumps(results["pipeline"], indent=2, default=float))
     if "quality" in parts:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
+    if "lm" in parts:
+        results["lm"] = lm()
     if "trigger" in parts:
         measured = trigger()
         if "skipped" in measured:  # no PostgreSQL here: keep the previous numbers
@@ -400,7 +644,7 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "pipeline", "quality", "trigger"):
+        for key in ("overheads", "pipeline", "quality", "trigger", "lm"):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))
