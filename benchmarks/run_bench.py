@@ -4,9 +4,10 @@ packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
 benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
-overheads 5 min, pipeline 5 min, quality 30 min, trigger 10 min, lm 45 min.
+overheads 5 min, pipeline 5 min, quality 30 min, trigger 10 min, lm 45 min (lm-overheads, its first part: 6 min).
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|trigger|lm ...] [--recipe recipes/bench.yaml]
+    python benchmarks/run_bench.py [--only overheads|pipeline|quality|trigger|lm|lm-overheads ...]
+                                   [--recipe recipes/bench.yaml]
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml") -> dict[str, object]:
+def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml", quality: bool = True) -> dict[str, object]:
     """SmolLM2-135M-Instruct distilled into the LM demo's student on the demo's data: bytes per token of the
     stored signal against dense fp32 logits; labeling against a bare teacher forward over the same blocks;
     a training step against a bare torch loop with the same loss; the quality table (teacher, hard-label twin,
@@ -432,6 +433,8 @@ def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml") -> dict[str, objec
     ours_ms, bare_ms = statistics.median(t_ours) * 1000 / lm_steps, statistics.median(t_bare) * 1000 / lm_steps
     out["train_step"] = {"ours_ms_per_step": ours_ms, "bare_ms_per_step": bare_ms, "ratio": ours_ms / bare_ms}
     print(out["train_step"], flush=True)
+    if not quality:  # lm-overheads: the quality table of the last full run stays
+        return out
 
     # quality: teacher, hard-label twin, top-k, sampled and online students, measured side by side
     val = CAUSAL_LM.examples(dataset, "validation")
@@ -605,7 +608,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=("overheads", "pipeline", "quality", "trigger", "lm"),
+        choices=("overheads", "pipeline", "quality", "trigger", "lm", "lm-overheads"),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
     )
@@ -634,6 +637,11 @@ def main() -> None:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
     if "lm" in parts:
         results["lm"] = lm()
+    elif "lm-overheads" in parts:  # signal size, labeling and training step only (about 6 minutes)
+        old_lm = (
+            json.loads((HERE / "results.json").read_text()).get("lm", {}) if (HERE / "results.json").exists() else {}
+        )
+        results["lm"] = {**old_lm, **lm(quality=False)}
     if "trigger" in parts:
         measured = trigger()
         if "skipped" in measured:  # no PostgreSQL here: keep the previous numbers

@@ -186,13 +186,15 @@ def hard_label_ce(
             f"labels shape {tuple(labels.shape)} does not fit logits shape {tuple(student_logits.shape)}: "
             f"expected {tuple(student_logits.shape[:-1])}"
         )
-    keep = labels != ignore_index
     if mask is not None:
         if mask.shape != labels.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not fit labels {tuple(labels.shape)}")
-        keep = keep & mask.bool()
-    logits = student_logits[keep].float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum") / max(logits.shape[0], 1)
+        labels = labels.masked_fill(~mask.bool(), ignore_index)
+    count = int((labels != ignore_index).sum())
+    # ignore_index instead of selecting the rows: no copy of [positions, vocab] logits (a causal LM's are large)
+    flat = student_logits.reshape(-1, student_logits.shape[-1]).float()
+    loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    return loss / max(count, 1)
 
 
 def _check_sparse(student_logits: Tensor, ids: Tensor, *others: Tensor) -> None:

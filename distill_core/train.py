@@ -124,7 +124,7 @@ class Distiller:
         size = -(-len(index) // self.accumulation)
         parts = [range(start, min(start + size, len(index))) for start in range(0, len(index), size)]
         batches = [self.task.batch(self.student, [texts[i] for i in part], targets[list(part)]) for part in parts]
-        counts = [float(b.mask.sum()) if b.mask is not None else float(len(b.targets)) for b in batches]
+        counts = [float(b.mask.sum()) if b.mask is not None else float(b.targets.numel()) for b in batches]
         total_count = max(sum(counts), 1.0)
         logged: dict[str, float] = {}
         for part, batch, count in zip(parts, batches, counts, strict=True):

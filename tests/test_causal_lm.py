@@ -120,6 +120,17 @@ def test_a_changed_k_or_sampling_rule_makes_a_new_key_and_an_unchanged_rerun_reu
     assert np.allclose(weights.sum(-1), 1.0, atol=1e-2) and "tail" not in sampled.signal["test"]
 
 
+def test_the_sparse_signal_round_trips_through_s3(lm_teacher, lm_dataset, s3_env):
+    from distill_core.store import open_store
+
+    cfg = LMSignalConfig(kind="sampled", k=4, draws=10, shard_rows=100)
+    first = generate_soft_labels(_loaded(lm_teacher), lm_dataset, cfg, open_store(f"s3://{s3_env}/lm"), "causal_lm")
+    again = generate_soft_labels(_loaded(lm_teacher), lm_dataset, cfg, open_store(f"s3://{s3_env}/lm"), "causal_lm")
+    assert again.reused and again.key == first.key
+    for name, array in first.signal["transfer"].items():
+        np.testing.assert_array_equal(again.signal["transfer"][name], array)
+
+
 def test_a_teacher_returning_nan_logits_is_refused_with_the_rows(lm_dataset, tmp_path):
     teacher = tiny_lm()
     with torch.no_grad():

@@ -113,22 +113,25 @@ def sparse_signal(teacher: CausalLM, blocks: np.ndarray, cfg: LMSignalConfig, ro
     for start in range(0, n, cfg.batch_size):
         part = slice(start, start + cfg.batch_size)
         logits = teacher(inputs[part]).float()
-        bad = ~torch.isfinite(logits).all(dim=-1).all(dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)  # log-probabilities are logits - lse: never materialised whole
+        bad = ~torch.isfinite(lse).all(dim=-1)  # a NaN or infinite logit makes its position's lse so
         if bad.any():
             where = [rows.start + start + int(i) for i in torch.nonzero(bad).flatten()[:5]]
             raise SoftLabelError(
                 f"the teacher returned NaN or infinite logits for {int(bad.sum())} block(s) (first rows {where}); "
                 "nothing was stored"
             )
-        log_p = F.log_softmax(logits / cfg.temperature, dim=-1)
-        top1[part] = logits.argmax(-1).numpy()
-        target[part] = F.log_softmax(logits, dim=-1).gather(-1, targets[part].unsqueeze(-1)).squeeze(-1).numpy()
+        target[part] = (logits.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1) - lse).numpy()
+        scaled = lse if cfg.temperature == 1.0 else torch.logsumexp(logits / cfg.temperature, dim=-1)
         if cfg.kind == "top_k":
-            top = log_p.topk(k, dim=-1)
-            ids[part], logprobs[part] = top.indices.numpy(), top.values.numpy()
-            extra[part] = (-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp_min(0).numpy()
+            top = logits.topk(k, dim=-1)  # the same ids at any temperature > 0
+            values = top.values / cfg.temperature - scaled.unsqueeze(-1)
+            top1[part] = top.indices[..., 0].numpy()
+            ids[part], logprobs[part] = top.indices.numpy(), values.numpy()
+            extra[part] = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_min(0).numpy()
         else:
-            flat = log_p.reshape(-1, log_p.shape[-1])
+            top1[part] = logits.argmax(-1).numpy()
+            flat = (logits / cfg.temperature - scaled.unsqueeze(-1)).reshape(-1, logits.shape[-1])
             drawn = torch.multinomial(flat.exp(), cfg.draws, replacement=True, generator=generator)
             counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
             kept = counts.topk(k, dim=-1)  # the k most drawn (all of them when at most k distinct)
@@ -366,7 +369,7 @@ class CausalLMTask(Task):
     # --- batches and the teacher's signal ---
     def batch(self, model: TextModule, inputs: Sequence[Any], targets: Tensor) -> TaskBatch:
         blocks = targets.long()
-        return TaskBatch({"input_ids": blocks[:, :-1]}, blocks[:, 1:], torch.ones_like(blocks[:, 1:], dtype=torch.bool))
+        return TaskBatch({"input_ids": blocks[:, :-1]}, blocks[:, 1:])  # every position counts: no mask to apply
 
     def teacher_inputs(self, teacher: TextModule, inputs: Sequence[Any], batch: TaskBatch) -> dict[str, Tensor]:
         return batch.inputs  # the student's own tokens: teacher and student share the tokenizer
