@@ -343,3 +343,64 @@ def test_online_the_full_teacher_distribution_is_in_the_loop_and_reverse_kl_is_d
     distiller = Distiller(student, objective, source, 1e-3, 0.0, CAUSAL_LM)
     terms = distiller.step([0, 1, 2, 3], list(blocks), torch.as_tensor(blocks))
     assert all(np.isfinite(v) and v >= 0 for v in terms.values()) and terms["reverse_kl"] > 0
+
+
+def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_teacher, tmp_path):
+    """The `distill stage` steps dvc.yaml runs, on an LM recipe, each in its own process as DVC starts them."""
+    import os
+
+    from distill_core.settings import load_settings
+
+    home = tmp_path / "home"
+    settings = load_settings(home)
+    _, version = log_teacher(lm_teacher, "stage-lm-teacher", settings.tracking_uri)
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "stage-lm",
+                "task": "causal_lm",
+                "teacher": {"registered_name": "stage-lm-teacher"},
+                "data": DATA,
+                "students": [STUDENT],
+                "soft_labels": {"k": 4},
+                "train": {"epochs": 1, "batch_size": 8, "eval_every": 10, "lr": 3e-3},
+                "evaluation": {"latency_samples": 10},
+            }
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILL_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DISTILL_STORE", None)
+    ref = f"stage-lm-teacher/{version}"
+
+    def stage(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", "from flows.cli import main; main()", "stage", *args, "--recipe", str(recipe)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    prepared = json.loads(stage("prepare", "--out", str(tmp_path / "prepared")).strip().splitlines()[-1])
+    assert prepared["counts"]["transfer"] == DATA["train_blocks"]
+    stage("label", "--teacher", ref, "--out", str(tmp_path / "labels.json"))
+    stage("train", "--teacher", ref, "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "students"))
+    table = stage(
+        "evaluate",
+        "--teacher",
+        ref,
+        "--labels",
+        str(tmp_path / "labels.json"),
+        "--students",
+        str(tmp_path / "students"),
+        "--out",
+        str(tmp_path / "report"),
+    )
+    assert "| model | ppl | ppl / teacher | gap closed |" in table
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["lm-2L"]["distilled"]["gap_closed"] is not None and metrics["teacher"]["perplexity"] > 1
