@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -96,6 +96,10 @@ class Speed:
     threads: int = 1  # torch's intra-op threads during the measurement
     load_average: float = 0.0  # the machine's 1-minute load average when it was taken
     under_load: bool = False  # more tasks than cores were runnable, even after one repeat: absolute times inflated
+
+    def report_fields(self) -> dict[str, Any]:
+        """The fields every report takes from its speed measurement."""
+        return asdict(self)
 
 
 def _interleaved(models: dict[str, TextModule], texts: list[str], batch: int) -> dict[str, Speed]:
@@ -242,14 +246,9 @@ def evaluate_model(
         agreement=agreement(logits, teacher_logits),
         kl_to_teacher=mean_kl(teacher_logits, logits),
         ece=expected_calibration_error(logits, labels),
-        p50_ms=speed.p50_ms,
-        p95_ms=speed.p95_ms,
-        throughput=speed.throughput,
         params=size["params"],
         bytes=size["bytes"],
-        threads=speed.threads,
-        load_average=speed.load_average,
-        under_load=speed.under_load,
+        **speed.report_fields(),
     )
 
 

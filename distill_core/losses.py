@@ -205,6 +205,12 @@ def _check_sparse(student_logits: Tensor, ids: Tensor, *others: Tensor) -> None:
         )
 
 
+def _student_at(student_logits: Tensor, ids: Tensor, temperature: float, mask: Tensor | None) -> Tensor:
+    """The student's full log-softmax at T, read at the signal's ids, over the rows that count: [N, k]."""
+    student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
+    return student.gather(-1, ids.reshape(-1, ids.shape[-1]) if mask is None else ids[mask.bool()])
+
+
 def sparse_buckets(
     student_logits: Tensor,
     topk_ids: Tensor,
@@ -226,8 +232,7 @@ def sparse_buckets(
         raise ValueError(f"missing_mass must be 'zero' or 'tail', got {missing_mass!r}")
     _check_temperature(temperature)
     _check_sparse(student_logits, topk_ids, topk_logprobs)
-    student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
-    student_k = student.gather(-1, topk_ids.reshape(-1, topk_ids.shape[-1]) if mask is None else topk_ids[mask.bool()])
+    student_k = _student_at(student_logits, topk_ids, temperature, mask)
     stored = _rows(topk_logprobs, mask, "top-k log-probs")
     if missing_mass == "tail":
         if tail is not None:
@@ -270,8 +275,7 @@ def sampled_forward_kl(
     Its expectation over the draws is the forward KL, and its gradient the full-distribution one's."""
     _check_temperature(temperature)
     _check_sparse(student_logits, ids, logprobs, weights)
-    student = F.log_softmax(_rows(student_logits, mask, "student logits") / temperature, dim=-1)
-    student_j = student.gather(-1, ids.reshape(-1, ids.shape[-1]) if mask is None else ids[mask.bool()])
+    student_j = _student_at(student_logits, ids, temperature, mask)
     w = _rows(weights, mask, "sample weights")
     per_row = (w * (_rows(logprobs, mask, "sampled log-probs") - student_j)).sum(-1)
     return _mean_rows(per_row) * temperature**2
@@ -378,6 +382,19 @@ def _reading(signal: SparseSignal) -> str:
     return "sampled" if signal.weights is not None else signal.missing_mass
 
 
+def _buckets(term: _Term, step: _Step, signal: SparseSignal) -> tuple[Tensor, Tensor]:
+    return sparse_buckets(
+        step.student.logits,
+        signal.ids,
+        signal.logprobs,
+        term.temperature,
+        step.mask,
+        signal.missing_mass,
+        signal.temperature,
+        signal.tail,
+    )
+
+
 def _pair(term: _Term, step: _Step) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities at the term's temperature: over the full distribution, or over the
     top-k outcomes plus the rest bucket; any other signal does not define the term, which is refused by name."""
@@ -388,16 +405,7 @@ def _pair(term: _Term, step: _Step) -> tuple[Tensor, Tensor]:
                 f"loss term {term.name!r} is not defined over {_READINGS[_reading(signal)]} teacher signal: store "
                 "top-k with a rest bucket (soft_labels.tail: rest), run the teacher in the loop, or use forward_kl"
             )
-        return sparse_buckets(
-            step.student.logits,
-            signal.ids,
-            signal.logprobs,
-            term.temperature,
-            step.mask,
-            "tail",
-            signal.temperature,
-            signal.tail,
-        )
+        return _buckets(term, step, signal)
     assert isinstance(signal, DenseSignal)
     return _log_probs(step.student.logits, signal.logits, term.temperature, step.mask)
 
@@ -424,17 +432,7 @@ def _forward_kl_term(term: _Term, step: _Step) -> Tensor:
             step.student.logits, signal.ids, signal.logprobs, signal.weights, term.temperature, step.mask
         )
     if isinstance(signal, SparseSignal):
-        log_s, log_t = sparse_buckets(
-            step.student.logits,
-            signal.ids,
-            signal.logprobs,
-            term.temperature,
-            step.mask,
-            signal.missing_mass,
-            signal.temperature,
-            signal.tail,
-        )
-        return _mean_rows(_forward_rows(log_s, log_t)) * term.temperature**2
+        return _mean_rows(_forward_rows(*_buckets(term, step, signal))) * term.temperature**2
     return _divergence(_forward_rows)(term, step)
 
 

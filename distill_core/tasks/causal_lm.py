@@ -449,14 +449,9 @@ class CausalLMTask(Task):
             nll=stats["nll"],
             agreement=stats["agreement"],
             kl_to_teacher=stats["kl_to_teacher"],
-            p50_ms=speed.p50_ms,
-            p95_ms=speed.p95_ms,
-            throughput=speed.throughput,
             params=size["params"],
             bytes=size["bytes"],
-            threads=speed.threads,
-            load_average=speed.load_average,
-            under_load=speed.under_load,
+            **speed.report_fields(),
             gap_closed=1.0 if outputs is not None else 0.0,
         )
 
