@@ -404,3 +404,22 @@ def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_te
     assert "| model | ppl | ppl / teacher | gap closed |" in table
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["lm-2L"]["distilled"]["gap_closed"] is not None and metrics["teacher"]["perplexity"] > 1
+
+
+def test_a_training_json_of_the_previous_release_still_loads(lm_teacher, lm_dataset, tmp_path):
+    """Releases before the LM task wrote `best_accuracy` in training.json and in checkpoints; it still reads."""
+    from distill_core import steps
+    from distill_core.train import TrainResult
+
+    recipe = parse_recipe({"name": "lm", "task": "causal_lm", "students": [STUDENT]})
+    student = CAUSAL_LM.build_student(recipe.students[0], lm_teacher, lm_dataset, [], None, lambda _: None)
+    outcome = steps.StudentOutcome(recipe.students[0], TrainResult(student, [], 3, 2, 0.75), None)
+    steps.save_students(tmp_path, [outcome])
+    index = tmp_path / "training.json"
+    old = {
+        k: {("best_accuracy" if f == "best_score" else f): v for f, v in entry.items()}
+        for k, entry in json.loads(index.read_text()).items()
+    }
+    index.write_text(json.dumps(old))
+    (loaded,) = steps.load_students(tmp_path, recipe)
+    assert loaded.distilled.best_score == 0.75 and loaded.distilled.steps == 3
