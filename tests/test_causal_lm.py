@@ -349,11 +349,10 @@ def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_te
     """The `distill stage` steps dvc.yaml runs, on an LM recipe, each in its own process as DVC starts them."""
     import os
 
-    from distill_core.settings import load_settings
-
     home = tmp_path / "home"
-    settings = load_settings(home)
-    _, version = log_teacher(lm_teacher, "stage-lm-teacher", settings.tracking_uri)
+    tracking = f"sqlite:///{home / 'mlflow.db'}"  # named, not read from the environment other tests ran in
+    home.mkdir()
+    _, version = log_teacher(lm_teacher, "stage-lm-teacher", tracking)
     recipe = tmp_path / "lm.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -369,8 +368,7 @@ def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_te
             }
         )
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILL_HOME": str(home)}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILL_HOME": str(home), "MLFLOW_TRACKING_URI": tracking}
     env.pop("DISTILL_STORE", None)
     ref = f"stage-lm-teacher/{version}"
 
