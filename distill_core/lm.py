@@ -61,9 +61,17 @@ def load_tokenizer(source: str) -> Any:
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
-    """A digest of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens)."""
+    """A digest of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens).
+    Not its padding and truncation: a fast tokenizer's backend keeps those from its last padded call, so a
+    teacher that has tokenised one batch (and was pickled so) is still the tokenizer the data was made with."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    if backend is None:
+        text = repr(sorted(tokenizer.get_vocab().items()))
+    else:
+        definition = copy.deepcopy(backend)
+        definition.no_padding()
+        definition.no_truncation()
+        text = definition.to_str()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

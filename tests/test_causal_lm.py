@@ -85,6 +85,17 @@ def test_a_padded_teacher_vocabulary_is_cut_to_the_tokenizer_and_a_foreign_token
         CAUSAL_LM.check_teacher(_loaded(foreign), lm_dataset)
 
 
+def test_a_teacher_that_has_tokenised_a_padded_batch_and_was_pickled_is_still_the_datas_tokenizer(lm_dataset):
+    """A fast tokenizer's backend keeps the padding and truncation of its last padded call, and a registered
+    teacher is pickled with that state: it is the same tokenizer, and labeling must not refuse it."""
+    import pickle
+
+    teacher = tiny_lm()
+    teacher.tokenizer(["a prompt", "a longer prompt here"], padding=True, truncation=True, max_length=8)
+    CAUSAL_LM.check_teacher(_loaded(pickle.loads(pickle.dumps(teacher))), lm_dataset)
+    assert teacher.tokenizer.backend_tokenizer.padding is not None  # the digest leaves the tokenizer as it was
+
+
 def test_top_k_signal_streams_to_shards_and_a_corrupt_shard_is_refused_by_name(lm_teacher, lm_dataset, tmp_path):
     store = LocalStore(tmp_path / "store")
     cfg = LMSignalConfig(k=8, shard_rows=64)
