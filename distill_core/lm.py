@@ -107,8 +107,15 @@ class CausalLM(TextModule):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[..., : self.vocab_size]
+        return self.head(self.hidden(input_ids, attention_mask))
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The last hidden states `[B, T, H]`, after the final norm: what the output layer reads."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Logits over the tokenizer's vocabulary (a padded embedding matrix's extra rows cut off)."""
+        return self.model.get_output_embeddings()(hidden)[..., : self.vocab_size]
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[str]:

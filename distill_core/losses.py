@@ -8,6 +8,7 @@ count; a fully masked batch gives 0, not NaN. Teacher tensors are not detached: 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from distill_core.loss_terms import ATTENTIONS, HIDDEN_STATES, LOSS_TERMS, TEACHER_LOGITS, LossSpec
-from distill_core.signals import DenseSignal, Outputs, Signal, SparseSignal
+from distill_core.signals import DenseSignal, HeadSignal, Outputs, Signal, SparseSignal
 
 TAIL_EPS = 1e-8  # smallest leftover mass in the "other tokens" bucket of a top-k teacher signal
 
@@ -68,14 +70,18 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _log_probs(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Student and teacher log-probabilities at `temperature` over the rows that count."""
-    _check_temperature(temperature)
+def _check_same_shape(student: Tensor, teacher: Tensor) -> None:
     if student.shape != teacher.shape:
         raise ValueError(
             f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ: "
             "the vocabularies must match (truncate a padded vocab first)"
         )
+
+
+def _log_probs(student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities at `temperature` over the rows that count."""
+    _check_temperature(temperature)
+    _check_same_shape(student, teacher)
     log_s = F.log_softmax(_rows(student, mask, "student logits") / temperature, dim=-1)
     return log_s, F.log_softmax(_rows(teacher, mask, "teacher logits") / temperature, dim=-1)
 
@@ -410,9 +416,52 @@ def _pair(term: _Term, step: _Step) -> tuple[Tensor, Tensor]:
     return _log_probs(step.student.logits, signal.logits, term.temperature, step.mask)
 
 
+def _chunk_sum(
+    rows: Callable[..., Tensor],
+    extra: dict[str, float],
+    temperature: float,
+    head: Callable[[Tensor], Tensor],
+    student: Tensor,
+    hidden: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """One chunk of positions: the teacher's logits made from its hidden states, the rows' values summed."""
+    with torch.no_grad():
+        teacher = head(hidden).float()
+    _check_same_shape(student, teacher)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    per_row = rows(log_s, F.log_softmax(teacher / temperature, dim=-1), **extra)
+    return (per_row if mask is None else torch.where(mask, per_row, 0.0)).sum()
+
+
+def _chunked_mean(rows: Callable[..., Tensor], term: _Term, step: _Step, signal: HeadSignal, **extra: float) -> Tensor:
+    """Mean of `rows` over the positions that count, a chunk of positions at a time. Each chunk is checkpointed:
+    only its inputs (views of the student's logits and the teacher's hidden states) are kept for the backward
+    pass, which makes the chunk's distributions again, so peak memory holds one chunk's, not the batch's."""
+    _check_temperature(term.temperature)
+    student, hidden, mask = step.student.logits, signal.hidden, step.mask
+    positions = tuple(student.shape[:-1])
+    if tuple(hidden.shape[:-1]) != positions or (mask is not None and tuple(mask.shape) != positions):
+        raise ValueError(
+            f"student logits {tuple(student.shape)}, teacher hidden states {tuple(hidden.shape)} and mask "
+            f"{None if mask is None else tuple(mask.shape)} do not cover the same positions"
+        )
+    students = student.reshape(-1, student.shape[-1]).split(signal.chunk)
+    hiddens = hidden.reshape(-1, hidden.shape[-1]).split(signal.chunk)
+    masks = [None] * len(students) if mask is None else list(mask.reshape(-1).bool().split(signal.chunk))
+    one = functools.partial(_chunk_sum, rows, extra, term.temperature, signal.head)
+    total = student.new_zeros((), dtype=torch.float32)
+    for s, h, m in zip(students, hiddens, masks, strict=True):
+        total = total + checkpoint(one, s, h, m, use_reentrant=False)
+    count = math.prod(positions) if mask is None else int(mask.sum())
+    return total / max(count, 1)
+
+
 def _divergence(rows: Callable[..., Tensor], shape: str | None = None) -> Compute:
     def compute(term: _Term, step: _Step) -> Tensor:
         extra = {} if shape is None else {shape: getattr(term, shape)}
+        if isinstance(step.signal, HeadSignal):
+            return _chunked_mean(rows, term, step, step.signal, **extra) * term.temperature**2
         return _mean_rows(rows(*_pair(term, step), **extra)) * term.temperature**2
 
     return compute

@@ -2,14 +2,16 @@
 
 A signal is what the teacher says about a batch: `DenseSignal` holds its logits over every class (or vocabulary
 entry), and online its hidden states and attention maps too; `SparseSignal` holds the top-k (or sampled) entries
-per position with their log-probabilities, the rest of the mass left out. A source gives the signal for the rows
+per position with their log-probabilities, the rest of the mass left out; `HeadSignal` holds the full distribution
+as the teacher's last hidden states and output layer, so the loss makes its logits a chunk of positions at a time
+(an LM teacher in the loop: its `[B, T, vocab]` logits are never held at once). A source gives the signal for the rows
 of a batch: `StoredSource` reads the soft-label store's entry (under its content key), `OnlineSource` runs the
 teacher in the loop. The training loop asks a source and never knows which one it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,7 +49,19 @@ class SparseSignal:
     temperature: float = 1.0
 
 
-Signal = DenseSignal | SparseSignal
+@dataclass(frozen=True)
+class HeadSignal:
+    """The teacher's full distribution, not yet made: its last hidden states `[N, T, H]` and its output layer
+    (hidden -> logits over the vocabulary, with no gradient to the teacher). The loss applies `head` to `chunk`
+    positions at a time, and makes them again for the backward pass, so no `[N, T, vocab]` teacher tensor, nor
+    the per-position distributions of all positions, is held at once."""
+
+    hidden: Tensor
+    head: Callable[[Tensor], Tensor]
+    chunk: int
+
+
+Signal = DenseSignal | SparseSignal | HeadSignal
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,7 @@ class OnlineSource:
     def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal:
         inputs = self.task.teacher_inputs(self.teacher, texts, batch)
         if not self.features:
-            return DenseSignal(self.teacher(**inputs).float())
+            return self.task.online_signal(self.teacher, inputs)
         assert isinstance(self.teacher, TextClassifier)
         feats: Features = self.teacher.features(**inputs)
         layer = self.layer if self.layer is not None else len(feats.attentions) - 1

@@ -350,10 +350,58 @@ def test_online_the_full_teacher_distribution_is_in_the_loop_and_reverse_kl_is_d
     source = OnlineSource(lm_teacher, task=CAUSAL_LM)
     batch = CAUSAL_LM.batch(student, list(blocks), torch.as_tensor(blocks))
     signal = source.signal([0, 1, 2, 3], list(blocks), batch)
-    assert signal.logits.shape == (4, 32, 49152)  # the padded teacher vocabulary cut to the shared part
+    assert signal.head(signal.hidden).shape == (4, 32, 49152)  # the padded teacher vocabulary cut to the shared part
     distiller = Distiller(student, objective, source, 1e-3, 0.0, CAUSAL_LM)
     terms = distiller.step([0, 1, 2, 3], list(blocks), torch.as_tensor(blocks))
     assert all(np.isfinite(v) and v >= 0 for v in terms.values()) and terms["reverse_kl"] > 0
+
+
+def test_online_the_teacher_logits_are_made_a_chunk_of_positions_at_a_time_with_the_full_batch_result(
+    lm_teacher, lm_dataset
+):
+    """The teacher in the loop never holds `[B, T, vocab]`: its head sees at most `chunk` positions, the
+    backward pass keeps far less than the full-batch computation, and the loss and the gradients are the same."""
+    from distill_core.losses import DistillationObjective
+    from distill_core.signals import DenseSignal, HeadSignal, Outputs
+
+    blocks = torch.as_tensor(blocks_of(lm_dataset, "train")[:4, :-1])
+    torch.manual_seed(0)
+    logits = torch.randn(*blocks.shape, 49152, requires_grad=True)
+    mask = torch.ones(blocks.shape, dtype=torch.bool)
+    mask[0, :5] = mask[3, 20:] = False
+    objective = DistillationObjective(
+        [{"function": "forward_kl", "temperature": 2.0}, {"function": "reverse_kl"}, {"function": "generalized_jsd"}]
+    )
+    with torch.no_grad():
+        hidden = lm_teacher.hidden(blocks)
+        dense = DenseSignal(lm_teacher(blocks))
+    seen: list[int] = []
+
+    def head(h):
+        seen.append(h.shape[0])
+        return lm_teacher.head(h)
+
+    results = []
+    for signal in (dense, HeadSignal(hidden, head, chunk=10)):
+        saved: dict[int, int] = {}  # storages kept for the backward pass, beyond the student's logits
+
+        def pack(t, saved=saved):
+            storage = t.untyped_storage()
+            if storage.data_ptr() != logits.untyped_storage().data_ptr():
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            total, values = objective(Outputs(logits), signal, None, mask)
+        (grad,) = torch.autograd.grad(total, logits)
+        results.append((total.detach(), values, grad, sum(saved.values())))
+    (dense_total, dense_values, dense_grad, dense_saved), (total, values, grad, chunked_saved) = results
+    assert max(seen) == 10 and sum(seen) == 2 * 3 * 128  # each term: forward and recomputation, chunk by chunk
+    assert torch.allclose(total, dense_total, rtol=1e-5)
+    assert values == pytest.approx(dense_values, rel=1e-5)
+    assert torch.allclose(grad, dense_grad, rtol=1e-4, atol=1e-9)
+    full = logits.numel() * 4  # one [B, T, vocab] float32 tensor
+    assert dense_saved > 3 * full and chunked_saved < full / 4  # only the chunks' hidden states and masks
 
 
 def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_teacher, tmp_path):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from distill_core.gates import Verdict
     from distill_core.modules import LoadedTeacher
     from distill_core.recipe import EvalConfig, StudentConfig
-    from distill_core.signals import SignalSource
+    from distill_core.signals import Signal, SignalSource
     from distill_core.soft_labels import Arrays, SoftLabels
 
 
@@ -93,6 +93,12 @@ class Task(ABC):
     @abstractmethod
     def teacher_inputs(self, teacher: TextModule, texts: Sequence[Any], batch: TaskBatch) -> dict[str, Tensor]:
         """What the teacher in the loop reads for the student's batch (its own tokens, or the student's)."""
+
+    def online_signal(self, teacher: TextModule, inputs: dict[str, Tensor]) -> Signal:
+        """What the teacher in the loop says about a batch of its inputs: its logits, over every class."""
+        from distill_core.signals import DenseSignal
+
+        return DenseSignal(teacher(**inputs).float())
 
     @abstractmethod
     def predict(self, model: TextModule, texts: Sequence[Any]) -> np.ndarray:

@@ -48,7 +48,7 @@ from distill_core.recipe import (
     LMTeacherConfig,
     StudentConfig,
 )
-from distill_core.signals import SignalSource, SparseSignal
+from distill_core.signals import HeadSignal, SignalSource, SparseSignal
 from distill_core.tasks.base import Task, TaskBatch
 from distill_core.tasks.classification import STUDENT_ARTIFACT
 
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 PROMPT_COLUMN, TEXT_COLUMN = "prompt", "text"
 DEFAULT_NEW_TOKENS = 32
 EVAL_BATCH = 8  # blocks per forward when measuring
+ONLINE_CHUNK_ELEMENTS = 1 << 24  # teacher in the loop: logits made per chunk of positions (64 MiB in float32)
 
 
 @dataclass
@@ -373,6 +374,13 @@ class CausalLMTask(Task):
 
     def teacher_inputs(self, teacher: TextModule, inputs: Sequence[Any], batch: TaskBatch) -> dict[str, Tensor]:
         return batch.inputs  # the student's own tokens: teacher and student share the tokenizer
+
+    def online_signal(self, teacher: TextModule, inputs: dict[str, Tensor]) -> HeadSignal:
+        """The full-vocabulary teacher as hidden states and head: the loss makes its logits in chunks of
+        positions that hold about ONLINE_CHUNK_ELEMENTS each, never `[B, T, vocab]` at once."""
+        assert isinstance(teacher, CausalLM)
+        chunk = max(1, ONLINE_CHUNK_ELEMENTS // teacher.vocab_size)
+        return HeadSignal(teacher.hidden(**inputs), teacher.head, chunk)
 
     def predict(self, model: TextModule, inputs: Sequence[Any]) -> np.ndarray:
         blocks = np.stack(list(inputs))
