@@ -2,15 +2,18 @@
 
 Each check turns its input into plain pandas frames (one per split or table), validates them against suites built
 here and rebuilds one data-docs site for docs_dir. The GX project (suites, stored results) lives in docs_dir/gx, so
-all three suites and every earlier run share one index.html. A check returns a CheckResult and never raises for bad
-data; `raise_on_failure(result)` turns a failed result into ChecksFailed, which is how the pipeline stops.
+all three suites and every earlier run share one index.html: ours, a static page that lists every validation result
+and opens offline (GX's own index builds its tables with scripts from a CDN; it stays as gx-index.html). The site,
+`site_dir(docs_dir)`, is what the pipeline logs to its run as data_docs/. A check returns a CheckResult and
+never raises for bad data; `raise_on_failure(result)` turns a failed result into ChecksFailed, which is how the
+pipeline stops.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import threading
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,10 +233,73 @@ def run_suite(
             failures += [f"{table}: {describe_failure(r)}" for r in result.results if not r.success]
             suite_id = ExpectationSuiteIdentifier(name)
             resources += [suite_id, ValidationResultIdentifier(suite_id, run_id, result.batch_id)]
-        urls = context.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=resources)
-    url = urls.get(DOCS_SITE)
-    docs_index = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) if url else None
+        context.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=resources)
+        docs_index = write_index(docs_dir)
     return CheckResult(suite, not failures, evaluated, failures, docs_index)
+
+
+def site_dir(docs_dir: Path) -> Path:
+    """The rendered data-docs site of a GX file project in docs_dir: index.html, validations/, expectations/."""
+    return Path(docs_dir) / "gx" / "uncommitted" / "data_docs" / DOCS_SITE
+
+
+def write_index(docs_dir: Path) -> Path:
+    """The site's index.html: every stored validation result (suite, run, time, expectations, failures) linked to
+    its GX page, in plain HTML that needs no network. GX's own index moves to gx-index.html."""
+    site, stored = site_dir(docs_dir), Path(docs_dir) / "gx" / "uncommitted" / "validations"
+    rows = []
+    for path in stored.rglob("*.json"):
+        result = json.loads(path.read_text())
+        page = Path("validations") / path.relative_to(stored).with_suffix(".html")
+        meta, stats = result.get("meta", {}), result.get("statistics", {})
+        rows.append(
+            (
+                str(meta.get("validation_time", "")),
+                result.get("suite_name", path.parent.name),
+                str(meta.get("run_id", {}).get("run_name", "")),
+                int(stats.get("evaluated_expectations", 0)),
+                int(stats.get("unsuccessful_expectations", 0)),
+                bool(result.get("success")),
+                page.as_posix() if (site / page).exists() else None,
+            )
+        )
+    rows.sort()
+    failed = sum(1 for row in rows if not row[5])
+    body = [
+        f"<tr class='{'passed' if ok else 'failed'}'><td>{_link(suite, page)}</td><td>{html.escape(run)}</td>"
+        f"<td>{html.escape(when)}</td><td>{evaluated}</td><td>{failures}</td><td>{'passed' if ok else 'FAILED'}</td>"
+        "</tr>"
+        for when, suite, run, evaluated, failures, ok, page in rows
+    ]
+    suites = sorted(p.relative_to(site).as_posix() for p in (site / "expectations").rglob("*.html"))
+    gx_index = site / "index.html"
+    if gx_index.exists() and "<!-- distill index -->" not in gx_index.read_text():
+        gx_index.replace(site / "gx-index.html")
+    gx_index.write_text(
+        "<!doctype html>\n<!-- distill index -->\n<html lang='en'><head><meta charset='utf-8'>"
+        "<title>Data docs: validation results</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}th{background:#f3f3f3}"
+        "tr.failed td{background:#fde8e8}tr.passed td:last-child{color:#1b7f3b}tr.failed td:last-child{color:#b00020;"
+        "font-weight:bold}</style></head><body>"
+        "<h1>Data docs: validation results</h1>"
+        f"<p id='summary'>{len(rows)} validation results, {failed} failed. Each suite links to its Great Expectations "
+        "page (its tables need no network; its styles load from the internet).</p>"
+        "<table id='validation-results'><thead><tr><th>suite</th><th>run</th><th>validated at</th>"
+        "<th>expectations</th><th>failed</th><th>result</th></tr></thead><tbody>"
+        + "".join(body)
+        + "</tbody></table><h2>Expectation suites</h2><ul>"
+        + "".join(
+            f"<li>{_link(Path(p).with_suffix('').as_posix().removeprefix('expectations/'), p)}</li>" for p in suites
+        )
+        + "</ul><p><a href='gx-index.html'>Great Expectations' own index</a> (builds its tables with scripts from a "
+        "CDN).</p></body></html>\n"
+    )
+    return gx_index
+
+
+def _link(text: str, href: str | None) -> str:
+    return f"<a href='{html.escape(href)}'>{html.escape(text)}</a>" if href else html.escape(text)
 
 
 def _plain(value: Any, width: int = 80) -> str:

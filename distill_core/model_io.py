@@ -59,16 +59,23 @@ def log_teacher(
     teacher.eval()
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    if client.get_experiment_by_name(experiment) is None:
-        client.create_experiment(experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(
+            experiment, artifact_location=artifact_location, tags={names.EXPERIMENT_KIND: names.MODEL_TRAINING}
+        )
+    )
     version_tags = {
         names.ROLE: names.TEACHER,
         names.CONTENT_DIGEST: content_digest(teacher),
         names.LABELS: json.dumps(list(teacher.labels)),
         **(tags or {}),
     }
-    with mlflow.start_run(run_name=f"{registered_name}-teacher"):
+    # experiment_id, not set_experiment: the process's active experiment stays as it was (a pipeline run in the
+    # same process resumes its candidates' runs, which MLflow refuses when the active experiment is another)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=registered_name) as run:
         mlflow.log_params({"teacher_class": type(teacher).__name__, "labels": ",".join(teacher.labels)})
         if metrics:
             mlflow.log_metrics(metrics)
@@ -81,8 +88,19 @@ def log_teacher(
             await_registration_for=60,
         )
     version = str(info.registered_model_version)
+    client.set_tag(run.info.run_id, "mlflow.runName", f"{registered_name}-v{version}")
     for key, value in version_tags.items():
         client.set_model_version_tag(registered_name, version, key, value)
+    if not client.get_registered_model(registered_name).description:
+        client.update_registered_model(
+            registered_name,
+            description=(
+                "A teacher for continuous distillation. Each new version is distilled by the recipes that name this "
+                "model (teacher.registered_name): registering one starts a run (MLflow webhook, or the scheduled "
+                "watcher). A version's distill.<student model>.* tags are that student model's ledger for it "
+                "(status, student_version, student_alias, run_id, reasons)."
+            ),
+        )
     return registered_name, version
 
 

@@ -32,6 +32,18 @@ CANDIDATE = tag("candidate")
 GATE = tag("gate")  # "passed" or "failed"
 GATE_REASONS = tag("gate_reasons")
 GATE_PASSED, GATE_FAILED, ALL_GATES_PASSED = "passed", "failed", "all gates passed"
+PROMOTION_REASON = tag("promotion_reason")  # why the version has the alias it got (or none), in words
+CANDIDATE_RUN_ID = tag("candidate_run_id")  # the candidate's nested run, which logged the model
+# Tags on the parent run of one teacher version: the decision.
+OUTCOME = tag("outcome")  # the ledger status: succeeded, rejected
+CHOSEN_CANDIDATE = tag("chosen_candidate")
+STUDENT_VERSION = tag("student_version")
+STUDENT_ALIAS = tag("student_alias")  # champion, challenger or none
+PREFECT_FLOW_RUN_ID = tag("prefect_flow_run_id")
+PREFECT_FLOW_RUN_URL = tag("prefect_flow_run_url")
+# MLflow's own tags: a run's description, and the experiment kind its UI opens on (3.x: the runs view, not traces).
+RUN_DESCRIPTION = "mlflow.note.content"
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def gate_tags(reasons: list[str]) -> dict[str, str]:

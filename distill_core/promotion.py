@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
@@ -42,6 +44,7 @@ class Decision:
     champion_report: ModelReport | None
     student_version: str = ""
     alias: str | None = None  # champion, challenger, or None (failed the gates)
+    reason: str = ""  # why the student version got that alias (or none), in words: distill.promotion_reason
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the core's own work, by phase
 
@@ -49,6 +52,28 @@ class Decision:
     def status(self) -> str:
         """The teacher version's ledger status."""
         return "succeeded" if self.chosen.passed else "rejected"
+
+    @property
+    def verdict(self) -> str:
+        """The decision in one sentence, as a person reads it first (run description, report, artifact)."""
+        alias = f"`{self.alias}`" if self.alias else "no alias"
+        return f"Student v{self.student_version} ({self.chosen.candidate}) → {alias}: {self.reason}."
+
+    def markdown(self, quality_name: str, quality: Callable[[Any], float]) -> str:
+        """The verdict, then every candidate with its gate: what the parent run's description says."""
+        lines = [
+            f"**{self.verdict}**",
+            "",
+            f"| candidate | params | {quality_name} | gate | reasons |",
+            "|---|---|---|---|---|",
+        ]
+        for v in self.verdicts:
+            lines.append(
+                f"| {v.candidate}{' (chosen)' if v is self.chosen else ''} | {v.report.params:,} | "
+                f"{quality(v.report):.4f} | {'passed' if v.passed else 'failed'} | "
+                f"{'; '.join(v.reasons) or names.ALL_GATES_PASSED} |"
+            )
+        return "\n".join(lines + ([""] + [f"- {note}" for note in self.notes] if self.notes else []))
 
 
 def evaluate_champion(
@@ -104,12 +129,35 @@ def register_and_promote(
     tracking_uri: str,
     ledger: Ledger,
     champion_now: Callable[[], tuple[str | None, ModelReport | None]] | None = None,
+    candidate_run_id: str | None = None,
 ) -> Decision:
-    """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says.
+    """Register the chosen student once (idempotent on its lineage) and move aliases as the policy says; the
+    version's distill.promotion_reason then says why it has the alias it got.
 
     champion_now measures the current champion again, for when another run promoted one meanwhile.
+    candidate_run_id: the candidate's own run, which then logs the model (the version's source); else the active run.
     """
     client = MlflowClient(tracking_uri)
+    decision = _register_and_promote(
+        decision, outcome, recipe, lineage, input_texts, client, ledger, champion_now, candidate_run_id
+    )
+    client.set_model_version_tag(
+        recipe.student_registered_name, decision.student_version, names.PROMOTION_REASON, decision.reason
+    )
+    return decision
+
+
+def _register_and_promote(
+    decision: Decision,
+    outcome: StudentOutcome,
+    recipe: Recipe,
+    lineage: Lineage,
+    input_texts: list[str],
+    client: MlflowClient,
+    ledger: Ledger,
+    champion_now: Callable[[], tuple[str | None, ModelReport | None]] | None,
+    candidate_run_id: str | None,
+) -> Decision:
     name, verdict, task = recipe.student_registered_name, decision.chosen, task_of(recipe)
     key = lineage.idempotency_key(verdict.candidate)
     existing = find_student_version(client, name, key)
@@ -124,6 +172,7 @@ def register_and_promote(
             names.CANDIDATE: verdict.candidate,
             **names.gate_tags(verdict.reasons),
             **{names.tag(field): value for field, value in task.report_tags(report).items()},
+            **({names.CANDIDATE_RUN_ID: candidate_run_id} if candidate_run_id else {}),
         }
         description = (
             f"Student '{verdict.candidate}' distilled from {lineage.teacher_name} v{lineage.teacher_version}: "
@@ -131,17 +180,19 @@ def register_and_promote(
             + ("passed." if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
             + lineage.data_sentence()
         )
-        _, version = log_student(
-            outcome.distilled.student,
-            registered_model_name=name,
-            input_texts=input_texts,
-            tags=tags,
-            description=description,
-            task=task,
-        )
+        with _candidate_run(candidate_run_id):
+            _, version = log_student(
+                outcome.distilled.student,
+                registered_model_name=name,
+                input_texts=input_texts,
+                tags=tags,
+                description=description,
+                task=task,
+            )
         decision.student_version = str(version)
+        describe_student_model(client, recipe)
     if not verdict.passed:
-        decision.notes.append("failed the gates: no alias moved")
+        decision.reason = "failed the gates (" + "; ".join(verdict.reasons) + "), so no alias moved"
         return decision
     # One promotion decision at a time per student model: runs judged side by side (a burst of teacher versions)
     # end where promoting them one after the other would.
@@ -163,23 +214,27 @@ def _move_aliases(
     name, verdict = recipe.student_registered_name, decision.chosen
     if decision.student_version == decision.champion_before:  # a rerun of the run that made the champion
         decision.alias = CHAMPION
-        decision.notes.append(f"v{decision.student_version} is already the champion")
+        decision.reason = f"v{decision.student_version} is already the champion (a rerun of the run that made it)"
         return decision
     reason = f"distilled from {lineage.teacher_name} v{lineage.teacher_version}"
     if recipe.promotion.policy == "manual":
-        decision.notes.append("policy manual: waiting for a person to promote the challenger")
+        decision.reason = "passed the gates; policy manual: a person promotes the challenger"
         return _challenger(decision, client, ledger, name, reason)
     if champion_set_by_hand(client, ledger, name) and not recipe.promotion.override_manual_champion:
-        decision.notes.append(f"champion v{decision.champion_before} was set by hand and the recipe keeps it")
-        return _challenger(decision, client, ledger, name, reason)
-    task = task_of(recipe)
-    if not task.beats(verdict.report, decision.champion_report):
-        assert decision.champion_report is not None
-        decision.notes.append(
-            f"{task.quality_name} {task.quality(verdict.report):.4f} does not beat champion "
-            f"v{decision.champion_before} ({task.quality(decision.champion_report):.4f})"
+        decision.reason = (
+            f"passed the gates; champion v{decision.champion_before} was set by hand and the recipe keeps it"
         )
         return _challenger(decision, client, ledger, name, reason)
+    task = task_of(recipe)
+    quality = task.quality(verdict.report)
+    if decision.champion_report is None:
+        decision.reason = f"passed the gates ({task.quality_name} {quality:.4f}) and there was no champion"
+    else:
+        champion = f"champion v{decision.champion_before} ({task.quality(decision.champion_report):.4f})"
+        if not task.beats(verdict.report, decision.champion_report):
+            decision.reason = f"passed the gates, but {task.quality_name} {quality:.4f} does not beat {champion}"
+            return _challenger(decision, client, ledger, name, reason)
+        decision.reason = f"passed the gates and {task.quality_name} {quality:.4f} beats {champion}"
     promote(client, ledger, name, decision.student_version, PIPELINE, reason)
     decision.alias = CHAMPION
     return decision
@@ -189,3 +244,35 @@ def _challenger(decision: Decision, client: MlflowClient, ledger: Ledger, name: 
     move_alias(client, ledger, name, CHALLENGER, decision.student_version, PIPELINE, reason)
     decision.alias = CHALLENGER
     return decision
+
+
+def describe_student_model(client: MlflowClient, recipe: Recipe) -> None:
+    """What the student model is and how a person promotes or rolls back by hand; a description someone wrote
+    is kept."""
+    name = recipe.student_registered_name
+    if client.get_registered_model(name).description:
+        return
+    client.update_registered_model(
+        name,
+        description=(
+            f"Students of {recipe.teacher.registered_name}, distilled by the continuous distillation pipeline "
+            f"(recipe '{recipe.name}', task {recipe.task}). Each version is the student chosen for one teacher "
+            "version: its tags say which (distill.teacher_version), how it was judged (distill.gate, "
+            "distill.gate_reasons, distill.promotion_reason) and what it measured.\n\n"
+            f"Aliases: `{CHAMPION}` is the one to serve (models:/{name}@{CHAMPION}); `{CHALLENGER}` passed the "
+            f"gates but did not replace the champion; `previous` is the champion before the last promotion.\n\n"
+            f"By hand: add the alias `{CHAMPION}` to a version on this page (the pipeline records who moved it and "
+            "keeps a champion set by hand unless the recipe says promotion.override_manual_champion), or run "
+            f"`distill promote {name} <version>`; `distill rollback {name}` restores the previous champion."
+        ),
+    )
+
+
+@contextmanager
+def _candidate_run(run_id: str | None) -> Iterator[None]:
+    """The candidate's nested run, resumed to log its model in; with no run id, the active run as it is."""
+    if run_id is None:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id, nested=True):
+        yield

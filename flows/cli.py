@@ -39,11 +39,16 @@ def _env(home: Path | None):  # noqa: ANN202 - returns Settings; imported lazily
     return load_settings(home)
 
 
-def _runs_flows_here() -> None:
+def _runs_flows_here(settings) -> None:  # noqa: ANN001 - Settings, imported lazily
     """This command runs flows in this process: with no PREFECT_API_URL, Prefect starts its ephemeral API server
-    as a child process. SIGKILL runs no atexit handler, so ask the kernel to stop that child when this process
-    dies (Linux PR_SET_PDEATHSIG): a killed `distill run` leaves no server behind."""
-    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+    as a child process, on a database under DISTILL_HOME/prefect (unless PREFECT_HOME says otherwise), so
+    `PREFECT_HOME=<DISTILL_HOME>/prefect prefect server start` shows exactly these runs. SIGKILL runs no atexit
+    handler, so ask the kernel to stop that child when this process dies (Linux PR_SET_PDEATHSIG): a killed
+    `distill run` leaves no server behind."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home(settings)))
+    if not sys.platform.startswith("linux"):
         return
     import ctypes
     import subprocess
@@ -81,6 +86,11 @@ def _teacher_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def prefect_home(settings) -> Path:  # noqa: ANN001 - Settings
+    """Where the flows this CLI runs on Prefect's own server keep their state: DISTILL_HOME/prefect."""
+    return Path(settings.home) / "prefect"
+
+
 def _echo(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -91,7 +101,7 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
     from flows.demo import continuous_demo
 
     settings = _env(home)
-    _runs_flows_here()
+    _runs_flows_here(settings)
     _recipe(recipe)
     started = time.perf_counter()
     typer.echo(f"DISTILL_HOME {settings.home}\nMLflow       {redact(settings.tracking_uri)}")
@@ -102,10 +112,31 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
         "\nLook closer:\n"
         f"  distill status --home {settings.home}            ledger, aliases, lineage, alias history\n"
         f"  distill ui --home {settings.home}                MLflow UI: runs (nested per candidate, plots, data docs)"
-        " and the registry\n"
-        "  prefect server start                          Prefect UI: flow runs and their report artifacts\n"
+        " and the registry, at\n"
+        + "".join(f"      {url}   {what}\n" for what, url in mlflow_pages(settings, LOCAL_UI))
+        + f"  PREFECT_HOME={prefect_home(settings)} prefect server start\n"
+        "      Prefect UI at http://127.0.0.1:4200: these flow runs and their report artifacts\n"
         f"  distill rollback {load_recipe_names(recipe)[1]} --home {settings.home}   put the previous champion back"
     )
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `distill ui` serves the MLflow UI by default
+
+
+def mlflow_pages(settings, base: str) -> list[tuple[str, str]]:  # noqa: ANN001 - Settings
+    """The MLflow UI pages a person opens first, as (what, URL): for each student model the pipeline distills
+    into, its runs (one per teacher version) and its registry page (aliases, versions, promotion reasons)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    pages = []
+    for experiment in client.search_experiments(filter_string="name LIKE 'distill-%'"):
+        student = experiment.name.removeprefix("distill-")
+        pages += [
+            (f"runs of {student}", f"{base}/#/experiments/{experiment.experiment_id}"),
+            (f"student model {student}", f"{base}/#/models/{student}"),
+        ]
+    return pages
 
 
 def load_recipe_names(path: Path) -> tuple[str, str]:
@@ -275,7 +306,7 @@ def run(
     from flows.distill import check_recipe_names, distill_teacher_version, release_for_rerun
 
     settings = _env(home)
-    _runs_flows_here()
+    _runs_flows_here(settings)
     rcp = _recipe(recipe)  # a bad recipe fails here, before any claim
     name, version = _teacher_ref(teacher)
     check_recipe_names(rcp, name)  # the flow checks these too; here they fail as one line, before Prefect starts
@@ -298,7 +329,7 @@ def watch(
     from flows.distill import watch_teachers
 
     settings = _env(home)
-    _runs_flows_here()
+    _runs_flows_here(settings)
     _recipe(recipe)
     while True:
         results = watch_teachers(str(recipe), str(settings.home))
@@ -354,7 +385,7 @@ def serve(
     # rather than the client retrying past it (Prefect's default, 5 retries with backoff).
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
     settings = _env(home)
-    _runs_flows_here()
+    _runs_flows_here(settings)
     rcp = None if deployment == AUTO else _recipe(recipe)
 
     start: Starter
@@ -501,8 +532,11 @@ def rollback(name: str, home: HomeOpt = None) -> None:
 
 @app.command()
 def ui(home: HomeOpt = None, port: int = 5000) -> None:
-    """The MLflow UI on the embedded store."""
+    """The MLflow UI on the embedded store; prints the pages to open first."""
     settings = _env(home)
+    for what, url in mlflow_pages(settings, f"http://127.0.0.1:{port}"):
+        typer.echo(f"{what:<40} {url}")
+    sys.stdout.flush()  # exec replaces this process: what is buffered would be lost
     os.execvp(
         sys.executable,
         [

@@ -68,7 +68,8 @@ def continuous_demo(recipe_path: Path, settings: Settings, echo: Echo, log: Echo
             echo(
                 f"  teacher v{result['teacher_version']}: {result['status']}"
                 + (
-                    f", student v{result['student_version']} -> {result['alias'] or 'no alias'}"
+                    f", student v{result['student_version']} -> {result['alias'] or 'no alias'}: "
+                    + result.get("reason", "")
                     if result.get("student_version")
                     else ""
                 )

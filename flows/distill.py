@@ -81,6 +81,7 @@ def distill_teacher_version(
         ledger.heartbeat(teacher_name, teacher_version, student),
         _finishing(ledger, teacher_name, teacher_version, student),
     ):
+        mlflow.set_tags(_prefect_tags())
         if not rerun_of_outcome:  # a rerun shows as running through its claim; the outcome stays until replaced
             set_ledger(
                 client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
@@ -114,9 +115,23 @@ def distill_teacher_version(
         "status": decision.status,
         "student_version": decision.student_version,
         "alias": decision.alias,
+        "reason": decision.reason,
         "notes": decision.notes,
         "seconds": {**decision.timings, "total": time.perf_counter() - started},
     }
+
+
+def _prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to: its id, and its page when a Prefect UI is known."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    if flow_run.id is None:
+        return {}
+    tags = {names.PREFECT_FLOW_RUN_ID: str(flow_run.id)}
+    if PREFECT_UI_URL.value():
+        tags[names.PREFECT_FLOW_RUN_URL] = str(flow_run.ui_url)
+    return tags
 
 
 @contextlib.contextmanager

@@ -65,6 +65,15 @@ def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
         task.check_fits(student, teacher.module)
 
 
+DATA_DOCS = "data_docs"  # the run's artifact folder of the rendered GX site; its index.html lists every result
+
+
+def _log_data_docs(docs_dir: Path) -> str:
+    """Log the rendered data-docs site (not the GX project) to the active run; returns its index's URI."""
+    mlflow.log_artifacts(str(checks.site_dir(docs_dir)), DATA_DOCS)
+    return f"{mlflow.get_artifact_uri(DATA_DOCS)}/index.html"
+
+
 @contextmanager
 def _data_docs(docs_dir: Path) -> Iterator[None]:
     """Log the data docs to the run whatever happens; a failed check then points at them there, not at docs_dir
@@ -72,12 +81,9 @@ def _data_docs(docs_dir: Path) -> Iterator[None]:
     try:
         yield
     except checks.ChecksFailed as err:
-        mlflow.log_artifacts(str(docs_dir), "data_docs")
-        logged = None
-        if err.docs_index is not None:
-            logged = f"{mlflow.get_artifact_uri('data_docs')}/{Path(err.docs_index).relative_to(docs_dir).as_posix()}"
-        raise checks.ChecksFailed(err.suite, err.failures, logged) from None
-    mlflow.log_artifacts(str(docs_dir), "data_docs")
+        logged = _log_data_docs(docs_dir)
+        raise checks.ChecksFailed(err.suite, err.failures, logged if err.docs_index else None) from None
+    _log_data_docs(docs_dir)
 
 
 @task(cache_policy=NO_CACHE)
@@ -121,33 +127,40 @@ def register_task(
     input_texts: list[str],
     settings: Settings,
     champion_now: Callable[[], tuple[str | None, ModelReport | None]],
+    candidate_run_id: str,
 ) -> Decision:
     ledger = Ledger(settings.ledger_uri)
     return register_and_promote(
-        decision, outcome, recipe, lineage, input_texts, settings.tracking_uri, ledger, champion_now
+        decision, outcome, recipe, lineage, input_texts, settings.tracking_uri, ledger, champion_now, candidate_run_id
     )
 
 
 def experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str:
+    """The student model's experiment, marked as model training so the MLflow UI opens it on its runs."""
     name = f"distill-{recipe.student_registered_name}"
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=settings.experiment_location(name))
+    if found is None:
+        experiment_id = client.create_experiment(name, artifact_location=settings.experiment_location(name))
+    else:
+        experiment_id = found.experiment_id
+    if found is None or found.tags.get(names.EXPERIMENT_KIND) != names.MODEL_TRAINING:
+        client.set_experiment_tag(experiment_id, names.EXPERIMENT_KIND, names.MODEL_TRAINING)
+    return experiment_id
 
 
 def _log_candidate(
     recipe: Recipe,
     outcome: steps.StudentOutcome,
     verdict_reasons: list[str],
+    teacher: str,
     teacher_signal: Any,
     test_targets: Any,
     test_texts: Any,
-) -> None:
-    """A nested MLflow run per candidate: params, per-evaluation metrics, plots."""
+) -> str:
+    """A nested MLflow run per candidate: params, per-evaluation metrics, plots; returns its run id."""
     parent = mlflow.active_run()
     assert parent is not None
-    with mlflow.start_run(run_name=outcome.config.name, nested=True, experiment_id=parent.info.experiment_id):
+    with mlflow.start_run(run_name=outcome.config.name, nested=True, experiment_id=parent.info.experiment_id) as run:
         mlflow.log_params({f"student.{k}": v for k, v in outcome.config.model_dump().items()})
         for kind, result in outcome.results():
             for row in result.history:
@@ -155,23 +168,42 @@ def _log_candidate(
                     names.history_metric(kind, k): float(v) for k, v in row.items() if k not in ("step", "epoch")
                 }
                 mlflow.log_metrics(metrics, step=int(row["step"]))
-            report = outcome.reports[kind]
-            mlflow.log_metrics(
-                {
-                    names.report_metric(kind, k): float(v)
-                    for k, v in report.as_dict().items()
-                    if isinstance(v, (int, float))
-                }
-            )
+            mlflow.log_metrics(_report_metrics(kind, outcome.reports[kind]))
         mlflow.set_tags(names.gate_tags(verdict_reasons))
         histories = {names.display_name(outcome.config.name, kind): r.history for kind, r in outcome.results()}
-        curves = plots.training_curves(histories, task_of(recipe).early_stopping)
+        title = f"{outcome.config.name}, distilled from {teacher}"
+        curves = plots.training_curves(histories, task_of(recipe).early_stopping, title)
         mlflow.log_figure(curves, "plots/training_curves.png")
         figures = task_of(recipe).figures(
-            outcome.config.name, outcome.distilled.student, test_texts, test_targets, teacher_signal
+            outcome.config.name, outcome.distilled.student, test_texts, test_targets, teacher_signal, teacher
         )
         for path, figure in figures.items():
             mlflow.log_figure(figure, path)
+    return run.info.run_id
+
+
+def _size_vs_quality(
+    task: Any, decision: Decision, outcomes: list[steps.StudentOutcome], teacher: ModelReport, who: str
+) -> Any:
+    """Every candidate (the chosen one ringed), each one's hard-label twin, and the teacher as a line."""
+    quality = task.quality_name
+    points: list[dict[str, Any]] = [
+        {
+            "name": v.candidate,
+            "params": v.report.params,
+            quality: task.quality(v.report),
+            "passed": v.passed,
+            "chosen": v is decision.chosen,
+        }
+        for v in decision.verdicts
+    ]
+    for outcome in outcomes:
+        twin = outcome.reports.get(names.Kind.HARD_LABEL)
+        if twin is not None:
+            name = names.display_name(outcome.config.name, names.Kind.HARD_LABEL)
+            points.append({"name": name, "params": twin.params, quality: task.quality(twin), "twin": True})
+    points.append({"name": who, "params": teacher.params, quality: task.quality(teacher), "teacher": True})
+    return plots.size_vs_quality(points, quality, f"size against {quality}: students of {who}")
 
 
 def _summary_markdown(
@@ -181,24 +213,41 @@ def _summary_markdown(
     lines = [
         f"# Distillation of {teacher.name} v{teacher.version}",
         "",
-        f"**Student version:** {decision.student_version}  ",
-        f"**Alias:** {decision.alias or 'none'}  ",
         f"**Ledger:** {decision.status}  ",
         f"**MLflow run:** `{run_id}`  ",
         f"**Data docs (GX):** {docs_uri}",
         "",
-        "## Candidates",
+        decision.markdown(task.quality_name, task.quality),
         "",
-        f"| candidate | params | {task.quality_name} | gate | reasons |",
-        "|---|---|---|---|---|",
+        "## Test split",
+        "",
+        table,
     ]
-    for v in decision.verdicts:
-        lines.append(
-            f"| {v.candidate}{' (chosen)' if v is decision.chosen else ''} | {v.report.params:,} | "
-            f"{task.quality(v.report):.4f} | {'passed' if v.passed else 'failed'} | {'; '.join(v.reasons)} |"
-        )
-    lines += ["", "## Test split", "", table, "", *[f"- {note}" for note in decision.notes]]
     return "\n".join(lines)
+
+
+def _log_decision(recipe: Recipe, decision: Decision, table: str) -> None:
+    """The parent run says what was decided: its description, tags, the chosen student's test metrics, and
+    report.md (the verdict, then the table)."""
+    task = task_of(recipe)
+    mlflow.set_tags(
+        {
+            names.RUN_DESCRIPTION: decision.markdown(task.quality_name, task.quality),
+            names.OUTCOME: decision.status,
+            names.CHOSEN_CANDIDATE: decision.chosen.candidate,
+            names.STUDENT_VERSION: decision.student_version,
+            names.STUDENT_ALIAS: decision.alias or "none",
+            names.PROMOTION_REASON: decision.reason,
+            **names.gate_tags(decision.chosen.reasons),
+        }
+    )
+    mlflow.log_metrics(_report_metrics(names.Kind.DISTILLED, decision.chosen.report))
+    mlflow.log_text(f"{decision.verdict}\n\n{table}\n", "report.md")
+
+
+def _report_metrics(kind: names.Kind, report: ModelReport) -> dict[str, float]:
+    """A test-split report's numbers as MLflow metrics of one kind (distilled.test_accuracy, ...)."""
+    return {names.report_metric(kind, k): float(v) for k, v in report.as_dict().items() if isinstance(v, (int, float))}
 
 
 @contextmanager
@@ -259,17 +308,13 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     with _data_docs(docs_dir):
         checks.raise_on_failure(task.check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
-    for outcome, verdict in zip(outcomes, decision.verdicts, strict=True):
-        _log_candidate(recipe, outcome, verdict.reasons, labels.signal["test"], y, texts)
-    quality = task.quality_name
-    points = [
-        {"name": v.candidate, "params": v.report.params, quality: task.quality(v.report), "passed": v.passed}
-        for v in decision.verdicts
-    ]
-    points.append({"name": "teacher", "params": reports[0].params, quality: task.quality(reports[0]), "teacher": True})
-    mlflow.log_figure(plots.size_vs_quality(points, quality), "plots/size_vs_quality.png")
+    who = f"{teacher_name} v{teacher_version}"
+    candidate_runs = {
+        verdict.candidate: _log_candidate(recipe, outcome, verdict.reasons, who, labels.signal["test"], y, texts)
+        for outcome, verdict in zip(outcomes, decision.verdicts, strict=True)
+    }
+    mlflow.log_figure(_size_vs_quality(task, decision, outcomes, reports[0], who), "plots/size_vs_quality.png")
     table = comparison_table(reports, task.columns)
-    mlflow.log_text(table, "report.md")
     lineage = Lineage(
         teacher_name=teacher_name,
         teacher_version=teacher_version,
@@ -279,9 +324,11 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         run_id=run_id,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
-    decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings, champion_now)
-    mlflow.log_artifacts(str(docs_dir), "data_docs")
-    docs_uri = f"{mlflow.get_artifact_uri('data_docs')}/index.html"
+    decision = register_task(
+        decision, chosen, recipe, lineage, texts[:5], settings, champion_now, candidate_runs[decision.chosen.candidate]
+    )
+    _log_decision(recipe, decision, table)
+    docs_uri = _log_data_docs(docs_dir)
     decision.timings = timings
     mlflow.log_metrics({names.seconds_metric(phase): value for phase, value in timings.items()})
     create_markdown_artifact(

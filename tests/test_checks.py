@@ -50,6 +50,29 @@ def test_real_dataset_passes_and_data_docs_name_the_suite(small_dataset, tmp_pat
     assert raise_on_failure(result) is result
 
 
+def test_the_data_docs_index_lists_every_validation_result_offline_and_links_its_page(small_dataset, tmp_path):
+    """GX's own index fills its tables from a CDN (empty offline); ours is plain HTML that lists each result."""
+    import re
+
+    docs = tmp_path / "docs"
+    passed = check_dataset(small_dataset, docs)
+    bad = tmp_path / "bad"
+    shutil.copytree(small_dataset.root, bad)
+    train = small_dataset.split("train")
+    train.loc[3, "text"] = "   "  # empty after strip
+    train.to_parquet(bad / "train.parquet", index=False)
+    failed = check_dataset(PreparedDataset(bad, small_dataset.labels, small_dataset.digest, small_dataset.counts), docs)
+    assert passed.success and not failed.success and failed.docs_index == passed.docs_index
+    index = failed.docs_index.read_text()
+    assert not re.search(r"(src|href)=['\"]https?://", index) and "<script" not in index
+    rows = re.findall(r"<tr class='(passed|failed)'><td><a href='([^']+)'>dataset\.(\w+)</a>", index)
+    assert {(status, split) for status, _, split in rows} >= {("passed", "train"), ("failed", "train")}
+    assert f"{len(rows)} validation results, 1 failed" in index
+    for _, page, _ in rows:
+        assert (failed.docs_index.parent / page).is_file()
+    assert (failed.docs_index.parent / "gx-index.html").is_file()  # GX's own index is kept beside it
+
+
 def test_corrupt_dataset_fails_naming_each_problem(small_dataset, tmp_path):
     root = tmp_path / "corrupt"
     shutil.copytree(small_dataset.root, root)

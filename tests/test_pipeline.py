@@ -137,6 +137,51 @@ def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_d
     assert any(r.data.metrics.get("distilled.val_accuracy") is not None for r in nested)
 
 
+def test_mlflow_says_what_was_decided_and_why_on_the_run_the_version_and_the_models(env, small_dataset):
+    """What a person promoting by hand reads in MLflow: the parent run's verdict, the version's promotion reason,
+    the candidate's own run as the version's source, described models and an experiment opened on its runs."""
+    from distill_core import names
+
+    client = MlflowClient(env["tracking_uri"])
+    recipe = write_recipe(env)
+    decided = {}
+    for seed in (0, 0):  # the same teacher twice: v2's student cannot beat v1's
+        version = register_toy_teacher(env, small_dataset, seed=seed)
+        decided[version] = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    first, second = decided["1"], decided["2"]
+    assert (first["alias"], second["alias"]) == (CHAMPION, CHALLENGER)
+    assert first["reason"].startswith("passed the gates (accuracy ") and "there was no champion" in first["reason"]
+    assert "does not beat champion v1 (" in second["reason"]
+    for result in (first, second):
+        student = client.get_model_version(env["student"], result["student_version"])
+        assert student.tags[names.PROMOTION_REASON] == result["reason"]
+        parent = client.get_run(student.tags["distill.run_id"])  # the ledger's run: the teacher version's
+        candidate = client.get_run(student.tags[names.CANDIDATE_RUN_ID])
+        assert student.run_id == candidate.info.run_id  # the model was logged in the candidate's own run
+        assert candidate.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert candidate.info.run_name == student.tags["distill.candidate"]
+        tags = parent.data.tags
+        verdict = f"Student v{student.version} ({student.tags['distill.candidate']}) → `{result['alias']}`"
+        assert tags[names.RUN_DESCRIPTION].startswith(f"**{verdict}: {result['reason']}.**")
+        assert tags[names.STUDENT_ALIAS] == result["alias"] and tags[names.OUTCOME] == "succeeded"
+        assert tags[names.STUDENT_VERSION] == str(student.version) and tags[names.PROMOTION_REASON] == result["reason"]
+        assert tags[names.PREFECT_FLOW_RUN_ID]
+        accuracy = parent.data.metrics[names.report_metric(names.Kind.DISTILLED, "accuracy")]
+        assert accuracy == pytest.approx(float(student.tags["distill.accuracy"]), abs=5e-5)
+        report = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report.md")
+        assert report.startswith(verdict)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags[names.EXPERIMENT_KIND] == names.MODEL_TRAINING
+    student_model, teacher_model = (
+        client.get_registered_model(env["student"]),
+        client.get_registered_model(env["teacher"]),
+    )
+    assert f"distill promote {env['student']} <version>" in student_model.description
+    assert "registering one starts a run" in teacher_model.description
+    teacher_run = client.get_run(client.get_model_version(env["teacher"], "2").run_id)
+    assert teacher_run.info.run_name == f"{env['teacher']}-v2"
+
+
 def test_student_failing_a_gate_is_registered_without_alias(env, small_dataset):
     version = register_toy_teacher(env, small_dataset)
     recipe = write_recipe(env, gates={"min_accuracy": 0.99})
@@ -343,12 +388,17 @@ def test_a_failed_rerun_keeps_the_outcome_and_points_at_the_data_docs_it_logged(
     assert ledger["status"] == "succeeded" and ledger["student_version"] == first["student_version"]
     assert "soft_labels checks failed" in ledger["rerun_error"]
     message = str(failed.value)
-    assert "distill-gx-" not in message and "/data_docs/" in message and message.endswith("index.html")
+    assert "distill-gx-" not in message and message.endswith("/data_docs/index.html")
     docs = message.rsplit("data docs at ", 1)[1]
     run_id = ledger["rerun_error"].rsplit("MLflow run ", 1)[1].rstrip(")")
     assert docs.startswith(MlflowClient(env["tracking_uri"]).get_run(run_id).info.artifact_uri)
     local = Path(docs.removeprefix("file://"))
     assert local.is_file()  # the page is there, where the message says, after the run
+    index = local.read_text()  # and lists the failed validation, with no script to fetch first
+    assert "<script" not in index and "soft_labels.transfer" in index and "FAILED" in index
+    logged = {a.path for a in MlflowClient(env["tracking_uri"]).list_artifacts(run_id, "data_docs")}
+    assert "data_docs/index.html" in logged and "data_docs/validations" in logged
+    assert not {"data_docs/gx", "data_docs/great_expectations.yml"} & logged  # the site only, not the GX project
 
 
 @pytest.mark.parametrize(

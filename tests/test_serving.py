@@ -133,27 +133,37 @@ def test_report_figures_build_and_log(experiment):
     teacher_logits = rng.normal(size=(200, 2)) + 2 * np.eye(2)[labels]
     student_logits = rng.normal(size=(200, 2)) + np.eye(2)[labels]
     points = [
-        {"name": "bag-64", "params": 8_400_000, "accuracy": 0.71, "passed": True},
+        {"name": "bag-64", "params": 8_400_000, "accuracy": 0.71, "passed": True, "chosen": True},
         {"name": "minilm-2", "params": 12_000_000, "accuracy": 0.78, "passed": True},
         {"name": "bag-8", "params": 1_000_000, "accuracy": 0.58, "passed": False},
+        {"name": "bag-64 (hard-label)", "params": 8_400_000, "accuracy": 0.66, "twin": True},
         {"name": "sentiment-teacher v1", "params": 22_700_000, "accuracy": 0.80, "teacher": True},
     ]
 
-    curves = training_curves(histories)
-    calibration = reliability_diagram(teacher_logits, student_logits, labels, "bag-64")
+    curves = training_curves(histories, title="minilm, distilled from sentiment-teacher v1")
+    calibration = reliability_diagram(teacher_logits, student_logits, labels, "bag-64", teacher_name="teacher v1")
     calibration_only = reliability_diagram(teacher_logits, student_logits, labels, "bag-64", show_counts=False)
-    sizes = size_vs_quality(points)
+    sizes = size_vs_quality(points, title="size against accuracy: students of sentiment-teacher v1")
 
     assert all(isinstance(fig, Figure) for fig in (curves, calibration, calibration_only, sizes))
-    assert [len(ax.lines) for ax in curves.axes] == [2, 2]  # accuracy and loss, one line per run
+    # the validation metric of both runs on one axis; each run's own objective on an axis of its own
+    assert [len(ax.lines) for ax in curves.axes] == [2, 1, 1]
+    assert [ax.get_title() for ax in curves.axes[1:]] == [f"{run}: training loss" for run in histories]
     diagram, counts = calibration.axes
     assert len(diagram.lines) == 3 and len(counts.containers) == 2  # diagonal, teacher, student; two bar sets
     assert "ECE" in diagram.get_legend().get_texts()[1].get_text()
+    assert diagram.get_title() == "reliability: teacher v1 vs bag-64"
     assert len(calibration_only.axes) == 1
     (ax,) = sizes.axes
-    assert sum(len(c.get_offsets()) for c in ax.collections) == 3  # the teacher is a line, not a point
-    assert len(ax.collections) == 2 and len(ax.lines) == 1 and len(ax.texts) == 3
-    assert ax.get_xscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"passed gates", "failed gates", "hard-label twin", "chosen"} <= set(legend)
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 5  # 3 candidates, 1 twin, the chosen ring
+    assert len(ax.lines) == 1 and len(ax.texts) == 4 and ax.get_xscale() == "log"  # the teacher is a line
+    sizes.canvas.draw()  # every name inside the frame
+    frame = ax.get_window_extent()
+    for text in ax.texts:
+        box = text.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, text.get_text()
 
     with mlflow.start_run() as run:
         for name, fig in (("curves", curves), ("reliability", calibration), ("size", sizes)):

@@ -155,9 +155,15 @@ class Task(ABC):
 
     @abstractmethod
     def figures(
-        self, name: str, model: TextModule, texts: Sequence[Any], targets: np.ndarray, teacher_signal: Any
+        self,
+        name: str,
+        model: TextModule,
+        texts: Sequence[Any],
+        targets: np.ndarray,
+        teacher_signal: Any,
+        teacher_name: str = "teacher",
     ) -> dict[str, Figure]:
-        """A candidate's figures for its MLflow run, by artifact path."""
+        """A candidate's figures for its MLflow run, by artifact path; teacher_name names the teacher's version."""
 
     @abstractmethod
     def chance(self, targets: np.ndarray) -> float:

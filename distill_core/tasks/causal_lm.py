@@ -479,7 +479,13 @@ class CausalLMTask(Task):
         return -report.perplexity  # higher is better: the lower perplexity
 
     def figures(
-        self, name: str, model: TextModule, inputs: Sequence[Any], targets: np.ndarray, teacher_signal: Any
+        self,
+        name: str,
+        model: TextModule,
+        inputs: Sequence[Any],
+        targets: np.ndarray,
+        teacher_signal: Any,
+        teacher_name: str = "teacher",
     ) -> dict[str, Figure]:
         return {}
 

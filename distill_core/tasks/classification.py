@@ -232,9 +232,16 @@ class ClassificationTask(Task):
         return report.accuracy
 
     def figures(
-        self, name: str, model: TextModule, texts: Sequence[Any], targets: np.ndarray, teacher_signal: np.ndarray
+        self,
+        name: str,
+        model: TextModule,
+        texts: Sequence[Any],
+        targets: np.ndarray,
+        teacher_signal: np.ndarray,
+        teacher_name: str = "teacher",
     ) -> dict[str, Figure]:
-        diagram = plots.reliability_diagram(teacher_signal, self.predict(model, texts), targets, name)
+        student = self.predict(model, texts)
+        diagram = plots.reliability_diagram(teacher_signal, student, targets, name, teacher_name=teacher_name)
         return {"plots/reliability.png": diagram}
 
     def chance(self, targets: np.ndarray) -> float:
