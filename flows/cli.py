@@ -128,13 +128,15 @@ def mlflow_pages(settings, base: str) -> list[tuple[str, str]]:  # noqa: ANN001 
     into, its runs (one per teacher version) and its registry page (aliases, versions, promotion reasons)."""
     from mlflow.tracking import MlflowClient
 
+    from distill_core import links
+
     client = MlflowClient(settings.tracking_uri)
     pages = []
     for experiment in client.search_experiments(filter_string="name LIKE 'distill-%'"):
         student = experiment.name.removeprefix("distill-")
         pages += [
-            (f"runs of {student}", f"{base}/#/experiments/{experiment.experiment_id}"),
-            (f"student model {student}", f"{base}/#/models/{student}"),
+            (f"runs of {student}", links.experiment(base, experiment.experiment_id)),
+            (f"student model {student}", links.model(base, student)),
         ]
     return pages
 

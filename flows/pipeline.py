@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from distill_core import checks, names, plots, steps
+from distill_core import checks, links, names, plots, steps
 from distill_core.data import PreparedDataset
 from distill_core.errors import DistillError, SoftLabelError
 from distill_core.evaluate import ModelReport, comparison_table
@@ -207,15 +207,26 @@ def _size_vs_quality(
 
 
 def _summary_markdown(
-    recipe: Recipe, teacher: LoadedTeacher, decision: Decision, table: str, docs_uri: str, run_id: str
+    recipe: Recipe, teacher: LoadedTeacher, decision: Decision, table: str, docs_uri: str, settings: Settings
 ) -> str:
-    task = task_of(recipe)
+    """The Prefect artifact: the verdict, links to the MLflow run and its data docs (working URLs when the tracking
+    URI is a server; otherwise the run id and where the docs were logged), the candidates and the table."""
+    task, run = task_of(recipe), mlflow.active_run()
+    assert run is not None
+    base = links.ui_base(settings.tracking_uri)
+    experiment_id, run_id = run.info.experiment_id, run.info.run_id
+    if base is None:
+        where = f"`{run_id}` (`distill ui` serves the MLflow UI)"
+        docs = docs_uri
+    else:
+        where = f"[{run_id}]({links.run(base, experiment_id, run_id)})"
+        docs = f"[data_docs/index.html]({links.run(base, experiment_id, run_id, 'data_docs/index.html')})"
     lines = [
         f"# Distillation of {teacher.name} v{teacher.version}",
         "",
         f"**Ledger:** {decision.status}  ",
-        f"**MLflow run:** `{run_id}`  ",
-        f"**Data docs (GX):** {docs_uri}",
+        f"**MLflow run:** {where}  ",
+        f"**Data docs (GX):** {docs}",
         "",
         decision.markdown(task.quality_name, task.quality),
         "",
@@ -332,7 +343,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     decision.timings = timings
     mlflow.log_metrics({names.seconds_metric(phase): value for phase, value in timings.items()})
     create_markdown_artifact(
-        _summary_markdown(recipe, teacher, decision, table, docs_uri, run_id),
+        _summary_markdown(recipe, teacher, decision, table, docs_uri, settings),
         key=f"distill-{teacher_name}-v{teacher_version}".lower().replace("_", "-"),
         description=f"{teacher_name} v{teacher_version}: {decision.status}",
     )
