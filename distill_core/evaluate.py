@@ -260,26 +260,70 @@ def relative_to(report: Report, teacher: Report) -> Report:
     return report
 
 
-COLUMNS = [
-    ("name", "model", "{}"),
-    ("accuracy", "acc", "{:.3f}"),
-    ("macro_f1", "F1", "{:.3f}"),
-    ("retention", "of teacher", "{:.1%}"),
-    ("agreement", "agree", "{:.3f}"),
-    ("kl_to_teacher", "KL", "{:.3f}"),
-    ("ece", "ECE", "{:.3f}"),
-    ("params", "params", "{:,}"),
-    ("compression", "smaller", "{:.1f}x"),
-    ("p50_ms", "p50 ms", "{:.2f}"),
-    ("p95_ms", "p95 ms", "{:.2f}"),
-    ("speedup", "faster", "{:.1f}x"),
-    ("throughput", "texts/s@64", "{:,.0f}"),
-]
+# The one vocabulary of what is measured: a report field's name is its column in every table, its MLflow metric
+# (`<kind>.test_<field>`), its registry tag (`distill.<field>`), its key in metrics.json and `distill status`, and
+# the word the README uses. This says how a person reads each; tags and metrics keep full precision (gates and
+# champion comparisons read them), only text is rounded.
+FORMATS: dict[str, str] = {
+    "name": "{}",
+    "accuracy": "{:.3f}",  # share of test rows right
+    "teacher_accuracy": "{:.3f}",
+    "macro_f1": "{:.3f}",
+    "retention": "{:.1%}",  # accuracy / the teacher's
+    "agreement": "{:.3f}",  # share of rows (tokens) where student and teacher agree on the top-1
+    "kl_to_teacher": "{:.3f}",
+    "ece": "{:.3f}",
+    "params": "{:,}",
+    "compression": "{:.1f}x",  # the teacher's params / the student's
+    "p50_ms": "{:.2f}",  # batch-1 latency (per generated token for a causal LM)
+    "p95_ms": "{:.2f}",
+    "speedup": "{:.1f}x",  # the teacher's p50 / the student's, measured side by side
+    "throughput": "{:,.0f}",  # rows (tokens) per second
+    "perplexity": "{:.2f}",
+    "teacher_perplexity": "{:.2f}",
+    "perplexity_ratio": "{:.2f}",  # perplexity / the teacher's
+    "gap_closed": "{:.1%}",  # (twin - student) / (twin - teacher), in perplexity
+}
+COLUMNS = (
+    "name",
+    "accuracy",
+    "macro_f1",
+    "retention",
+    "agreement",
+    "kl_to_teacher",
+    "ece",
+    "params",
+    "compression",
+    "p50_ms",
+    "p95_ms",
+    "speedup",
+    "throughput",
+)
 
 
-def comparison_table(reports: Sequence[ModelReport], columns: list[tuple[str, str, str]] = COLUMNS) -> str:
-    """A markdown table of reports, teacher first: one column per (report field, title, format)."""
-    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+def readable(field: str, value: object) -> str:
+    """A measured value as a person reads it (a tag's full-precision text too); what is not a number stays."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if field == "params" else float(value)
+        except ValueError:
+            return str(value)
+    try:
+        return FORMATS.get(field, "{}").format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def tag_value(value: object) -> str:
+    """A measured value as a registry tag: full precision (repr of the float), an int as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def comparison_table(reports: Sequence[ModelReport], columns: Sequence[str] = COLUMNS) -> str:
+    """A markdown table of reports, teacher first: one column per report field, headed by its name."""
+    header = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    rows = ["| " + " | ".join(fmt.format(getattr(r, key)) for key, _, fmt in columns) + " |" for r in reports]
+    rows = ["| " + " | ".join(readable(field, getattr(r, field)) for field in columns) + " |" for r in reports]
     return "\n".join([header, rule, *rows])

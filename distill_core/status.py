@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from distill_core import names
 from distill_core.errors import redact
+from distill_core.evaluate import readable
 from distill_core.lineage import Lineage
 from distill_core.registry import (
     ANY_STUDENT,
@@ -129,14 +130,12 @@ def render(state: dict[str, Any]) -> str:
         + (", ".join(f"{a}=v{v}" for a, v in sorted(student["aliases"].items())) or "none"),
     ]
     for s in student["versions"]:
-        if "perplexity" in s:  # a causal LM's student
-            quality = f"ppl {s['perplexity']} ({s.get('perplexity_ratio', '?')}x the teacher's)"
-        else:
-            quality = f"acc {s.get('accuracy', '?')} ({s.get('retention', '?')} of teacher)"
+        task = next((t for t in TASKS.values() if t.quality_name in s), None)  # the task whose fields it carries
+        shown = (task.quality_name, task.against_teacher, "params") if task else ("params",)
+        measured = " ".join(f"{field} {readable(field, s[field])}" for field in shown if field in s)
         lines.append(
             f"  v{s['version']:<4} {','.join(s['aliases']) or '-':<20} {s.get('candidate', '?'):<18} "
-            f"gate {s.get('gate', '?'):<6} {quality} "
-            f"params {s.get('params', '?')} from teacher v{s.get('teacher_version', '?')}"
+            f"gate {s.get('gate', '?'):<6} {measured} from teacher v{s.get('teacher_version', '?')}"
         )
         if "dataset_rev" in s:
             lines.append(

@@ -12,6 +12,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from distill_core import steps
+from distill_core.evaluate import readable
 from distill_core.recipe import load_recipe
 from distill_core.registry import teacher_versions
 from distill_core.settings import Settings
@@ -44,14 +45,12 @@ def final_table(settings: Settings, teacher: str, student: str, task: Task) -> s
     students = {s["version"]: s for s in state["student"]["versions"]}
     fields = task.gate_tags
     rows = [
-        "| teacher | ledger | student | candidate | "
-        + " | ".join(f.replace("_", " ") for f in fields)
-        + " | gate | aliases now |",
+        "| teacher | ledger | student | candidate | " + " | ".join(fields) + " | gate | aliases now |",
         "|" + "---|" * (len(fields) + 6),
     ]
     for t in state["teacher"]["versions"]:
         s = students.get(t.get("student_version", ""), {})
-        values = " | ".join(str(s.get(f, "-")) for f in fields)
+        values = " | ".join(readable(f, s[f]) if f in s else "-" for f in fields)
         rows.append(
             f"| v{t['version']} | {t['status']} | {'v' + s['version'] if s else '-'} | {s.get('candidate', '-')} | "
             f"{values} | {s.get('gate', '-')} | {', '.join(s.get('aliases', [])) or '-'} |"

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from distill_core.evaluate import readable
 from distill_core.registry import CHAMPION, Ledger, ledger_entry, unhandled_versions
 from distill_core.settings import load_settings
-from distill_core.status import collect
+from distill_core.status import collect, render
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-2026-11-28"
 
@@ -51,6 +52,13 @@ def test_status_shows_the_previous_release_s_ledger_and_alias_history(previous_r
     assert v2["status"] == "pending"
     assert state["student"]["aliases"] == {CHAMPION: "1"}
     assert [(m["alias"], m["version"], m["actor"]) for m in state["alias_history"]] == [(CHAMPION, "1", "pipeline")]
+    # its measured tags (4 digits then, full precision now) read in the one vocabulary, rounded for a person
+    tags = MlflowClient(settings.tracking_uri).get_model_version("old-student", "1").tags
+    accuracy, retention = (
+        readable("accuracy", tags["distill.accuracy"]),
+        readable("retention", tags["distill.retention"]),
+    )
+    assert f"accuracy {accuracy} retention {retention} params " in render(state)
 
 
 # Made by the code before the core was split into tasks/modules/model_io (commit b43117d): a student saved as its

@@ -10,6 +10,7 @@ from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core import evaluate
 from distill_core.evaluate import (
+    COLUMNS,
     Report,
     accuracy,
     agreement,
@@ -61,7 +62,17 @@ def test_report_measures_speed_and_size_and_relates_to_teacher():
     assert related.speedup == pytest.approx(10.0 / report.p50_ms)
     assert related.retention == pytest.approx(report.accuracy / 0.8)
     table = comparison_table([teacher, related])
-    assert table.splitlines()[0].startswith("| model | acc |") and "| bag |" in table
+    assert table.splitlines()[0] == "| " + " | ".join(COLUMNS) + " |" and "| bag |" in table
+    assert f"| {related.retention:.1%} |" in table and "| 100,000 |" in table  # what a person reads is rounded
+
+
+def test_a_tag_keeps_full_precision_and_reads_back_rounded_as_the_one_format_says():
+    value = 0.8859416445623343
+    assert float(evaluate.tag_value(value)) == value and evaluate.tag_value(1049106) == "1049106"
+    assert evaluate.readable("accuracy", evaluate.tag_value(value)) == evaluate.FORMATS["accuracy"].format(value)
+    assert evaluate.readable("retention", "0.97") == "97.0%" and evaluate.readable("params", "1049106") == "1,049,106"
+    assert evaluate.readable("accuracy", "0.7480") == "0.748"  # a tag an earlier release wrote (4 digits) still reads
+    assert set(COLUMNS) <= set(evaluate.FORMATS)
 
 
 class _Slow(WrappedTeacher):

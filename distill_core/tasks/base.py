@@ -53,7 +53,8 @@ class Task(ABC):
     headline: ClassVar[tuple[str, ...]]  # the report fields a person compares (metrics.json, per model)
     gate_tags: ClassVar[tuple[str, ...]]  # the fields a registered student version carries as distill.<field> tags
     quality_name: ClassVar[str]  # what `quality` measures, as a person reads it ("accuracy")
-    columns: ClassVar[list[tuple[str, str, str]]]  # the comparison table: (report field, title, format)
+    against_teacher: ClassVar[str]  # the field that says it against the teacher's ("retention")
+    columns: ClassVar[tuple[str, ...]]  # the comparison table's report fields (evaluate.FORMATS says how to read them)
 
     # --- data ---
     @abstractmethod

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from distill_core import checks, lm, lm_data
 from distill_core.data import SPLITS, PreparedDataset
 from distill_core.errors import RecipeError, SoftLabelError, TeacherError
-from distill_core.evaluate import AsDict, Speed, machine_load, size_of
+from distill_core.evaluate import AsDict, Speed, machine_load, size_of, tag_value
 from distill_core.gates import Verdict
 from distill_core.lm import CausalLM
 from distill_core.modules import LoadedTeacher, TextModule, read_module
@@ -303,20 +303,21 @@ class CausalLMTask(Task):
         "speedup",
     )
     quality_name = "perplexity"
-    columns: ClassVar[list[tuple[str, str, str]]] = [
-        ("name", "model", "{}"),
-        ("perplexity", "ppl", "{:.2f}"),
-        ("perplexity_ratio", "ppl / teacher", "{:.2f}"),
-        ("gap_closed", "gap closed", "{:.1%}"),
-        ("agreement", "agree", "{:.3f}"),
-        ("kl_to_teacher", "KL", "{:.3f}"),
-        ("params", "params", "{:,}"),
-        ("compression", "smaller", "{:.1f}x"),
-        ("p50_ms", "ms/token", "{:.1f}"),
-        ("p95_ms", "p95 ms/token", "{:.1f}"),
-        ("throughput", "tokens/s", "{:,.0f}"),
-        ("speedup", "faster", "{:.1f}x"),
-    ]
+    against_teacher = "perplexity_ratio"
+    columns: ClassVar[tuple[str, ...]] = (
+        "name",
+        "perplexity",
+        "perplexity_ratio",
+        "gap_closed",
+        "agreement",
+        "kl_to_teacher",
+        "params",
+        "compression",
+        "p50_ms",
+        "p95_ms",
+        "throughput",
+        "speedup",
+    )
 
     # --- data ---
     def preparation_key(self, cfg: LMDataConfig) -> str:
@@ -586,18 +587,9 @@ class CausalLMTask(Task):
         return champion is None or candidate.perplexity < champion.perplexity
 
     def report_tags(self, report: Any) -> dict[str, str]:
-        values = {
-            "perplexity": f"{report.perplexity:.4f}",
-            "teacher_perplexity": f"{report.perplexity / max(report.perplexity_ratio, 1e-9):.4f}",
-            "perplexity_ratio": f"{report.perplexity_ratio:.4f}",
-            "gap_closed": f"{report.gap_closed:.4f}",
-            "agreement": f"{report.agreement:.4f}",
-            "params": str(report.params),
-            "p50_ms": f"{report.p50_ms:.3f}",
-            "p95_ms": f"{report.p95_ms:.3f}",
-            "speedup": f"{report.speedup:.2f}",
-        }
-        return {field: values[field] for field in self.gate_tags}
+        teacher = report.perplexity / max(report.perplexity_ratio, 1e-9)
+        values = {"teacher_perplexity": teacher, **{k: v for k, v in report.as_dict().items() if k in self.gate_tags}}
+        return {field: tag_value(values[field]) for field in self.gate_tags}
 
     def summary(self, report: Any) -> str:
         return (

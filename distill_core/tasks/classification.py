@@ -152,6 +152,7 @@ class ClassificationTask(Task):
         "speedup",
     )
     quality_name = "accuracy"
+    against_teacher = "retention"
     columns = evaluate.COLUMNS
 
     def preparation_key(self, cfg: DataConfig) -> str:
@@ -277,18 +278,10 @@ class ClassificationTask(Task):
         return gates.beats(candidate, champion)
 
     def report_tags(self, report: Report) -> dict[str, str]:
-        """The measured fields a registered student carries (gate_tags, as distill.<field>)."""
-        values = {
-            "accuracy": f"{report.accuracy:.4f}",
-            "retention": f"{report.retention:.4f}",
-            "agreement": f"{report.agreement:.4f}",
-            "params": str(report.params),
-            "teacher_accuracy": f"{report.accuracy / max(report.retention, 1e-9):.4f}",
-            "p50_ms": f"{report.p50_ms:.3f}",
-            "p95_ms": f"{report.p95_ms:.3f}",
-            "speedup": f"{report.speedup:.2f}",
-        }
-        return {field: values[field] for field in self.gate_tags}
+        """The measured fields a registered student carries (gate_tags, as distill.<field>), at full precision."""
+        teacher = report.accuracy / max(report.retention, 1e-9)
+        values = {"teacher_accuracy": teacher, **{k: v for k, v in report.as_dict().items() if k in self.gate_tags}}
+        return {field: evaluate.tag_value(values[field]) for field in self.gate_tags}
 
     def summary(self, report: Report) -> str:
         return (
