@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
@@ -135,7 +133,7 @@ def register_and_promote(
     version's distill.promotion_reason then says why it has the alias it got.
 
     champion_now measures the current champion again, for when another run promoted one meanwhile.
-    candidate_run_id: the candidate's own run, which then logs the model (the version's source); else the active run.
+    The model is logged in the active run: the candidate's own, `candidate_run_id` (its version's source).
     """
     client = MlflowClient(tracking_uri)
     decision = _register_and_promote(
@@ -180,15 +178,14 @@ def _register_and_promote(
             + ("passed." if verdict.passed else "FAILED: " + "; ".join(verdict.reasons))
             + lineage.data_sentence()
         )
-        with _candidate_run(candidate_run_id):
-            _, version = log_student(
-                outcome.distilled.student,
-                registered_model_name=name,
-                input_texts=input_texts,
-                tags=tags,
-                description=description,
-                task=task,
-            )
+        _, version = log_student(
+            outcome.distilled.student,
+            registered_model_name=name,
+            input_texts=input_texts,
+            tags=tags,
+            description=description,
+            task=task,
+        )
         decision.student_version = str(version)
         describe_student_model(client, recipe)
     if not verdict.passed:
@@ -266,13 +263,3 @@ def describe_student_model(client: MlflowClient, recipe: Recipe) -> None:
             f"`distill promote {name} <version>`; `distill rollback {name}` restores the previous champion."
         ),
     )
-
-
-@contextmanager
-def _candidate_run(run_id: str | None) -> Iterator[None]:
-    """The candidate's nested run, resumed to log its model in; with no run id, the active run as it is."""
-    if run_id is None:
-        yield
-        return
-    with mlflow.start_run(run_id=run_id, nested=True):
-        yield

@@ -114,9 +114,21 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
         f"  distill ui --home {settings.home}                MLflow UI: runs (nested per candidate, plots, data docs)"
         " and the registry, at\n"
         + "".join(f"      {url}   {what}\n" for what, url in mlflow_pages(settings, LOCAL_UI))
-        + f"  PREFECT_HOME={prefect_home(settings)} prefect server start\n"
+        + _prefect_ui_hint(settings)
+        + f"  distill rollback {load_recipe_names(recipe)[1]} --home {settings.home}   put the previous champion back"
+    )
+
+
+def _prefect_ui_hint(settings) -> str:  # noqa: ANN001 - Settings
+    """How to see this command's flow runs in the Prefect UI: its server's, or Prefect's own state under
+    DISTILL_HOME (PREFECT_HOME) served by `prefect server start`."""
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        return f"  Prefect UI at {api.removesuffix('/').removesuffix('/api')}: these flow runs and their artifacts\n"
+    state = os.environ.get("PREFECT_HOME", str(prefect_home(settings)))
+    return (
+        f"  PREFECT_HOME={state} prefect server start\n"
         "      Prefect UI at http://127.0.0.1:4200: these flow runs and their report artifacts\n"
-        f"  distill rollback {load_recipe_names(recipe)[1]} --home {settings.home}   put the previous champion back"
     )
 
 

@@ -8,6 +8,7 @@ without waiting for these imports.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 import time
@@ -148,7 +149,8 @@ def experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str:
     return experiment_id
 
 
-def _log_candidate(
+@contextmanager
+def _candidate_run(
     recipe: Recipe,
     outcome: steps.StudentOutcome,
     verdict_reasons: list[str],
@@ -156,8 +158,9 @@ def _log_candidate(
     teacher_signal: Any,
     test_targets: Any,
     test_texts: Any,
-) -> str:
-    """A nested MLflow run per candidate: params, per-evaluation metrics, plots; returns its run id."""
+) -> Iterator[str]:
+    """A nested MLflow run per candidate: params, per-evaluation metrics, plots; yields its run id while it is the
+    active run (the chosen candidate's model is logged in it, so its registered version's source is this run)."""
     parent = mlflow.active_run()
     assert parent is not None
     with mlflow.start_run(run_name=outcome.config.name, nested=True, experiment_id=parent.info.experiment_id) as run:
@@ -179,7 +182,7 @@ def _log_candidate(
         )
         for path, figure in figures.items():
             mlflow.log_figure(figure, path)
-    return run.info.run_id
+        yield run.info.run_id
 
 
 def _size_vs_quality(
@@ -320,10 +323,16 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         checks.raise_on_failure(task.check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     who = f"{teacher_name} v{teacher_version}"
-    candidate_runs = {
-        verdict.candidate: _log_candidate(recipe, outcome, verdict.reasons, who, labels.signal["test"], y, texts)
+    runs = {
+        verdict.candidate: functools.partial(
+            _candidate_run, recipe, outcome, verdict.reasons, who, labels.signal["test"], y, texts
+        )
         for outcome, verdict in zip(outcomes, decision.verdicts, strict=True)
     }
+    for candidate, logged in runs.items():  # the chosen one last: its run stays open while it is registered
+        if candidate != decision.chosen.candidate:
+            with logged():
+                pass
     mlflow.log_figure(_size_vs_quality(task, decision, outcomes, reports[0], who), "plots/size_vs_quality.png")
     table = comparison_table(reports, task.columns)
     lineage = Lineage(
@@ -335,9 +344,8 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         run_id=run_id,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
-    decision = register_task(
-        decision, chosen, recipe, lineage, texts[:5], settings, champion_now, candidate_runs[decision.chosen.candidate]
-    )
+    with runs[decision.chosen.candidate]() as candidate_run_id:
+        decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings, champion_now, candidate_run_id)
     _log_decision(recipe, decision, table)
     docs_uri = _log_data_docs(docs_dir)
     decision.timings = timings

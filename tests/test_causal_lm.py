@@ -18,6 +18,7 @@ import yaml
 from lm_models import PADDING, tiny_lm, trained_tiny_lm
 from mlflow.tracking import MlflowClient
 
+from distill_core import names
 from distill_core.data import load_prepared
 from distill_core.errors import DatasetError, RecipeError, SoftLabelError
 from distill_core.lm_data import blocks_of, prepare_lm_dataset
@@ -288,6 +289,10 @@ def test_an_lm_teacher_version_yields_a_promoted_student_that_generates_in_a_fre
         assert tags[f"distill.{field}"], field
     assert float(tags["distill.perplexity_ratio"]) < 3.0 and tags["distill.soft_labels_key"]
     assert student.description.startswith("Student 'lm-2L' distilled") and "perplexity" in student.description
+    parent = MlflowClient(tracking_uri).get_run(tags["distill.run_id"])  # the decision, in the LM's own words
+    assert tags[names.PROMOTION_REASON] == result["reason"] and "perplexity" in result["reason"]
+    assert parent.data.tags[names.RUN_DESCRIPTION].startswith("**Student v1 (lm-2L) → `champion`")
+    assert names.report_metric(names.Kind.DISTILLED, "perplexity") in parent.data.metrics
     loaded = load_teacher(teacher_name, version, tracking_uri)
     assert next(loaded.module.parameters()).dtype == torch.float32  # stored as fp16, computes in fp32
 

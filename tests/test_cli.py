@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 from stack import NO_PROXY, free_port, wait_for
 
+from distill_core import links
 from distill_core.tasks import CLASSIFICATION
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = ("demo", "run", "watch", "serve", "status", "promote", "rollback", "ui", "stage")
 
 
-def distill(*args: str, home: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def distill(
+    *args: str, home: Path | None = None, timeout: int = 600, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DISTILL_STORE", None)
     env.pop("DISTILL_WEBHOOK_SECRET", None)
@@ -82,12 +85,16 @@ def tiny_recipe(tmp_path: Path) -> Path:
 
 def test_demo_tells_the_continuous_story(tiny_recipe, tmp_path):
     home = tmp_path / "home"
-    out = distill("demo", "--recipe", str(tiny_recipe), home=home)
+    out = distill("demo", "--recipe", str(tiny_recipe), home=home, unset=("PREFECT_HOME",))  # as a newcomer runs it
     assert out.returncode == 0, out.stderr[-3000:]
     assert "registered teacher sentiment-teacher v1" in out.stdout
     assert "registered teacher sentiment-teacher v2" in out.stdout
     table = [line for line in out.stdout.splitlines() if line.startswith("| v")]
     assert [row.split("|")[1].strip() for row in table] == ["v1", "v2"]
+    # the pages to open, and the Prefect state of exactly these runs under DISTILL_HOME
+    assert links.model("http://127.0.0.1:5000", "sentiment-student") in out.stdout
+    assert f"PREFECT_HOME={home / 'prefect'} prefect server start" in out.stdout
+    assert (home / "prefect" / "prefect.db").is_file()
 
     status = distill("status", "--json", "--recipe", str(tiny_recipe), home=home)
     assert status.returncode == 0, status.stderr[-2000:]

@@ -137,13 +137,18 @@ def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_d
     assert any(r.data.metrics.get("distilled.val_accuracy") is not None for r in nested)
 
 
-def test_mlflow_says_what_was_decided_and_why_on_the_run_the_version_and_the_models(env, small_dataset):
+def test_mlflow_says_what_was_decided_and_why_on_the_run_the_version_and_the_models(env, small_dataset, monkeypatch):
     """What a person promoting by hand reads in MLflow: the parent run's verdict, the version's promotion reason,
     the candidate's own run as the version's source, described models and an experiment opened on its runs."""
+    from mlflow.tracking import fluent
+
     from distill_core import names
 
     client = MlflowClient(env["tracking_uri"])
     recipe = write_recipe(env)
+    # code in the same process chose another experiment (a notebook, another test): the run must not mind
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)  # put back afterwards
+    mlflow.set_experiment(f"elsewhere-{uuid.uuid4().hex[:6]}")
     decided = {}
     for seed in (0, 0):  # the same teacher twice: v2's student cannot beat v1's
         version = register_toy_teacher(env, small_dataset, seed=seed)
@@ -221,7 +226,7 @@ def test_hand_set_champion_is_respected_then_rollback(env, small_dataset):
         env["teacher"], register_toy_teacher(env, small_dataset, seed=3, epochs=80), recipe, env["home"]
     )
     assert aliases(client, env["student"])[CHAMPION] == pinned
-    assert third["alias"] == CHALLENGER and any("set by hand" in n for n in third["notes"])
+    assert third["alias"] == CHALLENGER and "was set by hand and the recipe keeps it" in third["reason"]
 
     ledger = Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}")
     history = ledger.alias_history(env["student"], CHAMPION)
