@@ -270,6 +270,7 @@ def s3_keys(bucket: str, prefix: str) -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
+@pytest.mark.slow  # 65-75 s; the S3 store and the DVC stages stay in CI through the other tests (make test-all runs it)
 def test_everything_in_s3_push_wipe_pull_and_a_rerun_reuses_the_stored_labels(
     s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server
 ) -> None:

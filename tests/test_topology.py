@@ -182,6 +182,7 @@ def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retr
     assert len(stack.runs_for(new)) == 1 and len(stack.runs_for(died)) == 2  # later passes queued nothing more
 
 
+@pytest.mark.slow  # fault injection, 55-65 s; the topology stays in CI through the other tests (make test-all runs it)
 def test_the_mlflow_server_restarted_mid_run_the_run_retries_or_fails_cleanly_and_the_ledger_says_which(
     stack: Stack, client: MlflowClient, small_dataset
 ) -> None:

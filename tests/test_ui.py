@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -153,6 +154,8 @@ def test_a_person_finds_the_decision_the_evidence_and_the_run_in_the_mlflow_and_
 ):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from flows.distill import distill_teacher_version
 
@@ -200,8 +203,6 @@ def test_a_person_finds_the_decision_the_evidence_and_the_run_in_the_mlflow_and_
         "does not beat champion v1",
     )
     assert "challenger" in text
-    import mlflow
-
     logged = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="data_docs",
                                                  dst_path=str(tmp_path / "downloaded"), tracking_uri=ui)  # fmt: skip
     docs = Path(logged) / "index.html"  # the site as a person downloads it from the run, opened offline
@@ -221,9 +222,9 @@ def test_a_person_finds_the_decision_the_evidence_and_the_run_in_the_mlflow_and_
     linked = browser.find_elements(By.CSS_SELECTOR, f"a[href='{run_page}']")
     assert linked, f"the Prefect artifact does not link to {run_page}"
     page.shows(links.run(ui, experiment, parent.info.run_id, "data_docs/index.html"), "run-data-docs", "index.html")
-    frames = browser.find_elements(By.TAG_NAME, "iframe")
-    assert frames, "the MLflow UI does not show the data docs page"
-    browser.switch_to.frame(frames[0])
-    assert "validation results" in browser.find_element(By.TAG_NAME, "body").text
+    # the UI shows the page in a frame of its own
+    WebDriverWait(browser, 45).until(
+        expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe"))
+    )
+    WebDriverWait(browser, 45).until(lambda d: "validation results" in d.find_element(By.TAG_NAME, "body").text)
     browser.switch_to.default_content()
-    (tmp_path / "screenshots" / "README.txt").write_text(f"screenshots of {ui} and {servers['prefect']}\n")
