@@ -73,8 +73,7 @@ def log_teacher(
         names.LABELS: json.dumps(list(teacher.labels)),
         **(tags or {}),
     }
-    # experiment_id, not set_experiment: the process's active experiment stays as it was (a pipeline run in the
-    # same process resumes its candidates' runs, which MLflow refuses when the active experiment is another)
+    # experiment_id, not set_experiment: registering a teacher leaves the process's active experiment as it was
     with mlflow.start_run(experiment_id=experiment_id, run_name=registered_name) as run:
         mlflow.log_params({"teacher_class": type(teacher).__name__, "labels": ",".join(teacher.labels)})
         if metrics:
