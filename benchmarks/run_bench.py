@@ -4,9 +4,10 @@ packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
 benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
-overheads 5 min, pipeline 5 min, quality 30 min, trigger 10 min, lm 45 min (lm-overheads, its first part: 6 min).
+overheads 5 min, pipeline 5 min, quality 30 min, modes 60 min (45 when quality's teacher is there), trigger 10 min,
+lm 45 min (lm-overheads, its first part: 6 min).
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|trigger|lm|lm-overheads ...]
+    python benchmarks/run_bench.py [--only overheads|pipeline|quality|modes|trigger|lm|lm-overheads ...]
                                    [--recipe recipes/bench.yaml]
 """
 
@@ -179,6 +180,55 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
         "table": (out / "report.md").read_text(),
         "teacher_reused": reuse_teacher,
     }
+
+
+MODES_STEPS = 1000  # the step budget of every student and stage in the modes section
+
+
+def modes(recipe_path: Path) -> dict[str, object]:
+    """Distillation modes against the plain single-teacher student, same data, steps and seeds: the bench
+    recipe's students straight from the teacher (= born-again generation 1), through a 3-layer teacher assistant,
+    and born-again generations 2 and 3. Reuses the quality section's teacher and stored labels when it ran."""
+    from mlflow.tracking import MlflowClient
+
+    from distill_core import steps
+    from distill_core.recipe import StagesConfig, StudentConfig, load_recipe
+    from distill_core.settings import load_settings
+
+    base = load_recipe(recipe_path)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("DISTILL_STORE", None)
+    settings = load_settings(HERE / ".work" / "quality")  # the quality section's teacher and labels, when there
+    name = base.teacher.registered_name
+    existing = MlflowClient(settings.tracking_uri).search_model_versions(f"name='{name}'")
+    started = time.perf_counter()
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+    else:
+        name, version = steps.train_and_register_teacher(base, settings, steps.prepare(base, settings), log=print)
+    train = base.train.model_copy(update={"max_steps": MODES_STEPS, "eval_every": 250, "checkpoint_every": 500})
+    evaluation = base.evaluation.model_copy(update={"hard_label_baseline": False, "latency_samples": 100})
+    assistant = StudentConfig(name="ta-3L", family="transformer", teacher_layers=[0, 2, 4], lr=1e-4)
+    variants = {
+        "born-again": StagesConfig(generations=3),
+        "assistant": StagesConfig(assistants=[assistant]),
+    }
+    measured: dict[str, object] = {"teacher": f"{name} v{version}", "steps": MODES_STEPS}
+    for variant, stages in variants.items():
+        recipe = base.model_copy(
+            update={"name": f"modes-{variant}", "train": train, "evaluation": evaluation, "stages": stages}
+        )
+        began = time.perf_counter()
+        reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
+        training = json.loads((out / "training.json").read_text())
+        measured[variant] = {
+            "seconds": time.perf_counter() - began,
+            "reports": [r.as_dict() for r in reports],
+            "train_seconds": {k: v["seconds"] for k, v in training.items()},
+        }
+        print(f"modes {variant}: {time.perf_counter() - began:.0f} s")
+    measured["total_seconds"] = time.perf_counter() - started
+    return measured
 
 
 def pipeline() -> dict[str, object]:
@@ -592,6 +642,33 @@ def markdown(results: dict[str, object]) -> str:
             + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]
+    mode_part = results.get("modes")
+    if isinstance(mode_part, dict):
+        lines += [
+            f"## Distillation modes on Rotten Tomatoes (teacher {mode_part['teacher']}, every student and stage "
+            f"{mode_part['steps']} steps, same data and seeds; {mode_part['total_seconds'] / 60:.0f} min)",
+            "",
+            "| mode | model | acc | of teacher | agree | params | training s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant in ("born-again", "assistant"):
+            part = mode_part[variant]
+            seconds = part["train_seconds"]
+            for report in part["reports"]:
+                model = str(report["name"])
+                key = model.split(" (")[0]
+                trained = seconds.get(f"stages/{key}", seconds.get(f"{key}/distilled"))
+                lines.append(
+                    f"| {variant} | {model} | {report['accuracy']:.3f} | {report['retention']:.1%} | "
+                    f"{report['agreement']:.3f} | {report['params']:,} | "
+                    f"{'' if trained is None else f'{trained:.0f}'} |"
+                )
+        lines += [
+            "",
+            "Born-again generation 1 is the plain student distilled straight from the teacher (the baseline of both "
+            "modes); the assistant's students are cut from and taught by the 3-layer assistant.",
+            "",
+        ]
     lm_part = results.get("lm")
     if isinstance(lm_part, dict):
         lab, step, sig = lm_part["labeling"], lm_part["train_step"], lm_part["signal"]
@@ -658,7 +735,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=("overheads", "pipeline", "quality", "trigger", "lm", "lm-overheads"),
+        choices=("overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-overheads"),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
     )
@@ -676,7 +753,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "pipeline", "quality", "trigger", "lm"]
+    parts = args.only or ["overheads", "pipeline", "quality", "modes", "trigger", "lm"]
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
@@ -685,6 +762,8 @@ def main() -> None:
         print(json.dumps(results["pipeline"], indent=2, default=float))
     if "quality" in parts:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
+    if "modes" in parts:
+        results["modes"] = modes(args.recipe.resolve())
     if "lm" in parts:
         results["lm"] = lm()
     elif "lm-overheads" in parts:  # signal size, labeling and training step only (about 6 minutes)
@@ -702,7 +781,7 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "pipeline", "quality", "trigger", "lm"):
+        for key in ("overheads", "pipeline", "quality", "modes", "trigger", "lm"):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))

@@ -22,6 +22,7 @@ class Lineage:
     soft_labels_key: str | None = None
     recipe_hash: str | None = None
     run_id: str | None = None
+    stages: str | None = None  # the assistants and born-again generations before the student, in words
 
     def as_fields(self) -> dict[str, str]:
         """The fields that are set, by name (as `distill status` shows them)."""

@@ -63,6 +63,18 @@ def display_name(student: str, kind: Kind) -> str:
     return f"{student} ({kind})"
 
 
+class Role(StrEnum):
+    """What a stage before a candidate's final model is: a teacher assistant, or a born-again generation."""
+
+    ASSISTANT = "assistant"
+    GENERATION = "generation"
+
+
+def generation_name(student: str, generation: int) -> str:
+    """A born-again generation of a candidate before its last: `bag.gen1`."""
+    return f"{student}.gen{generation}"
+
+
 # MLflow metric keys of a candidate's nested run, and the parent run's timings.
 def history_metric(kind: Kind, key: str) -> str:
     """A training-history value (val_accuracy, loss, a loss term) of one kind: `distilled.val_accuracy`."""

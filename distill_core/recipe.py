@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -195,6 +196,41 @@ class PromotionConfig(_Strict):
     override_manual_champion: bool = False  # may the pipeline replace a champion a person set by hand?
 
 
+class StagesConfig(_Strict):
+    """Distillation in stages. Teacher assistants (Mirzadeh et al. 2020): teacher -> assistants[0] -> ... -> every
+    student candidate, each stage learning from the one before (its signal, and a transformer its layers).
+    Born-again (Furlanello et al. 2018): the distilled candidate teaches a fresh student of its own architecture,
+    which teaches the next, until `generations` (1: no born-again); the last generation is the candidate."""
+
+    assistants: list[StudentConfig] = Field(default_factory=list)
+    generations: int = Field(default=1, ge=1, le=10)
+
+    def check_chain(self, students: list[StudentConfig]) -> None:
+        """Every stage can be made from the stage before it: a transformer is cut from a transformer's layers."""
+        if not self.assistants:
+            return
+        pairs = [*itertools.pairwise(self.assistants), *((self.assistants[-1], s) for s in students)]
+        for before, after in pairs:
+            if after.family != "transformer":
+                continue  # a bag starts from nothing: it learns from any stage's signal
+            if before.family != "transformer":
+                raise ValueError(
+                    f"stages.assistants: '{after.name}' is a transformer cut from the layers of the stage before it, "
+                    f"and assistant '{before.name}' is an embedding_bag, which has none"
+                )
+            depth = len(before.teacher_layers)
+            if max(after.teacher_layers) >= depth:
+                raise ValueError(
+                    f"stages.assistants: '{after.name}' has teacher_layers {after.teacher_layers}, which index the "
+                    f"layers of assistant '{before.name}' (it has {depth}: 0..{depth - 1})"
+                )
+
+
+# Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
+# added, so its registered students, checkpoints and idempotency keys stay its own.
+ADDED_SECTIONS = ("stages",)
+
+
 class BaseRecipe(_Strict):
     """Everything that decides what a distillation produces: the fields every task has. Each task's recipe class
     (RECIPES) adds the sections whose fields belong to that task; `task` selects it."""
@@ -207,16 +243,18 @@ class BaseRecipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
     def _students_consistent(self) -> BaseRecipe:
-        names = [s.name for s in self.students]
+        names = [s.name for s in [*self.stages.assistants, *self.students]]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"student names must be unique, repeated: {duplicates}")
+            raise ValueError(f"student and assistant names must be unique, repeated: {duplicates}")
+        self.stages.check_chain(self.students)
         uses_hidden = {t.function for t in self.train.losses if t.needs_features}
-        bags = [s.name for s in self.students if s.family == "embedding_bag"]
+        bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family == "embedding_bag"]
         if uses_hidden and bags:
             raise ValueError(
                 f"loss terms {sorted(uses_hidden)} need hidden states and attentions, which embedding_bag "
@@ -237,7 +275,11 @@ class BaseRecipe(_Strict):
 
     def recipe_hash(self) -> str:
         """A stable hash of every setting: equal recipes hash equal whatever their YAML layout."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        settings = self.model_dump(mode="json")
+        for later in ADDED_SECTIONS:  # at their default they leave the hash as earlier releases made it
+            if getattr(self, later) == type(self).model_fields[later].get_default(call_default_factory=True):
+                settings.pop(later)
+        canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -365,9 +407,15 @@ class CausalLMRecipe(BaseRecipe):
 
     @model_validator(mode="after")
     def _signal_fits_losses(self) -> CausalLMRecipe:
-        bags = [s.name for s in self.students if s.family != "transformer"]
+        bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family != "transformer"]
         if bags:
             raise ValueError(f"students {bags}: a causal LM's students are transformers cut from the teacher")
+        factorised = [a.name for a in self.stages.assistants if a.embedding_dim is not None]
+        if factorised:
+            raise ValueError(
+                f"stages.assistants {factorised}: a causal LM's assistant keeps the teacher's full embeddings (the "
+                "stages after it copy them): drop embedding_dim there"
+            )
         features = sorted({t.function for t in self.train.losses if t.needs_features})
         if features:
             raise ValueError(f"loss terms {features} are for classifier students; a causal LM distills its logits")

@@ -63,7 +63,8 @@ def _shard_bytes(arrays: Arrays) -> tuple[str, bytes]:
     return "npy", buffer.getvalue()
 
 
-def _rows(arrays: Arrays) -> int:
+def row_count(arrays: Arrays) -> int:
+    """The rows of a signal: one array's, or (named arrays) the first's."""
     return len(next(iter(arrays.values()))) if isinstance(arrays, dict) else len(arrays)
 
 
@@ -84,18 +85,20 @@ def generate_soft_labels(
     teacher: LoadedTeacher,
     dataset: PreparedDataset,
     cfg: Any,
-    store: ArtifactStore,
+    store: ArtifactStore | None,
     task: str = "classification",
     force: bool = False,
 ) -> SoftLabels:
-    """Label every split with the teacher, or reuse a complete entry with the same key."""
+    """Label every split with the teacher, or reuse a complete entry with the same key. With no store the signal
+    is only made (a stage of the run's own: its model is checkpointed, so its signal is made again on resume)."""
     labeler = task_named(task)
     key = soft_label_key(teacher.identity, dataset.digest, cfg, task)
     prefix = f"soft_labels/{key}"
-    if not force and store.exists(f"{prefix}/manifest.json"):
+    if store is not None and not force and store.exists(f"{prefix}/manifest.json"):
         return load_soft_labels(store, key, reused=True)
     labeler.check_teacher(teacher, dataset)
-    store.delete_prefix(prefix + "/")  # leftovers of an interrupted run
+    if store is not None:
+        store.delete_prefix(prefix + "/")  # leftovers of an interrupted run
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []
     signal: dict[str, Arrays] = {}
@@ -103,13 +106,15 @@ def generate_soft_labels(
         inputs, _ = labeler.examples(dataset, split)
         chunks = []
         for shard_index, chunk in enumerate(labeler.teacher_signal(teacher, inputs, cfg, f"soft labels ({split})")):
+            chunks.append(chunk)
+            if store is None:
+                continue
             suffix, data = _shard_bytes(chunk)
             name = f"{split}-{shard_index:05d}.{suffix}"
             store.write_bytes(f"{prefix}/{name}", data)  # each shard as it comes: a split is never held twice
             shards.append(
-                {"file": name, "split": split, "rows": _rows(chunk), "sha256": hashlib.sha256(data).hexdigest()}
+                {"file": name, "split": split, "rows": row_count(chunk), "sha256": hashlib.sha256(data).hexdigest()}
             )
-            chunks.append(chunk)
         signal[split] = _concatenate(chunks)
     manifest = {
         "format": FORMAT_VERSION,
@@ -123,12 +128,13 @@ def generate_soft_labels(
         "dataset_digest": dataset.digest,
         "labels": list(dataset.labels),
         "settings": cfg.model_dump(),
-        "rows": {split: _rows(v) for split, v in signal.items()},
+        "rows": {split: row_count(v) for split, v in signal.items()},
         "shards": shards,
         "seconds": round(time.perf_counter() - started, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    store.write_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
+    if store is not None:
+        store.write_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
     return SoftLabels(key, signal, manifest, reused=False)
 
 
@@ -157,6 +163,8 @@ def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> Sof
         parts[shard["split"]].append(arrays)
     signal = {split: _concatenate(chunks) for split, chunks in parts.items()}
     for split, rows in manifest["rows"].items():
-        if _rows(signal[split]) != rows:
-            raise SoftLabelError(f"soft labels {key} hold {_rows(signal[split])} {split} rows, manifest says {rows}")
+        if row_count(signal[split]) != rows:
+            raise SoftLabelError(
+                f"soft labels {key} hold {row_count(signal[split])} {split} rows, manifest says {rows}"
+            )
     return SoftLabels(key, signal, manifest, reused=reused)

@@ -22,11 +22,12 @@ from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import LoadedTeacher, read_module, save_module
-from distill_core.names import Kind, display_name
+from distill_core.names import Kind, Role, display_name, generation_name
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels
+from distill_core.stages import STAGES, Stage, as_teacher, signal_of
 from distill_core.store import open_store
 from distill_core.tasks import Task, task_of
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
@@ -109,6 +110,7 @@ class StudentOutcome:
     distilled: TrainResult
     baseline: TrainResult | None  # None when the recipe skips the hard-label twin
     reports: dict[Kind, ModelReport] = field(default_factory=dict)  # by kind, filled by evaluate_all
+    stages: list[Stage] = field(default_factory=list)  # the assistants and earlier generations before `distilled`
     # the distilled student's validation metric on the train split, and chance there (for a classifier, accuracy
     # and the largest class's share): a student still at chance did not learn (filled by evaluate_all)
     train_score: float | None = None
@@ -138,12 +140,15 @@ def distill_student(
     out_dir: Path,
     baseline: bool = False,
     log: Log = print,
+    init: Any = None,
 ) -> TrainResult:
-    """Train one student, by distillation or (baseline) on hard labels alone; resumable from out_dir."""
+    """Train one student, by distillation from `teacher` (its signal: `labels`) or (baseline) on hard labels alone;
+    resumable from out_dir. A transformer student is cut from `init` (default: the teacher)."""
     task = task_of(recipe)
     transfer_texts, transfer_targets = task.examples(dataset, "transfer")
     torch.manual_seed(recipe.train.seed)
-    student = task.build_student(student_cfg, teacher.module, dataset, transfer_texts, recipe.soft_labels, log)
+    source = init if init is not None else teacher.module
+    student = task.build_student(student_cfg, source, dataset, transfer_texts, recipe.soft_labels, log)
     val = task.examples(dataset, "validation")
     if baseline:
         transfer = TransferSet(*task.examples(dataset, "train"), None)
@@ -177,16 +182,44 @@ def distill_all(
     out_dir: Path,
     log: Log = print,
 ) -> list[StudentOutcome]:
-    """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it)."""
-    twin = recipe.evaluation.hard_label_baseline
+    """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it): the
+    teacher assistants first (each taught by the stage before it), then each candidate from the last of them."""
+    assistants: list[Stage] = []
+    for cfg in recipe.stages.assistants:
+        result = distill_student(recipe, cfg, dataset, labels, teacher, out_dir / STAGES, log=log)
+        assistants.append(Stage(cfg.name, cfg, Role.ASSISTANT, result))
+        teacher = as_teacher(recipe, cfg.name, result.student)
+        labels = signal_of(recipe, dataset, teacher)
     return [
-        StudentOutcome(
-            cfg,
-            distill_student(recipe, cfg, dataset, labels, teacher, out_dir, baseline=False, log=log),
-            distill_student(recipe, cfg, dataset, labels, teacher, out_dir, baseline=True, log=log) if twin else None,
-        )
-        for cfg in recipe.students
+        _distill_candidate(recipe, cfg, dataset, labels, teacher, out_dir, assistants, log) for cfg in recipe.students
     ]
+
+
+def _distill_candidate(
+    recipe: Recipe,
+    cfg: StudentConfig,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    out_dir: Path,
+    assistants: list[Stage],
+    log: Log,
+) -> StudentOutcome:
+    """One candidate and its twin, both cut from `teacher`. Born-again: each generation but the first is taught
+    by the one before it and starts where the first did (a fresh student of the same architecture)."""
+    init, first_labels = teacher, labels
+    generations: list[Stage] = []
+    for generation in range(1, recipe.stages.generations):
+        where = out_dir / STAGES / f"gen{generation}"
+        result = distill_student(recipe, cfg, dataset, labels, teacher, where, log=log, init=init.module)
+        generations.append(Stage(generation_name(cfg.name, generation), cfg, Role.GENERATION, result))
+        teacher = as_teacher(recipe, generations[-1].name, result.student)
+        labels = signal_of(recipe, dataset, teacher)
+    distilled = distill_student(recipe, cfg, dataset, labels, teacher, out_dir, log=log, init=init.module)
+    twin = None
+    if recipe.evaluation.hard_label_baseline:
+        twin = distill_student(recipe, cfg, dataset, first_labels, init, out_dir, baseline=True, log=log)
+    return StudentOutcome(cfg, distilled, twin, stages=[*assistants, *generations])
 
 
 def evaluate_all(
@@ -196,7 +229,8 @@ def evaluate_all(
     teacher: LoadedTeacher,
     outcomes: list[StudentOutcome],
 ) -> list[ModelReport]:
-    """The teacher, then each distilled student and its hard-label twin, on the test split."""
+    """The teacher, then each candidate's stages (assistants once), the distilled student and its hard-label twin,
+    on the test split."""
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
     teacher_signal = labels.signal["test"]
@@ -204,6 +238,7 @@ def evaluate_all(
     teacher_name = f"teacher {teacher.name} v{teacher.version}"
     models = {teacher_name: teacher.module}
     for outcome in outcomes:
+        models.update({stage.display: stage.result.student for stage in outcome.stages})
         models.update({display_name(outcome.config.name, k): result.student for k, result in outcome.results()})
     speeds = task.measure_speed(models, texts, recipe.evaluation)  # side by side
 
@@ -215,6 +250,10 @@ def evaluate_all(
     train_texts, train_labels = task.examples(dataset, "train")
     chance = task.chance(train_labels)
     for outcome in outcomes:
+        for stage in outcome.stages:
+            if stage.report is None:  # an assistant is every candidate's: measured once
+                stage.report = task.relative_to(report(stage.display), teacher_report)
+                reports.append(stage.report)
         measured = {kind: report(display_name(outcome.config.name, kind)) for kind, _ in outcome.results()}
         twin = measured.get(Kind.HARD_LABEL)
         for kind, value in measured.items():
@@ -237,49 +276,68 @@ def _replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
+def _training_meta(result: TrainResult) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_score": result.best_score,
+        "stopped_early": result.stopped_early,
+        "seconds": round(result.seconds, 1),
+        "history": result.history,
+    }
+
+
+def _trained(meta: dict[str, Any], path: Path) -> TrainResult:
+    best = meta.get("best_score", meta.get("best_accuracy", 0.0))  # training.json of earlier releases
+    return TrainResult(
+        read_module(path), meta["history"], meta["steps"], meta["best_step"], best, meta["stopped_early"]
+    )
+
+
 def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
-    """Each student (torch.save of the module), then training.json, written last: its presence means complete."""
+    """Each student (torch.save of the module) and each stage before it, then training.json, written last: its
+    presence means complete."""
     (out_dir / "training.json").unlink(missing_ok=True)
+    training: dict[str, Any] = {}
     for outcome in outcomes:
         for kind, result in outcome.results():
-            save = partial(save_module, result.student)
-            _replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", save)
-    training = {
-        f"{o.config.name}/{k}": {
-            "steps": r.steps,
-            "best_step": r.best_step,
-            "best_score": r.best_score,
-            "stopped_early": r.stopped_early,
-            "seconds": round(r.seconds, 1),
-            "history": r.history,
-        }
-        for o in outcomes
-        for k, r in o.results()
-    }
+            _replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", partial(save_module, result.student))
+            training[f"{outcome.config.name}/{kind}"] = _training_meta(result)
+        for stage in outcome.stages:
+            _replace_atomic(out_dir / STAGES / f"{stage.name}.pt", partial(save_module, stage.result.student))
+            training[f"{STAGES}/{stage.name}"] = _training_meta(stage.result)
     write_json(out_dir / "training.json", training)
 
 
 def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
-    """The students save_students wrote for this recipe, ready to evaluate."""
+    """The students save_students wrote for this recipe, with their stages, ready to evaluate."""
     index = out_dir / "training.json"
     if not index.is_file():
         raise DistillError(f"{out_dir} holds no complete set of trained students: run `distill stage train` first")
     training = json.loads(index.read_text())
+
+    def stage(name: str, cfg: StudentConfig, role: Role) -> Stage:
+        meta = training.get(f"{STAGES}/{name}")
+        if meta is None:
+            raise DistillError(f"stage '{name}' of recipe '{recipe.name}' is not in {out_dir}: train it again")
+        return Stage(name, cfg, role, _trained(meta, out_dir / STAGES / f"{name}.pt"))
+
+    assistants = [stage(cfg.name, cfg, Role.ASSISTANT) for cfg in recipe.stages.assistants]
     outcomes = []
     for cfg in recipe.students:
-        results: dict[str, TrainResult] = {}
-        for kind in Kind:
-            meta = training.get(f"{cfg.name}/{kind}")
-            if meta is None:
-                continue
-            module = read_module(out_dir / cfg.name / f"{kind}.pt")
-            best = meta.get("best_score", meta.get("best_accuracy", 0.0))  # training.json of earlier releases
-            results[kind] = TrainResult(
-                module, meta["history"], meta["steps"], meta["best_step"], best, meta["stopped_early"]
-            )
+        results = {
+            kind: _trained(training[f"{cfg.name}/{kind}"], out_dir / cfg.name / f"{kind}.pt")
+            for kind in Kind
+            if f"{cfg.name}/{kind}" in training
+        }
         if Kind.DISTILLED not in results:
             raise DistillError(f"student '{cfg.name}' of recipe '{recipe.name}' is not in {out_dir}: train it again")
-        outcomes.append(StudentOutcome(cfg, results[Kind.DISTILLED], results.get(Kind.HARD_LABEL)))
+        generations = [
+            stage(generation_name(cfg.name, g), cfg, Role.GENERATION) for g in range(1, recipe.stages.generations)
+        ]
+        outcome = StudentOutcome(cfg, results[Kind.DISTILLED], results.get(Kind.HARD_LABEL))
+        outcome.stages = [*assistants, *generations]
+        outcomes.append(outcome)
     return outcomes
 
 

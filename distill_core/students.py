@@ -82,6 +82,18 @@ def check_fits(cfg: StudentConfig, teacher: TextModule, source_config: Any = Non
         )
 
 
+@torch.no_grad()
+def _word_rows(teacher: TextModule, source: Any) -> tuple[Tensor, Tensor | None]:
+    """The word embeddings a student is cut from, one full-width row each, and the map from tokenizer ids to those
+    rows when the source is itself a pruned student (an assistant, an earlier generation; None: row = id). A
+    factorised source gives the product of its two factors."""
+    embedding = source.embeddings.word_embeddings
+    first: Any = embedding[0] if isinstance(embedding, nn.Sequential) else embedding  # the (first) factor: a row an id
+    rows = embedding(torch.arange(first.num_embeddings)).detach()
+    id_map = getattr(teacher, "id_map", None)
+    return rows, id_map if id_map is not None and id_map.numel() else None
+
+
 def build_transformer_student(
     cfg: StudentConfig,
     teacher: TextModule,
@@ -101,9 +113,11 @@ def build_transformer_student(
         source, tokenizer = load_minilm()
     check_fits(cfg, teacher, source.config)
     hidden = source.config.hidden_size
-    teacher_words = source.embeddings.word_embeddings.weight.detach()
+    rows, source_map = _word_rows(teacher, source)
+    vocab = len(source_map) if source_map is not None else len(rows)  # the tokenizer's ids
     keep = _kept_wordpieces(tokenizer, texts, max_length) if cfg.prune_vocab else None
-    words = teacher_words[keep] if keep is not None else teacher_words
+    chosen = keep if keep is not None else torch.arange(vocab)
+    words = rows[source_map[chosen] if source_map is not None else chosen]
 
     config = copy.deepcopy(source.config)
     config.num_hidden_layers = len(cfg.teacher_layers)
@@ -129,7 +143,7 @@ def build_transformer_student(
     id_map = None
     if keep is not None:
         unk = int((keep == tokenizer.unk_token_id).nonzero()[0, 0])
-        id_map = torch.full((teacher_words.shape[0],), unk, dtype=torch.long)
+        id_map = torch.full((vocab,), unk, dtype=torch.long)
         id_map[keep] = torch.arange(len(keep))
     student = TransformerStudent(encoder, tokenizer, labels, id_map, max_length)
     if isinstance(teacher, TextClassifier):

@@ -29,13 +29,14 @@ from distill_core.data import PreparedDataset
 from distill_core.errors import DistillError, SoftLabelError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.lineage import Lineage
-from distill_core.model_io import load_teacher
+from distill_core.model_io import load_teacher, log_student
 from distill_core.modules import LoadedTeacher
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe
 from distill_core.registry import Ledger
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
+from distill_core.stages import Stage, chain
 from distill_core.store import check_locations, open_store
 from distill_core.tasks import task_of
 
@@ -60,9 +61,10 @@ def load_teacher_task(name: str, version: str, tracking_uri: str) -> LoadedTeach
 
 
 def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
-    """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed."""
+    """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed:
+    of the first assistant when there are any (the recipe checked each later stage against the one before it)."""
     task = task_of(recipe)
-    for student in recipe.students:
+    for student in recipe.stages.assistants[:1] or recipe.students:
         task.check_fits(student, teacher.module)
 
 
@@ -183,6 +185,27 @@ def _candidate_run(
         for path, figure in figures.items():
             mlflow.log_figure(figure, path)
         yield run.info.run_id
+
+
+def _stage_run(recipe: Recipe, stage: Stage, input_texts: list[Any], who: str) -> None:
+    """A nested run per stage before a candidate (an assistant, an earlier generation): its params, training curve,
+    test metrics and its model, logged so that it can be registered from the run's page."""
+    parent = mlflow.active_run()
+    assert parent is not None
+    with mlflow.start_run(run_name=stage.display, nested=True, experiment_id=parent.info.experiment_id):
+        mlflow.log_params({f"student.{k}": v for k, v in stage.config.model_dump().items()} | {"role": stage.role})
+        for row in stage.result.history:
+            metrics = {
+                names.history_metric(names.Kind.DISTILLED, k): float(v)
+                for k, v in row.items()
+                if k not in ("step", "epoch")
+            }
+            mlflow.log_metrics(metrics, step=int(row["step"]))
+        if stage.report is not None:
+            mlflow.log_metrics(_report_metrics(names.Kind.DISTILLED, stage.report))
+        curves = plots.training_curves({stage.display: stage.result.history}, task_of(recipe).early_stopping, who)
+        mlflow.log_figure(curves, "plots/training_curves.png")
+        log_student(stage.result.student, registered_model_name=None, input_texts=input_texts, task=task_of(recipe))
 
 
 def _size_vs_quality(
@@ -333,6 +356,8 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         if candidate != decision.chosen.candidate:
             with logged():
                 pass
+    for stage in {stage.name: stage for outcome in outcomes for stage in outcome.stages}.values():
+        _stage_run(recipe, stage, texts[:5], f"{stage.display}, a stage on the way from {who}")
     mlflow.log_figure(_size_vs_quality(task, decision, outcomes, reports[0], who), "plots/size_vs_quality.png")
     table = comparison_table(reports, task.columns)
     lineage = Lineage(
@@ -342,6 +367,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         soft_labels_key=key,
         recipe_hash=recipe.recipe_hash(),
         run_id=run_id,
+        stages=chain(recipe) or None,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
     with runs[decision.chosen.candidate]() as candidate_run_id:

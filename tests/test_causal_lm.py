@@ -485,3 +485,30 @@ def test_a_training_json_of_the_previous_release_still_loads(lm_teacher, lm_data
     index.write_text(json.dumps(old))
     (loaded,) = steps.load_students(tmp_path, recipe)
     assert loaded.distilled.best_score == 0.75 and loaded.distilled.steps == 3
+
+
+def test_an_lm_distills_through_an_assistant_and_born_again_generations(lm_teacher, lm_dataset, tmp_path):
+    """teacher (4 layers) → assistant (3 of them) → student (2 of the assistant's) → its second generation, each
+    stage from the stored top-k signal of the one before it."""
+    from distill_core import steps
+
+    assistant = {"name": "ta", "family": "transformer", "teacher_layers": [0, 2, 3]}
+    recipe = parse_recipe(
+        {
+            "name": "lm-stages",
+            "task": "causal_lm",
+            "students": [STUDENT | {"teacher_layers": [0, 2]}],
+            "stages": {"assistants": [assistant], "generations": 2},
+            "train": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "lr": 3e-3},
+            "evaluation": {"latency_samples": 5, "hard_label_baseline": False},
+        }
+    )
+    teacher = _loaded(lm_teacher)
+    labels = generate_soft_labels(teacher, lm_dataset, recipe.soft_labels, LocalStore(tmp_path), "causal_lm")
+    (outcome,) = steps.distill_all(recipe, lm_dataset, labels, teacher, tmp_path / "run", log=lambda _: None)
+    ta, gen1 = outcome.stages
+    assert [ta.name, gen1.name] == ["ta", "lm-2L.gen1"]
+    assert [len(m.model.model.layers) for m in (ta.result.student, gen1.result.student)] == [3, 2]
+    reports = steps.evaluate_all(recipe, lm_dataset, labels, teacher, [outcome])
+    assert [r.name for r in reports][1:] == ["ta (assistant)", "lm-2L.gen1", "lm-2L (distilled)"]
+    assert all(1 < r.perplexity < reports[0].perplexity * 50 for r in reports[1:])

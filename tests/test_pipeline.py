@@ -514,3 +514,31 @@ def test_a_killed_run_shows_as_stale_and_rerun_force_takes_it_over(env, small_da
     result = distill_teacher_version(env["teacher"], version, write_recipe(env), env["home"])
     assert result["status"] == "succeeded" and ledger_of(env, version)["status"] == "succeeded"
     assert sa.inspect(ledger.engine).has_table("distill_claims_v2")
+
+
+def test_a_run_in_stages_logs_every_stage_and_its_student_names_them(env, small_dataset):
+    """teacher → assistant → candidate, two born-again generations: each stage a nested run with its model (so it
+    can be registered), the registered student's lineage names the stages, the parent's table reports them."""
+    version = register_toy_teacher(env, small_dataset)
+    assistant = {"name": "ta", "family": "embedding_bag", "buckets": 8192, "dim": 16, "lr": 0.1}
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], stages={"assistants": [assistant], "generations": 2})
+    result = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+
+    assert result["status"] == "succeeded"
+    client = MlflowClient(env["tracking_uri"])
+    student = client.get_model_version(env["student"], result["student_version"])
+    assert student.tags["distill.stages"] == "ta (assistant) → 2 born-again generations"
+    run = client.get_run(student.tags["distill.run_id"])
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    by_name = {r.info.run_name: r for r in nested}
+    assert set(by_name) == {"bag-small", "ta (assistant)", "bag-small.gen1"}
+    for stage in ("ta (assistant)", "bag-small.gen1"):
+        assert by_name[stage].data.metrics["distilled.test_accuracy"] > 0
+        (logged,) = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{by_name[stage].info.run_id}'",
+            output_format="list",
+        )
+        assert mlflow.pyfunc.load_model(logged.model_uri).predict(pd.DataFrame({"text": ["a fine film"]})) is not None
+    report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report.md")
+    assert "| ta (assistant) |" in report and "| bag-small.gen1 |" in report
