@@ -23,6 +23,7 @@ class Lineage:
     recipe_hash: str | None = None
     run_id: str | None = None
     stages: str | None = None  # the assistants and born-again generations before the student, in words
+    warm_start: str | None = None  # the student version it started from, when it started warm
 
     def as_fields(self) -> dict[str, str]:
         """The fields that are set, by name (as `distill status` shows them)."""

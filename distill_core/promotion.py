@@ -45,6 +45,7 @@ class Decision:
     reason: str = ""  # why the student version got that alias (or none), in words: distill.promotion_reason
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the core's own work, by phase
+    start: str | None = None  # with warm_start: where the warm candidate started, or why the run was cold
 
     @property
     def status(self) -> str:

@@ -226,9 +226,22 @@ class StagesConfig(_Strict):
                 )
 
 
+class WarmStartConfig(_Strict):
+    """Re-distillation for a new teacher version that starts from a student version (the champion) instead of from
+    the teacher's layers: only the candidate that version was, on a cheaper schedule, and (with `changed`) only on
+    the transfer rows whose teacher output moved, plus a replayed share of the others against forgetting."""
+
+    version: int | None = Field(default=None, ge=1)  # the student version; None: the champion when the run starts
+    steps: float = Field(default=0.3, gt=0, le=1)  # the share of the cold run's step budget it trains for
+    changed: float | None = Field(default=0.05, gt=0, le=1)  # a row moved when its teacher output moved more than
+    # this: the total variation of a classifier's probabilities; a block's mean over positions of the total
+    # variation between the stored top-k (or sampled) distributions
+    replay: float = Field(default=0.2, ge=0, le=1)  # the share of the unmoved rows trained on as well
+
+
 # Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
 # added, so its registered students, checkpoints and idempotency keys stay its own.
-ADDED_SECTIONS = ("stages",)
+ADDED_SECTIONS = ("stages", "warm_start")
 
 
 class BaseRecipe(_Strict):
@@ -244,6 +257,7 @@ class BaseRecipe(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    warm_start: WarmStartConfig | None = None  # set: a new teacher version is re-distilled from the champion
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
@@ -253,6 +267,10 @@ class BaseRecipe(_Strict):
         if duplicates:
             raise ValueError(f"student and assistant names must be unique, repeated: {duplicates}")
         self.stages.check_chain(self.students)
+        if self.warm_start is not None and self.stages != StagesConfig():
+            raise ValueError(
+                "warm_start and stages: a warm start continues the champion itself, not a chain of stages; drop one"
+            )
         uses_hidden = {t.function for t in self.train.losses if t.needs_features}
         bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family == "embedding_bag"]
         if uses_hidden and bags:

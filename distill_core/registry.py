@@ -36,6 +36,7 @@ LEDGER_FIELDS = (
     "reasons",
     "error",
     "rerun_error",  # a rerun of a version that already had an outcome failed: the outcome stays, this says why
+    "start",  # a recipe with warm_start: where its student started (the student version, or cold and why)
     "claimed_by",
     "updated_at",
 )

@@ -68,6 +68,11 @@ def row_count(arrays: Arrays) -> int:
     return len(next(iter(arrays.values()))) if isinstance(arrays, dict) else len(arrays)
 
 
+def take(arrays: Arrays, rows: np.ndarray) -> Arrays:
+    """The signal's `rows`, in that order."""
+    return {name: a[rows] for name, a in arrays.items()} if isinstance(arrays, dict) else arrays[rows]
+
+
 def _read_shard(data: bytes, file: str) -> Arrays:
     if file.endswith(".npz"):
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:

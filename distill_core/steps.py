@@ -5,6 +5,7 @@ prepare → (teacher) → label → distill (each student, plus its hard-label t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -26,12 +27,14 @@ from distill_core.names import Kind, Role, display_name, generation_name
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.settings import Settings
-from distill_core.soft_labels import SoftLabels, generate_soft_labels
+from distill_core.soft_labels import SoftLabels, generate_soft_labels, take
 from distill_core.stages import STAGES, Stage, as_teacher, signal_of
 from distill_core.store import open_store
 from distill_core.tasks import Task, task_of
 from distill_core.train import TrainResult, TransferSet, baseline_config, train_student
 from distill_core.versioning import open_versioned
+from distill_core.warm import WarmStart
+from distill_core.warm import plan as plan_warm_start
 
 Log = Callable[[str], None]
 
@@ -93,6 +96,20 @@ def ensure_teacher(recipe: Recipe, settings: Settings, log: Log = print) -> tupl
     return train_and_register_teacher(recipe, settings, open_dataset(recipe, settings), log)
 
 
+def warm_start(
+    recipe: Recipe, settings: Settings, dataset: PreparedDataset, labels: SoftLabels, pinned: bool = False
+) -> tuple[WarmStart | None, str]:
+    """The recipe's warm start for this teacher version's labels, or None and why the run starts cold. `pinned`
+    (the DVC stages): the student version must be named in the recipe, so `dvc repro` starts where it did."""
+    cfg = recipe.warm_start
+    if pinned and cfg is not None and cfg.version is None:
+        raise RecipeError(
+            "warm_start.version is not set: the DVC stages start from a pinned student version (params.yaml), "
+            "not from whichever is champion when they run"
+        )
+    return plan_warm_start(recipe, settings.tracking_uri, open_store(settings.store_uri), dataset.digest, labels)
+
+
 def label(
     recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher, force: bool = False
 ) -> SoftLabels:
@@ -141,23 +158,35 @@ def distill_student(
     baseline: bool = False,
     log: Log = print,
     init: Any = None,
+    warm: WarmStart | None = None,
 ) -> TrainResult:
     """Train one student, by distillation from `teacher` (its signal: `labels`) or (baseline) on hard labels alone;
-    resumable from out_dir. A transformer student is cut from `init` (default: the teacher)."""
+    resumable from out_dir. A transformer student is cut from `init` (default: the teacher); a warm one starts
+    from the warm start's student version instead, on its rows and step budget."""
     task = task_of(recipe)
     transfer_texts, transfer_targets = task.examples(dataset, "transfer")
     torch.manual_seed(recipe.train.seed)
-    source = init if init is not None else teacher.module
-    student = task.build_student(student_cfg, source, dataset, transfer_texts, recipe.soft_labels, log)
+    if warm is not None:
+        student = copy.deepcopy(warm.module)
+    else:
+        source = init if init is not None else teacher.module
+        student = task.build_student(student_cfg, source, dataset, transfer_texts, recipe.soft_labels, log)
     val = task.examples(dataset, "validation")
+    kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
+    fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
+    cfg = recipe.train
     if baseline:
         transfer = TransferSet(*task.examples(dataset, "train"), None)
         cfg = baseline_config(recipe.train)
+    elif warm is not None and warm.rows is not None:
+        subset = take(labels.signal["transfer"], warm.rows)
+        chosen = [transfer_texts[int(i)] for i in warm.rows]
+        transfer = TransferSet(chosen, transfer_targets[warm.rows], subset)
     else:
         transfer = TransferSet(transfer_texts, transfer_targets, labels.signal["transfer"])
-        cfg = recipe.train
-    kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
-    fingerprint = f"{recipe.recipe_hash()}:{student_cfg.name}:{labels.key}:{kind}"
+    if warm is not None and not baseline:  # its step budget binds, however few rows it has
+        cfg = recipe.train.model_copy(update={"max_steps": warm.steps, "epochs": 1000})
+        fingerprint += f":{warm.fingerprint()}"
     log(f"training {student_cfg.name} ({kind}, {len(transfer.texts)} rows)")
     return train_student(
         student,
@@ -181,9 +210,11 @@ def distill_all(
     teacher: LoadedTeacher,
     out_dir: Path,
     log: Log = print,
+    warm: WarmStart | None = None,
 ) -> list[StudentOutcome]:
     """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it): the
-    teacher assistants first (each taught by the stage before it), then each candidate from the last of them."""
+    teacher assistants first (each taught by the stage before it), then each candidate from the last of them;
+    the warm start's candidate from its student version."""
     assistants: list[Stage] = []
     for cfg in recipe.stages.assistants:
         result = distill_student(recipe, cfg, dataset, labels, teacher, out_dir / STAGES, log=log)
@@ -191,7 +222,18 @@ def distill_all(
         teacher = as_teacher(recipe, cfg.name, result.student)
         labels = signal_of(recipe, dataset, teacher)
     return [
-        _distill_candidate(recipe, cfg, dataset, labels, teacher, out_dir, assistants, log) for cfg in recipe.students
+        _distill_candidate(
+            recipe,
+            cfg,
+            dataset,
+            labels,
+            teacher,
+            out_dir,
+            assistants,
+            log,
+            warm if warm and warm.candidate == cfg.name else None,
+        )
+        for cfg in recipe.students
     ]
 
 
@@ -204,6 +246,7 @@ def _distill_candidate(
     out_dir: Path,
     assistants: list[Stage],
     log: Log,
+    warm: WarmStart | None = None,
 ) -> StudentOutcome:
     """One candidate and its twin, both cut from `teacher`. Born-again: each generation but the first is taught
     by the one before it and starts where the first did (a fresh student of the same architecture)."""
@@ -215,7 +258,9 @@ def _distill_candidate(
         generations.append(Stage(generation_name(cfg.name, generation), cfg, Role.GENERATION, result))
         teacher = as_teacher(recipe, generations[-1].name, result.student)
         labels = signal_of(recipe, dataset, teacher)
-    distilled = distill_student(recipe, cfg, dataset, labels, teacher, out_dir, log=log, init=init.module)
+    if warm is not None:
+        log(f"{cfg.name}: {warm.said}")
+    distilled = distill_student(recipe, cfg, dataset, labels, teacher, out_dir, log=log, init=init.module, warm=warm)
     twin = None
     if recipe.evaluation.hard_label_baseline:
         twin = distill_student(recipe, cfg, dataset, first_labels, init, out_dir, baseline=True, log=log)
@@ -400,7 +445,10 @@ def distill_and_evaluate(
     labels = label(recipe, settings, dataset, teacher)
     log(f"soft labels {labels.key} ({'reused' if labels.reused else 'generated'})")
     out = run_dir(recipe, settings, teacher)
-    outcomes = distill_all(recipe, dataset, labels, teacher, out, log)
+    warm, start = warm_start(recipe, settings, dataset, labels, pinned=True)
+    if recipe.warm_start is not None:
+        log(start)
+    outcomes = distill_all(recipe, dataset, labels, teacher, out, log, warm)
     save_students(out, outcomes)
     reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
     return reports, write_report(recipe, out, reports, outcomes, lineage_meta(recipe, dataset, labels, teacher))

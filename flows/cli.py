@@ -264,7 +264,10 @@ def stage_train(
     loaded = _stage_teacher(rcp, settings, teacher)
     checkpoints = steps.run_dir(rcp, settings, loaded)  # under DISTILL_HOME: a killed stage resumes; DVC keeps out
     dataset, soft = steps.open_dataset(rcp, settings), _stage_labels(rcp, settings, labels)
-    outcomes = steps.distill_all(rcp, dataset, soft, loaded, checkpoints, _echo)
+    warm, start = steps.warm_start(rcp, settings, dataset, soft, pinned=True)
+    if rcp.warm_start is not None:
+        _echo(start)
+    outcomes = steps.distill_all(rcp, dataset, soft, loaded, checkpoints, _echo, warm)
     steps.save_students(out, outcomes)
     if plots is not None:
         steps.write_training_curves(plots, outcomes)

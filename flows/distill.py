@@ -107,6 +107,7 @@ def distill_teacher_version(
             student_version=decision.student_version,
             student_alias=decision.alias or "none",
             reasons="; ".join(decision.chosen.reasons) or "all gates passed",
+            **({"start": decision.start} if decision.start else {}),
             **{field: "" for field in ("error", "rerun_error") if before.get(field)},  # an earlier failure is over
         )
     return {

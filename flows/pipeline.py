@@ -39,6 +39,7 @@ from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_ke
 from distill_core.stages import Stage, chain
 from distill_core.store import check_locations, open_store
 from distill_core.tasks import task_of
+from distill_core.warm import WarmStart
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -115,10 +116,15 @@ def check_soft_labels_task(labels: SoftLabels, dataset: PreparedDataset, recipe:
 
 @task(cache_policy=NO_CACHE)
 def distill_candidates_task(
-    recipe: Recipe, dataset: PreparedDataset, labels: SoftLabels, teacher: LoadedTeacher, out_dir: Path
+    recipe: Recipe,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    out_dir: Path,
+    warm: WarmStart | None = None,
 ) -> list[steps.StudentOutcome]:
     logger = get_run_logger()
-    return steps.distill_all(recipe, dataset, labels, teacher, out_dir, log=logger.info)
+    return steps.distill_all(recipe, dataset, labels, teacher, out_dir, log=logger.info, warm=warm)
 
 
 @task(**IO_RETRIES)
@@ -327,8 +333,12 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     mlflow.log_param("soft_labels_key", key)
     with _data_docs(docs_dir):
         check_soft_labels_task(labels, dataset, recipe, docs_dir)
+    warm, start = steps.warm_start(recipe, settings, dataset, labels)
+    if recipe.warm_start is not None:
+        mlflow.log_param("warm_start", start[:500])
     with _timed(timings, "distill"):
-        outcomes = distill_candidates_task(recipe, dataset, labels, teacher, steps.run_dir(recipe, settings, teacher))
+        out_dir = steps.run_dir(recipe, settings, teacher)
+        outcomes = distill_candidates_task(recipe, dataset, labels, teacher, out_dir, warm)
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
     with _timed(timings, "evaluate"):
@@ -368,6 +378,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         recipe_hash=recipe.recipe_hash(),
         run_id=run_id,
         stages=chain(recipe) or None,
+        warm_start=warm.version if warm is not None and warm.candidate == decision.chosen.candidate else None,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
     with runs[decision.chosen.candidate]() as candidate_run_id:
@@ -375,6 +386,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
     _log_decision(recipe, decision, table)
     docs_uri = _log_data_docs(docs_dir)
     decision.timings = timings
+    decision.start = start if recipe.warm_start is not None else None
     mlflow.log_metrics({names.seconds_metric(phase): value for phase, value in timings.items()})
     create_markdown_artifact(
         _summary_markdown(recipe, teacher, decision, table, docs_uri, settings),

@@ -3,6 +3,7 @@ its config as the teacher where SmolLM2's weights would be too slow, and one tes
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -512,3 +513,38 @@ def test_an_lm_distills_through_an_assistant_and_born_again_generations(lm_teach
     reports = steps.evaluate_all(recipe, lm_dataset, labels, teacher, [outcome])
     assert [r.name for r in reports][1:] == ["ta (assistant)", "lm-2L.gen1", "lm-2L (distilled)"]
     assert all(1 < r.perplexity < reports[0].perplexity * 50 for r in reports[1:])
+
+
+def test_an_lm_student_starts_warm_on_the_blocks_whose_stored_distribution_moved(lm_teacher, lm_dataset, tmp_path):
+    """A better teacher version: the champion student continues on the blocks whose stored signal moved (plus a
+    replay share), for its share of the steps; the stored sparse arrays are cut to those blocks."""
+    from distill_core import steps
+    from distill_core.lm_teacher import finetune
+    from distill_core.warm import WarmStart, moved_rows
+
+    recipe = parse_recipe(
+        {
+            "name": "lm-warm",
+            "task": "causal_lm",
+            "students": [STUDENT],
+            "train": {"max_steps": 6, "batch_size": 8, "eval_every": 2, "lr": 3e-3},
+            "evaluation": {"hard_label_baseline": False},
+            "warm_start": {"steps": 0.5, "changed": 0.08, "replay": 0.1},
+        }
+    )
+    store = LocalStore(tmp_path)
+    old = generate_soft_labels(_loaded(lm_teacher), lm_dataset, recipe.soft_labels, store, "causal_lm")
+    better = finetune(copy.deepcopy(lm_teacher), blocks_of(lm_dataset, "train"), 15, lr=3e-3, batch_size=8,
+                      seed=1, log=lambda _: None)  # fmt: skip
+    new = generate_soft_labels(
+        LoadedTeacher(better, "tiny-lm", "2", "digest-2"), lm_dataset, recipe.soft_labels, store, "causal_lm"
+    )
+    rows, moved = moved_rows(recipe, old.signal["transfer"], new.signal["transfer"])
+    assert 0 < moved <= len(rows) < len(old.signal["transfer"]["ids"])
+    champion = CAUSAL_LM.build_student(recipe.students[0], lm_teacher, lm_dataset, [], None, lambda _: None)
+    warm = WarmStart("1", "lm-2L", champion, rows, 3, "warm from lm-student v1")
+    loaded = LoadedTeacher(better, "tiny-lm", "2", "digest-2")
+    said: list[str] = []
+    (outcome,) = steps.distill_all(recipe, lm_dataset, new, loaded, tmp_path / "run", log=said.append, warm=warm)
+    assert outcome.distilled.steps == 3 and f"training lm-2L (distilled, {len(rows)} rows)" in said
+    assert not torch.equal(next(champion.parameters()), next(outcome.distilled.student.parameters()))

@@ -120,3 +120,33 @@ def test_stages_train_in_order_and_a_run_killed_in_one_resumes_there_reusing_the
     (loaded,) = steps.load_students(tmp_path / "saved", recipe)
     assert [s.name for s in loaded.stages] == ["ta", "tf.gen1"]
     assert loaded.stages[1].result.history == outcome.stages[1].result.history
+
+
+def test_a_warm_start_trains_on_the_rows_whose_signal_moved_plus_a_seeded_replay_of_the_rest():
+    from distill_core.warm import moved_rows
+
+    recipe = _recipe(stages={}, warm_start={"changed": 0.1, "replay": 0.25})
+    old = torch.zeros(100, 2).numpy()
+    new = old.copy()
+    new[:10, 0] = 3.0  # rows 0..9: p(class 0) 0.5 -> 0.95, a total variation of 0.45
+    new[10:20, 0] = 0.1  # rows 10..19 moved by 0.025: below the threshold
+    rows, moved = moved_rows(recipe, old, new)
+    assert moved == 10 and set(range(10)) <= set(rows.tolist())
+    assert len(rows) == 10 + round(0.25 * 90) and list(rows) == sorted(rows)
+    again, _ = moved_rows(recipe, old, new)
+    assert again.tolist() == rows.tolist()  # seeded: a rerun trains on the same rows
+
+
+def test_the_dvc_stages_refuse_a_warm_start_that_names_no_student_version(small_dataset, tmp_path):
+    from distill_core.settings import load_settings
+    from distill_core.soft_labels import SoftLabels
+
+    recipe = _recipe(stages={}, warm_start={})
+    labels = SoftLabels("k", {"transfer": torch.zeros(3, 2).numpy()}, {}, reused=False)
+    with pytest.raises(RecipeError, match="warm_start.version is not set: the DVC stages start from a pinned"):
+        steps.warm_start(recipe, load_settings(tmp_path), small_dataset, labels, pinned=True)
+
+
+def test_a_warm_start_and_stages_together_are_refused():
+    with pytest.raises(RecipeError, match="warm_start and stages"):
+        _recipe(warm_start={})

@@ -542,3 +542,33 @@ def test_a_run_in_stages_logs_every_stage_and_its_student_names_them(env, small_
         assert mlflow.pyfunc.load_model(logged.model_uri).predict(pd.DataFrame({"text": ["a fine film"]})) is not None
     report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report.md")
     assert "| ta (assistant) |" in report and "| bag-small.gen1 |" in report
+
+
+def test_a_warm_start_falls_back_to_cold_without_a_champion_then_starts_from_it_on_the_rows_that_moved(
+    env, small_dataset
+):
+    warm = {"steps": 0.3, "changed": 0.05, "replay": 0.1}
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], warm_start=warm)
+    first = distill_teacher_version(env["teacher"], register_toy_teacher(env, small_dataset), recipe, env["home"])
+    assert first["alias"] == CHAMPION
+    assert (
+        ledger_of(env, "1")["start"]
+        == f"cold: warm_start asked for, but {env['student']} has no champion to start from"
+    )
+    client = MlflowClient(env["tracking_uri"])
+    assert "distill.warm_start" not in client.get_model_version(env["student"], first["student_version"]).tags
+
+    second = distill_teacher_version(
+        env["teacher"], register_toy_teacher(env, small_dataset, seed=1, epochs=60), recipe, env["home"]
+    )
+    start = ledger_of(env, "2")["start"]
+    # 210 train reviews, one augmented copy: 420 transfer rows, 14 steps an epoch, 3 epochs cold: 42 steps
+    assert start.startswith(f"warm from {env['student']} v1 (bag-small), 13 steps, on ")
+    trained, total = (int(n.replace(",", "")) for n in start.split(", on ")[1].split(" transfer rows")[0].split(" of "))
+    assert total == 420 and 0 < trained < total
+    student = client.get_model_version(env["student"], second["student_version"])
+    assert student.tags["distill.warm_start"] == first["student_version"]
+    run = client.get_run(student.tags["distill.candidate_run_id"])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "distilled.val_accuracy")]
+    assert max(steps) <= 13  # the warm budget (or an early stop before it), not the cold run's 42
+    assert client.get_run(student.tags["distill.run_id"]).data.params["warm_start"] == start

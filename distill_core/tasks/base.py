@@ -122,6 +122,11 @@ class Task(ABC):
     def stored_source(self, signal: Any, cfg: Any) -> SignalSource:
         """The source that gives the stored signal of a batch's rows to the loss."""
 
+    @abstractmethod
+    def signal_change(self, old: Any, new: Any) -> np.ndarray:
+        """How far the stored signal moved from `old` to `new` on each row, in [0, 1] (a warm start trains on the
+        rows that moved more than warm_start.changed)."""
+
     # --- metrics ---
     @abstractmethod
     def validate(self, model: TextModule, texts: Sequence[Any], targets: np.ndarray) -> float:

@@ -419,6 +419,20 @@ class CausalLMTask(Task):
     def stored_source(self, signal: Any, cfg: LMSignalConfig) -> SignalSource:
         return StoredSparseSource(signal, cfg)
 
+    def signal_change(self, old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> np.ndarray:
+        """Per block, the mean over its positions of the total variation between the two stored distributions, over
+        the ids either one stored (an id one of them left out counts as 0 there), a few blocks at a time."""
+        moved = np.zeros(len(old["ids"]), dtype=np.float64)
+        for start in range(0, len(moved), 64):
+            rows = slice(start, start + 64)
+            old_ids, new_ids = old["ids"][rows], new["ids"][rows]
+            p_old, p_new = (np.exp(s["logprobs"][rows].astype(np.float64)) for s in (old, new))
+            same = old_ids[..., :, None] == new_ids[..., None, :]  # [blocks, T, k old, k new]
+            new_at_old = (same * p_new[..., None, :]).sum(-1)
+            only_new = p_new * ~same.any(-2)
+            moved[rows] = (0.5 * (np.abs(p_old - new_at_old).sum(-1) + only_new.sum(-1))).mean(-1)
+        return moved
+
     # --- metrics ---
     def validate(self, model: TextModule, inputs: Sequence[Any], targets: np.ndarray) -> float:
         return math.exp(next_token_stats(model, targets)["nll"])

@@ -208,6 +208,11 @@ class ClassificationTask(Task):
     def stored_source(self, signal: np.ndarray, cfg: SoftLabelConfig) -> SignalSource:
         return StoredSource(torch.tensor(signal))
 
+    def signal_change(self, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """The total variation between the two distributions over the classes, per row."""
+        p, q = (torch.softmax(torch.as_tensor(x, dtype=torch.float64), dim=-1) for x in (old, new))
+        return (0.5 * (p - q).abs().sum(-1)).numpy()
+
     def validate(self, model: TextModule, texts: Sequence[Any], targets: np.ndarray) -> float:
         return evaluate.accuracy(evaluate.predict(model, list(texts)), targets)
 
