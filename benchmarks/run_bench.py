@@ -183,50 +183,141 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
 
 
 MODES_STEPS = 1000  # the step budget of every student and stage in the modes section
+MODES_PARTS = ("stages", "warm")
 
 
-def modes(recipe_path: Path) -> dict[str, object]:
-    """Distillation modes against the plain single-teacher student, same data, steps and seeds: the bench
-    recipe's students straight from the teacher (= born-again generation 1), through a 3-layer teacher assistant,
-    and born-again generations 2 and 3. Reuses the quality section's teacher and stored labels when it ran."""
+def _modes_setup(recipe_path: Path):  # noqa: ANN202 - (recipe, settings, teacher name, v1, v2)
+    """The modes section's recipe (the bench recipe with one augmented copy, every student MODES_STEPS steps, no
+    hard-label twins) and its two teacher versions: v1 the bench teacher, v2 the same recipe retrained with another
+    seed (a new teacher version, as a team's retraining makes one). Both are reused when an earlier run made them."""
     from mlflow.tracking import MlflowClient
 
     from distill_core import steps
-    from distill_core.recipe import StagesConfig, StudentConfig, load_recipe
+    from distill_core.recipe import load_recipe
     from distill_core.settings import load_settings
 
     base = load_recipe(recipe_path)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("DISTILL_STORE", None)
-    settings = load_settings(HERE / ".work" / "quality")  # the quality section's teacher and labels, when there
-    name = base.teacher.registered_name
-    existing = MlflowClient(settings.tracking_uri).search_model_versions(f"name='{name}'")
-    started = time.perf_counter()
-    if existing:
-        version = str(max(int(v.version) for v in existing))
-    else:
-        name, version = steps.train_and_register_teacher(base, settings, steps.prepare(base, settings), log=print)
+    settings = load_settings(HERE / ".work" / "modes")
     train = base.train.model_copy(update={"max_steps": MODES_STEPS, "eval_every": 250, "checkpoint_every": 500})
     evaluation = base.evaluation.model_copy(update={"hard_label_baseline": False, "latency_samples": 100})
-    assistant = StudentConfig(name="ta-3L", family="transformer", teacher_layers=[0, 2, 4], lr=1e-4)
-    variants = {
-        "born-again": StagesConfig(generations=3),
-        "assistant": StagesConfig(assistants=[assistant]),
+    data = base.data.model_copy(update={"augment_copies": 1})
+    recipe = base.model_copy(update={"train": train, "evaluation": evaluation, "data": data})
+    name = recipe.teacher.registered_name
+    have = {int(v.version) for v in MlflowClient(settings.tracking_uri).search_model_versions(f"name='{name}'")}
+    for version, seed in ((1, 0), (2, 1)):
+        if version not in have:
+            print(f"modes: training teacher v{version} (seed {seed})")
+            steps.train_and_register_teacher(recipe, settings, steps.prepare(recipe, settings), log=print, seed=seed)
+    return recipe, settings, name
+
+
+def _modes_variant(recipe, settings, name: str, version: str, variant: str, **update) -> dict[str, object]:  # noqa: ANN001
+    from distill_core import steps
+
+    recipe = recipe.model_copy(update={"name": f"modes-{variant}", **update})
+    began = time.perf_counter()
+    reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
+    training = json.loads((out / "training.json").read_text())
+    print(f"modes {variant}: {time.perf_counter() - began:.0f} s")
+    return {
+        "teacher": f"{name} v{version}",
+        "seconds": time.perf_counter() - began,
+        "reports": [r.as_dict() for r in reports],
+        "train_seconds": {k: v["seconds"] for k, v in training.items()},
+        "steps": {k: v["steps"] for k, v in training.items()},
+        "out": str(out),
     }
-    measured: dict[str, object] = {"teacher": f"{name} v{version}", "steps": MODES_STEPS}
-    for variant, stages in variants.items():
-        recipe = base.model_copy(
-            update={"name": f"modes-{variant}", "train": train, "evaluation": evaluation, "stages": stages}
+
+
+def _register_champion(recipe, settings, module, candidate: str, labels_key: str, digest: str) -> str:  # noqa: ANN001
+    """The v1 student as the student model's champion, with the lineage a pipeline run gives it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from distill_core import names
+    from distill_core.lineage import Lineage
+    from distill_core.model_io import log_student
+    from distill_core.registry import CHAMPION
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    lineage = Lineage(dataset_digest=digest, soft_labels_key=labels_key)
+    with mlflow.start_run(run_name="modes-champion"):
+        _, version = log_student(
+            module,
+            registered_model_name=recipe.student_registered_name,
+            input_texts=["a fine film"],
+            tags={**lineage.tags(), names.CANDIDATE: candidate},
         )
+    MlflowClient(settings.tracking_uri).set_registered_model_alias(recipe.student_registered_name, CHAMPION, version)
+    return str(version)
+
+
+def modes(recipe_path: Path, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, object]:
+    """Distillation modes against the plain single-teacher student of the same size, data, steps and seeds.
+    stages: the students straight from teacher v1 (= born-again generation 1), born-again generations 2 and 3, and
+    the students through a 3-layer teacher assistant. warm: on teacher v2, the transformer student cold (from the
+    teacher's layers, the full step budget) against warm (from the v1 student, its warm_start share of the steps,
+    on the rows whose signal moved plus a replay), and what each remembers of teacher v1."""
+    from distill_core import evaluate, steps
+    from distill_core.model_io import load_teacher
+    from distill_core.modules import read_module
+    from distill_core.names import generation_name
+    from distill_core.recipe import StagesConfig, StudentConfig, WarmStartConfig
+    from distill_core.stages import STAGES
+    from distill_core.tasks import task_of
+
+    started = time.perf_counter()
+    recipe, settings, name = _modes_setup(recipe_path)
+    shutil.rmtree(settings.runs_dir, ignore_errors=True)  # students train anew (a reused checkpoint times 0 s)
+    measured: dict[str, object] = {"steps": MODES_STEPS}
+    if "stages" in parts:
+        assistant = StudentConfig(name="ta-3L", family="transformer", teacher_layers=[0, 2, 4], lr=1e-4)
+        measured["born-again"] = _modes_variant(
+            recipe, settings, name, "1", "born-again", stages=StagesConfig(generations=3)
+        )
+        measured["assistant"] = _modes_variant(
+            recipe, settings, name, "1", "assistant", stages=StagesConfig(assistants=[assistant])
+        )
+    if "warm" in parts:
+        student = recipe.students[0].name  # the transformer: what a warm start continues
+        dataset = steps.open_dataset(recipe, settings)
+        v1 = load_teacher(name, "1", settings.tracking_uri)
+        v1_labels = steps.label(recipe, settings, dataset, v1)
+        v2 = load_teacher(name, "2", settings.tracking_uri)
         began = time.perf_counter()
-        reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
-        training = json.loads((out / "training.json").read_text())
-        measured[variant] = {
-            "seconds": time.perf_counter() - began,
-            "reports": [r.as_dict() for r in reports],
-            "train_seconds": {k: v["seconds"] for k, v in training.items()},
+        v2_labels = steps.label(recipe, settings, dataset, v2)
+        label_seconds = time.perf_counter() - began if not v2_labels.reused else None
+        if "born-again" in measured:  # its generation 1 is the plain student of teacher v1
+            champion_path = Path(measured["born-again"]["out"]) / STAGES / f"{generation_name(student, 1)}.pt"
+        else:
+            plain = recipe.model_copy(update={"name": "modes-plain"})
+            champion_path = steps.distill_and_evaluate(plain, settings, name, "1", log=print)[1] / student
+            champion_path = champion_path / "distilled.pt"
+        module = read_module(champion_path)
+        version = _register_champion(recipe, settings, module, student, v1_labels.key, dataset.digest)
+        cold = _modes_variant(recipe, settings, name, "2", "cold")
+        warm_cfg = WarmStartConfig(version=int(version), steps=0.3, changed=0.1, replay=0.2)
+        warm = _modes_variant(recipe, settings, name, "2", "warm", warm_start=warm_cfg)
+        texts, _ = task_of(recipe).examples(dataset, "test")
+        models = {
+            "champion (v1 student)": module,
+            "cold": read_module(Path(cold["out"]) / student / "distilled.pt"),
+            "warm": read_module(Path(warm["out"]) / student / "distilled.pt"),
         }
-        print(f"modes {variant}: {time.perf_counter() - began:.0f} s")
+        remembered = {
+            who: evaluate.agreement(evaluate.predict(model, list(texts)), v1_labels.signal["test"])
+            for who, model in models.items()
+        }
+        measured["warm"] = {
+            "student": student,
+            "label_seconds_v2": label_seconds,
+            "cold": cold,
+            "warm": warm,
+            "agreement_with_v1": remembered,
+            "v1_v2_test_agreement": evaluate.agreement(v2_labels.signal["test"], v1_labels.signal["test"]),
+        }
     measured["total_seconds"] = time.perf_counter() - started
     return measured
 
@@ -590,6 +681,71 @@ def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml", quality: bool = Tr
     return out
 
 
+def _modes_markdown(part: dict[str, object]) -> list[str]:
+    lines = [
+        f"## Distillation modes on Rotten Tomatoes (every student and stage {part['steps']} steps, same data and "
+        f"seeds; {part['total_seconds'] / 60:.0f} min)",
+        "",
+    ]
+    stage_variants = [v for v in ("born-again", "assistant") if v in part]
+    if stage_variants:
+        lines += [
+            f"Teacher {part[stage_variants[0]]['teacher']}. Born-again generation 1 is the plain student distilled "
+            "straight from the teacher (the baseline of both modes); the assistant's students are cut from and "
+            "taught by the 3-layer assistant.",
+            "",
+            "| mode | model | acc | of teacher | agree | params | training s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for variant in stage_variants:
+            seconds = part[variant]["train_seconds"]
+            for report in part[variant]["reports"]:
+                model = str(report["name"])
+                key = model.split(" (")[0]
+                trained = seconds.get(f"stages/{key}", seconds.get(f"{key}/distilled"))
+                took = "" if trained is None else f"{trained:.0f}"
+                lines.append(
+                    f"| {variant} | {model} | {report['accuracy']:.3f} | {report['retention']:.1%} | "
+                    f"{report['agreement']:.3f} | {report['params']:,} | {took} |"
+                )
+        lines.append("")
+    warm = part.get("warm")
+    if isinstance(warm, dict):
+        student, cold, hot = warm["student"], warm["cold"], warm["warm"]
+        key = f"{student}/distilled"
+
+        def row(name: str, run: dict) -> str:
+            report = next(r for r in run["reports"] if r["name"] == f"{student} (distilled)")
+            return (
+                f"| {name} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
+                f"{warm['agreement_with_v1'][name]:.3f} | {run['steps'][key]} | {run['train_seconds'][key]:.0f} | "
+                f"{run['seconds'] + (warm['label_seconds_v2'] or 0):.0f} |"
+            )
+
+        ratio = hot["train_seconds"][key] / max(cold["train_seconds"][key], 1e-9)
+        lines += [
+            f"Warm re-distillation of {student} on a new teacher version ({cold['teacher']}: the bench teacher "
+            f"retrained with another seed; it agrees with v1 on {warm['v1_v2_test_agreement']:.1%} of the test "
+            "reviews), from the v1 student (the champion), against the same student cold:",
+            "",
+            "| start | acc | agree (v2) | agree (v1) | steps | training s | end to end s (labeling included) |",
+            "|---|---|---|---|---|---|---|",
+            row("cold", cold),
+            row("warm", hot),
+            f"| champion (v1 student) | | | {warm['agreement_with_v1']['champion (v1 student)']:.3f} | | | |",
+            "",
+            f"Warm training took {ratio:.1%} of the cold training time (goal ≤ 30% at equal or better quality); "
+            + (
+                f"labeling teacher v2 took {warm['label_seconds_v2']:.0f} s of each end-to-end run. "
+                if warm["label_seconds_v2"]
+                else ""
+            )
+            + "`agree (v1)`: agreement with teacher v1 on the test split, what the student kept of the old teacher.",
+            "",
+        ]
+    return lines
+
+
 def markdown(results: dict[str, object]) -> str:
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     over = results.get("overheads")
@@ -644,31 +800,7 @@ def markdown(results: dict[str, object]) -> str:
         ]
     mode_part = results.get("modes")
     if isinstance(mode_part, dict):
-        lines += [
-            f"## Distillation modes on Rotten Tomatoes (teacher {mode_part['teacher']}, every student and stage "
-            f"{mode_part['steps']} steps, same data and seeds; {mode_part['total_seconds'] / 60:.0f} min)",
-            "",
-            "| mode | model | acc | of teacher | agree | params | training s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for variant in ("born-again", "assistant"):
-            part = mode_part[variant]
-            seconds = part["train_seconds"]
-            for report in part["reports"]:
-                model = str(report["name"])
-                key = model.split(" (")[0]
-                trained = seconds.get(f"stages/{key}", seconds.get(f"{key}/distilled"))
-                lines.append(
-                    f"| {variant} | {model} | {report['accuracy']:.3f} | {report['retention']:.1%} | "
-                    f"{report['agreement']:.3f} | {report['params']:,} | "
-                    f"{'' if trained is None else f'{trained:.0f}'} |"
-                )
-        lines += [
-            "",
-            "Born-again generation 1 is the plain student distilled straight from the teacher (the baseline of both "
-            "modes); the assistant's students are cut from and taught by the 3-layer assistant.",
-            "",
-        ]
+        lines += _modes_markdown(mode_part)
     lm_part = results.get("lm")
     if isinstance(lm_part, dict):
         lab, step, sig = lm_part["labeling"], lm_part["train_step"], lm_part["signal"]
@@ -735,7 +867,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--only",
-        choices=("overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-overheads"),
+        choices=(
+            "overheads",
+            "pipeline",
+            "quality",
+            "modes",
+            "modes-stages",
+            "modes-warm",
+            "trigger",
+            "lm",
+            "lm-overheads",
+        ),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
     )
@@ -762,8 +904,14 @@ def main() -> None:
         print(json.dumps(results["pipeline"], indent=2, default=float))
     if "quality" in parts:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
-    if "modes" in parts:
-        results["modes"] = modes(args.recipe.resolve())
+    mode_parts = (
+        MODES_PARTS if "modes" in parts else tuple(p.removeprefix("modes-") for p in parts if p.startswith("modes-"))
+    )
+    if mode_parts:
+        old_modes = (
+            json.loads((HERE / "results.json").read_text()).get("modes", {}) if (HERE / "results.json").exists() else {}
+        )
+        results["modes"] = {**old_modes, **modes(args.recipe.resolve(), mode_parts)}
     if "lm" in parts:
         results["lm"] = lm()
     elif "lm-overheads" in parts:  # signal size, labeling and training step only (about 6 minutes)
