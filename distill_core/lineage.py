@@ -24,6 +24,7 @@ class Lineage:
     run_id: str | None = None
     stages: str | None = None  # the assistants and born-again generations before the student, in words
     warm_start: str | None = None  # the student version it started from, when it started warm
+    teachers: str | None = None  # an ensemble's members: `a v2 (weight 1), b v1 (weight 1)`
 
     def as_fields(self) -> dict[str, str]:
         """The fields that are set, by name (as `distill status` shows them)."""

@@ -86,6 +86,12 @@ def report_metric(kind: Kind, field: str) -> str:
     return f"{kind}.test_{field}"
 
 
+def member_metric(member: str, field: str) -> str:
+    """A distilled student's test-split field against one member of an ensemble teacher: `distilled.test_agreement
+    vs a v2`."""
+    return f"{Kind.DISTILLED}.test_{field} vs {member}"
+
+
 def seconds_metric(phase: str) -> str:
     """The seconds the core's own work took in a phase: `seconds.distill`."""
     return f"seconds.{phase}"

@@ -239,9 +239,34 @@ class WarmStartConfig(_Strict):
     replay: float = Field(default=0.2, ge=0, le=1)  # the share of the unmoved rows trained on as well
 
 
+class TeacherMember(_Strict):
+    """One teacher of an ensemble: a registered model's version (a number, `latest`, or an alias), or its `last`
+    N versions, each with `weight` (weights are normalised over the members)."""
+
+    name: str = Field(min_length=1)
+    version: int | str = "latest"
+    last: int | None = Field(default=None, ge=2, le=20)  # the newest N versions of the model, each a member
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, version: int | str) -> int | str:
+        if isinstance(version, int) and version < 1:
+            raise ValueError("a version number is 1 or more; or write latest, or an alias")
+        if isinstance(version, str) and not version.strip():
+            raise ValueError("write a version number, latest, or an alias")
+        return version
+
+    @model_validator(mode="after")
+    def _last_or_version(self) -> TeacherMember:
+        if self.last is not None and "version" in self.model_fields_set:
+            raise ValueError("give either version or last, not both")
+        return self
+
+
 # Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
 # added, so its registered students, checkpoints and idempotency keys stay its own.
-ADDED_SECTIONS = ("stages", "warm_start")
+ADDED_SECTIONS = ("stages", "warm_start", "teachers")
 
 
 class BaseRecipe(_Strict):
@@ -258,6 +283,7 @@ class BaseRecipe(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
     warm_start: WarmStartConfig | None = None  # set: a new teacher version is re-distilled from the champion
+    teachers: list[TeacherMember] = Field(default_factory=list)  # set: an ensemble of these is the teacher
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
@@ -271,6 +297,14 @@ class BaseRecipe(_Strict):
             raise ValueError(
                 "warm_start and stages: a warm start continues the champion itself, not a chain of stages; drop one"
             )
+        members = [(m.name, str(m.version) if m.last is None else f"last {m.last}") for m in self.teachers]
+        repeated = sorted({f"{n} {v}" for n, v in members if members.count((n, v)) > 1})
+        if repeated:
+            raise ValueError(f"teachers: each member once, repeated: {repeated}")
+        if len(self.teachers) == 1 and self.teachers[0].last is None:
+            raise ValueError("teachers: an ensemble needs two members or more (or one with last: N)")
+        if self.teachers and any(t.needs_features for t in self.train.losses):
+            raise ValueError("teachers: feature and attention terms match one teacher's layers, not an ensemble's")
         uses_hidden = {t.function for t in self.train.losses if t.needs_features}
         bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family == "embedding_bag"]
         if uses_hidden and bags:
@@ -279,6 +313,15 @@ class BaseRecipe(_Strict):
                 f"students {bags} do not have: use transformer students or drop those terms"
             )
         return self
+
+    def distills(self, teacher: str) -> bool:
+        """Whether versions of this registered model are the recipe's teacher (or one of its ensemble's)."""
+        return teacher in self.teacher_names
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The registered teacher models the recipe watches: the ensemble's members, else its one teacher."""
+        return list(dict.fromkeys(m.name for m in self.teachers)) or [self.teacher.registered_name]
 
     def student(self, name: str) -> StudentConfig:
         for s in self.students:
@@ -437,6 +480,8 @@ class CausalLMRecipe(BaseRecipe):
         features = sorted({t.function for t in self.train.losses if t.needs_features})
         if features:
             raise ValueError(f"loss terms {features} are for classifier students; a causal LM distills its logits")
+        if self.train.mode == "online" and self.teachers:
+            raise ValueError("teachers: an ensemble of LM teachers is distilled offline (train.mode: offline)")
         if self.train.mode == "online":
             return self  # the full teacher distribution: every divergence is defined
         reading = self.soft_labels.reading

@@ -93,9 +93,12 @@ def generate_soft_labels(
     store: ArtifactStore | None,
     task: str = "classification",
     force: bool = False,
+    splits: tuple[str, ...] = LABELED_SPLITS,
 ) -> SoftLabels:
     """Label every split with the teacher, or reuse a complete entry with the same key. With no store the signal
     is only made (a stage of the run's own: its model is checkpointed, so its signal is made again on resume)."""
+    if store is not None and tuple(splits) != LABELED_SPLITS:
+        raise ValueError(f"a stored entry holds every split {LABELED_SPLITS}, not {splits}")
     labeler = task_named(task)
     key = soft_label_key(teacher.identity, dataset.digest, cfg, task)
     prefix = f"soft_labels/{key}"
@@ -107,7 +110,7 @@ def generate_soft_labels(
     started = time.perf_counter()
     shards: list[dict[str, Any]] = []
     signal: dict[str, Arrays] = {}
-    for split in LABELED_SPLITS:
+    for split in splits:  # fewer only unstored (a store entry has every split)
         inputs, _ = labeler.examples(dataset, split)
         chunks = []
         for shard_index, chunk in enumerate(labeler.teacher_signal(teacher, inputs, cfg, f"soft labels ({split})")):

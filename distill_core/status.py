@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -47,11 +48,12 @@ def _ledger_line(
     return line
 
 
-def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
+def collect(settings: Settings, teacher: str, student: str, members: Sequence[str] = ()) -> dict[str, Any]:
     """Everything a person asks about the pipeline's state, as plain data.
 
     Each teacher version lists the recipe's student model's ledger at the top level and every student model's
-    (several recipes may distill one teacher) under `students`.
+    (several recipes may distill one teacher) under `students`. `members`: an ensemble recipe's other teacher
+    models, listed the same way under `members`.
     """
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     now = time.time()
@@ -69,20 +71,24 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
     if teacher_versions(client, student):
         reconcile(client, ledger, student)
     upgrade_ledger(client, ledger)
-    teachers: list[dict[str, Any]] = []
-    for v in teacher_versions(client, teacher):
-        version = str(v.version)
-        entries = ledgers_of(client, v, cache)
-        lines = {
-            name: _ledger_line(
-                entries.get(name) or entries.get(ANY_STUDENT, {}),
-                ledger.claim_of(teacher, version, name),
-                aliases_of(name),
-                now,
-            )
-            for name in sorted({*entries, student} - {ANY_STUDENT})
-        }
-        teachers.append({"version": version, **lines[student], "students": lines})
+
+    def versions_of(teacher: str) -> list[dict[str, Any]]:
+        teachers: list[dict[str, Any]] = []
+        for v in teacher_versions(client, teacher):
+            version = str(v.version)
+            entries = ledgers_of(client, v, cache)
+            lines = {
+                name: _ledger_line(
+                    entries.get(name) or entries.get(ANY_STUDENT, {}),
+                    ledger.claim_of(teacher, version, name),
+                    aliases_of(name),
+                    now,
+                )
+                for name in sorted({*entries, student} - {ANY_STUDENT})
+            }
+            teachers.append({"version": version, **lines[student], "students": lines})
+        return teachers
+
     current = aliases(client, student)
     students: list[dict[str, Any]] = []
     for v in teacher_versions(client, student):
@@ -101,7 +107,8 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
     ]
     return {
         "tracking_uri": redact(settings.tracking_uri),
-        "teacher": {"name": teacher, "versions": teachers},
+        "teacher": {"name": teacher, "versions": versions_of(teacher)},
+        "members": [{"name": name, "versions": versions_of(name)} for name in members if name != teacher],
         "student": {"name": student, "aliases": current, "versions": students},
         "alias_history": history,
     }
@@ -109,20 +116,10 @@ def collect(settings: Settings, teacher: str, student: str) -> dict[str, Any]:
 
 def render(state: dict[str, Any]) -> str:
     """The same state as text for a terminal."""
-    lines = [f"MLflow {state['tracking_uri']}", "", f"teacher {state['teacher']['name']}"]
-    for t in state["teacher"]["versions"]:
-        for name, line in t["students"].items():
-            extra = (
-                f"student v{line['student_version']} ({line.get('student_alias', 'none')})"
-                if "student_version" in line
-                else ""
-            )
-            why = line.get("error") or (line.get("reasons") if line["status"] == "rejected" else "")
-            if line.get("rerun_error"):
-                why = f"{why} (a rerun failed: {line['rerun_error']})".strip()
-            claim = f"[{line['claim']}]" if "claim" in line and line["status"] in ("claimed", "running") else ""
-            who = "" if name == state["student"]["name"] and len(t["students"]) == 1 else f"{name}: "
-            lines.append(f"  v{t['version']:<4} {who}{line['status']:<10} {extra} {why} {claim}".rstrip())
+    lines = [f"MLflow {state['tracking_uri']}"]
+    for model in [state["teacher"], *state.get("members", [])]:
+        lines += ["", f"teacher {model['name']}"]
+        lines += _ledger_lines(model["versions"], state["student"]["name"])
     student = state["student"]
     lines += [
         "",
@@ -135,7 +132,8 @@ def render(state: dict[str, Any]) -> str:
         measured = " ".join(f"{field} {readable(field, s[field])}" for field in shown if field in s)
         lines.append(
             f"  v{s['version']:<4} {','.join(s['aliases']) or '-':<20} {s.get('candidate', '?'):<18} "
-            f"gate {s.get('gate', '?'):<6} {measured} from teacher v{s.get('teacher_version', '?')}"
+            f"gate {s.get('gate', '?'):<6} {measured} from "
+            + (f"teachers {s['teachers']}" if "teachers" in s else f"teacher v{s.get('teacher_version', '?')}")
         )
         if "dataset_rev" in s:
             lines.append(
@@ -150,6 +148,24 @@ def render(state: dict[str, Any]) -> str:
                 f" by {m['actor']} ({m['reason']})"
             )
     return "\n".join(lines)
+
+
+def _ledger_lines(versions: list[dict[str, Any]], student: str) -> list[str]:
+    lines = []
+    for t in versions:
+        for name, line in t["students"].items():
+            extra = (
+                f"student v{line['student_version']} ({line.get('student_alias', 'none')})"
+                if "student_version" in line
+                else ""
+            )
+            why = line.get("error") or (line.get("reasons") if line["status"] == "rejected" else "")
+            if line.get("rerun_error"):
+                why = f"{why} (a rerun failed: {line['rerun_error']})".strip()
+            claim = f"[{line['claim']}]" if "claim" in line and line["status"] in ("claimed", "running") else ""
+            who = "" if name == student and len(t["students"]) == 1 else f"{name}: "
+            lines.append(f"  v{t['version']:<4} {who}{line['status']:<10} {extra} {why} {claim}".rstrip())
+    return lines
 
 
 def _v(version: str | None) -> str:

@@ -6,6 +6,7 @@ prepare → (teacher) → label → distill (each student, plus its hard-label t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from distill_core.data import PreparedDataset, prepared_once
+from distill_core.ensemble import cut_from, members_of
 from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.model_io import load_teacher, log_teacher
@@ -128,6 +130,8 @@ class StudentOutcome:
     baseline: TrainResult | None  # None when the recipe skips the hard-label twin
     reports: dict[Kind, ModelReport] = field(default_factory=dict)  # by kind, filled by evaluate_all
     stages: list[Stage] = field(default_factory=list)  # the assistants and earlier generations before `distilled`
+    # an ensemble teacher's: the distilled student measured against each member (agreement, retention), by member
+    against_members: dict[str, ModelReport] = field(default_factory=dict)
     # the distilled student's validation metric on the train split, and chance there (for a classifier, accuracy
     # and the largest class's share): a student still at chance did not learn (filled by evaluate_all)
     train_score: float | None = None
@@ -169,7 +173,7 @@ def distill_student(
     if warm is not None:
         student = copy.deepcopy(warm.module)
     else:
-        source = init if init is not None else teacher.module
+        source = cut_from(init if init is not None else teacher.module)
         student = task.build_student(student_cfg, source, dataset, transfer_texts, recipe.soft_labels, log)
     val = task.examples(dataset, "validation")
     kind = Kind.HARD_LABEL if baseline else Kind.DISTILLED
@@ -282,6 +286,8 @@ def evaluate_all(
 
     teacher_name = f"teacher {teacher.name} v{teacher.version}"
     models = {teacher_name: teacher.module}
+    members = {f"member {name}": module for name, module in members_of(teacher).items()}
+    models.update(members)
     for outcome in outcomes:
         models.update({stage.display: stage.result.student for stage in outcome.stages})
         models.update({display_name(outcome.config.name, k): result.student for k, result in outcome.results()})
@@ -292,6 +298,13 @@ def evaluate_all(
 
     teacher_report = report(teacher_name, teacher_signal)
     reports = [teacher_report]
+    against: dict[str, tuple[Any, ModelReport]] = {}  # an ensemble's members: each one's test signal and report
+    for name, module in members.items():
+        reports.append(task.relative_to(report(name), teacher_report))  # the member against the ensemble
+        own = generate_soft_labels(
+            LoadedTeacher(module, name, "member", ""), dataset, recipe.soft_labels, None, recipe.task, splits=("test",)
+        ).signal["test"]
+        against[name] = own, task.evaluate(name, module, texts, y, own, speeds[name], own)
     train_texts, train_labels = task.examples(dataset, "train")
     chance = task.chance(train_labels)
     for outcome in outcomes:
@@ -304,9 +317,27 @@ def evaluate_all(
         for kind, value in measured.items():
             outcome.reports[kind] = task.relative_to(value, teacher_report, twin)
             reports.append(outcome.reports[kind])
+        student = display_name(outcome.config.name, Kind.DISTILLED)
+        for name, (own, member_report) in against.items():
+            vs = task.evaluate(student, models[student], texts, y, own, speeds[student])
+            outcome.against_members[name] = task.relative_to(vs, member_report)
         outcome.train_score = task.validate(outcome.distilled.student, train_texts, train_labels)
         outcome.chance_score = chance
     return reports
+
+
+def members_table(task: Task, outcomes: list[StudentOutcome]) -> str:
+    """Each distilled student against each member of an ensemble teacher (empty for one teacher)."""
+    rows = [
+        dataclasses.replace(report, name=f"{outcome.config.name} (distilled) vs {member}")  # type: ignore[type-var]
+        for outcome in outcomes
+        for member, report in outcome.against_members.items()
+    ]
+    if not rows:
+        return ""
+    return "Against each member of the ensemble:\n\n" + comparison_table(
+        rows, ("name", "agreement", task.against_teacher)
+    )
 
 
 def write_json(path: Path, data: object) -> None:
@@ -415,7 +446,9 @@ def write_report(
     """report.md, models.csv, metrics.json and report.json (last) for the reports of one evaluation (teacher
     first, as evaluate_all returns them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(comparison_table(reports, task_of(recipe).columns) + "\n")
+    table = comparison_table(reports, task_of(recipe).columns)
+    members = members_table(task_of(recipe), outcomes)
+    (out_dir / "report.md").write_text(table + (f"\n\n{members}" if members else "") + "\n")
     pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
     write_json(out_dir / "metrics.json", headline_metrics(task_of(recipe), reports[0], outcomes))
     write_json(out_dir / "report.json", {**meta, "reports": [r.as_dict() for r in reports]})

@@ -170,6 +170,18 @@ def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Re
 
     if ref is not None:
         return load_teacher(*_teacher_ref(ref), settings.tracking_uri)
+    if rcp.teachers:  # an ensemble: every member pinned, so `dvc repro` distills the same one
+        from mlflow.tracking import MlflowClient
+
+        from distill_core.ensemble import load_ensemble, resolve
+        from distill_core.errors import RecipeError
+
+        loose = [
+            f"teachers.{i}" for i, m in enumerate(rcp.teachers) if m.last is not None or not str(m.version).isdigit()
+        ]
+        if loose:
+            raise RecipeError(f"{', '.join(loose)}: the DVC stages distill pinned teachers: give each a version number")
+        return load_ensemble(resolve(rcp, MlflowClient(settings.tracking_uri)), settings.tracking_uri)[0]
     if rcp.teacher.version is None:
         raise typer.BadParameter("give --teacher NAME/VERSION, or set teacher.version in the recipe")
     return load_teacher(rcp.teacher.registered_name, str(rcp.teacher.version), settings.tracking_uri)
@@ -329,7 +341,7 @@ def run(
     check_recipe_names(rcp, name)  # the flow checks these too; here they fail as one line, before Prefect starts
     require_version(MlflowClient(settings.tracking_uri), name, version)
     if rerun:
-        release_for_rerun(settings, name, version, rcp.student_registered_name, force=force)
+        release_for_rerun(settings, name, version, rcp.student_registered_name, force=force, recipe=rcp)
 
     result = distill_teacher_version(name, version, str(recipe), str(settings.home), claimant="cli")
     typer.echo(json.dumps(result, indent=2))
@@ -388,6 +400,7 @@ def serve(
         Target,
         deployment_targets,
         distill_teacher_version,
+        recipe_targets,
         submit_to_deployment,
         watch_teachers,
     )
@@ -417,7 +430,7 @@ def serve(
 
     else:
         assert rcp is not None
-        in_process = [Target(rcp.teacher.registered_name, rcp.student_registered_name, "")]
+        in_process = recipe_targets(rcp)
         start = BackgroundRuns(
             lambda target, version: distill_teacher_version(
                 target.teacher, version, str(recipe), str(settings.home), claimant="webhook"
@@ -496,7 +509,8 @@ def status(
     from distill_core.status import collect, render
 
     settings, rcp = _env(home), _recipe(recipe)
-    state = collect(settings, rcp.teacher.registered_name, rcp.student_registered_name)
+    first, *members = rcp.teacher_names
+    state = collect(settings, first, rcp.student_registered_name, members)
     typer.echo(json.dumps(state, indent=2) if as_json else render(state))
 
 

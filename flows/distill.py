@@ -48,8 +48,15 @@ def distill_teacher_version(
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from distill_core.ensemble import resolve
     from distill_core.registry import Ledger, ledger_entry, require_version, set_ledger, upgrade_ledger
-    from flows.pipeline import check_teacher_fits, distill_and_promote, experiment, load_teacher_task
+    from flows.pipeline import (
+        check_teacher_fits,
+        distill_and_promote,
+        experiment,
+        load_ensemble_task,
+        load_teacher_task,
+    )
 
     started = time.perf_counter()
     logger = get_run_logger()
@@ -61,25 +68,35 @@ def distill_teacher_version(
     # Everything that can be checked before the claim is: a refused run leaves nothing behind.
     version = require_version(client, teacher_name, teacher_version)
     before = ledger_entry(client, version, student)
-    teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
+    combination, claimed = None, (teacher_name, teacher_version)
+    if recipe.teachers:  # an ensemble: the run is the combination's, claimed once whichever member started it
+        combination = resolve(recipe, client)
+        if (teacher_name, teacher_version) not in combination:
+            why = f"{teacher_name} v{teacher_version} is not a member of the ensemble now ({combination.describe()})"
+            logger.info(f"{why}: nothing to do")
+            return {"teacher_version": teacher_version, "student_model": student, "status": "skipped", "reason": why}
+        claimed = combination.key
+        teacher = load_ensemble_task(combination, settings.tracking_uri)
+    else:
+        teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
     check_teacher_fits(recipe, teacher)
     upgrade_ledger(client, ledger)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
-    if not ledger.claim(teacher_name, teacher_version, student, who):
-        logger.info(f"{teacher_name} v{teacher_version} for {student} is already claimed by another run: nothing to do")
+    if not ledger.claim(*claimed, student, who):
+        logger.info(f"{'/'.join(claimed)} for {student} is already claimed by another run: nothing to do")
         return {"teacher_version": teacher_version, "student_model": student, "status": "skipped"}
     mlflow.set_tracking_uri(settings.tracking_uri)
     try:
         experiment_id = experiment(client, recipe, settings)
         active = mlflow.start_run(experiment_id=experiment_id, run_name=f"{teacher_name}-v{teacher_version}")
     except Exception:  # MLflow unreachable: nothing is recorded, so give the claim back for the next attempt
-        ledger.release(teacher_name, teacher_version, student)
+        ledger.release(*claimed, student)
         raise
     rerun_of_outcome = before.get("status") in FINAL
     with (
         active as run,
-        ledger.heartbeat(teacher_name, teacher_version, student),
-        _finishing(ledger, teacher_name, teacher_version, student),
+        ledger.heartbeat(*claimed, student),
+        _finishing(ledger, *claimed, student),
     ):
         mlflow.set_tags(_prefect_tags())
         if not rerun_of_outcome:  # a rerun shows as running through its claim; the outcome stays until replaced
@@ -87,7 +104,9 @@ def distill_teacher_version(
                 client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
             )
         try:
-            decision = distill_and_promote(recipe, settings, teacher, run.info.run_id)
+            decision = distill_and_promote(
+                recipe, settings, teacher, run.info.run_id, (teacher_name, teacher_version), combination
+            )
         except Exception as err:
             message = redact(f"{type(err).__name__}: {err}")
             mlflow.set_tag(names.ERROR, message[:4900])
@@ -146,9 +165,10 @@ def _finishing(ledger: Any, teacher: str, version: str, student: str) -> Iterato
 
 def check_recipe_names(recipe: Recipe, teacher_name: str, student_name: str | None = None) -> None:
     """Refuse a run whose recipe distills another teacher (or, given one, into another student model)."""
-    if teacher_name != recipe.teacher.registered_name:  # a worker configured with another team's recipe, say
+    if not recipe.distills(teacher_name):  # a worker configured with another team's recipe, say
+        distilled = " and ".join(repr(n) for n in recipe.teacher_names)
         raise RecipeError(
-            f"recipe {recipe.name!r} distills {recipe.teacher.registered_name!r}, not {teacher_name!r}: "
+            f"recipe {recipe.name!r} distills {distilled}, not {teacher_name!r}: "
             "check DISTILL_RECIPE (or --recipe) where this run was started"
         )
     if student_name is not None and student_name != recipe.student_registered_name:
@@ -159,7 +179,12 @@ def check_recipe_names(recipe: Recipe, teacher_name: str, student_name: str | No
 
 
 def release_for_rerun(
-    settings: Settings, teacher_name: str, teacher_version: str, student: str, force: bool = False
+    settings: Settings,
+    teacher_name: str,
+    teacher_version: str,
+    student: str,
+    force: bool = False,
+    recipe: Recipe | None = None,
 ) -> None:
     """Let a handled teacher version run again on purpose; its labels, students and registration are reused.
 
@@ -168,11 +193,13 @@ def release_for_rerun(
     """
     from mlflow.tracking import MlflowClient
 
+    from distill_core.ensemble import resolve
     from distill_core.registry import Ledger, RegistryError, ledger_entry, require_version
 
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     version = require_version(client, teacher_name, teacher_version)
-    claim = ledger.claim_of(teacher_name, teacher_version, student)
+    claimed = resolve(recipe, client).key if recipe is not None and recipe.teachers else (teacher_name, teacher_version)
+    claim = ledger.claim_of(*claimed, student)
     what = f"{teacher_name} v{teacher_version} for {student}"
     dead = claim is not None and not claim.finished
     if dead and not claim.stale():
@@ -184,7 +211,7 @@ def release_for_rerun(
         run = client.get_run(entry["run_id"])
         if run.info.status == "RUNNING":  # its process died with the run open
             client.set_terminated(entry["run_id"], status="KILLED")
-    ledger.release(teacher_name, teacher_version, student)
+    ledger.release(*claimed, student)
 
 
 @dataclass(frozen=True)
@@ -202,7 +229,7 @@ def deployment_targets(deployment: str, recipe: Recipe | None = None) -> list[Ta
     if deployment != AUTO:
         if recipe is None:
             raise RecipeError(f"deployment {deployment!r} needs a recipe that says its teacher and student")
-        return [Target(recipe.teacher.registered_name, recipe.student_registered_name, deployment)]
+        return recipe_targets(recipe, deployment)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
@@ -211,9 +238,36 @@ def deployment_targets(deployment: str, recipe: Recipe | None = None) -> list[Ta
     targets = []
     for dep in found:
         tags = dict(tag.split(":", 1) for tag in dep.tags if ":" in tag)
-        if tags.get("teacher") and tags.get("student"):
-            targets.append(Target(tags["teacher"], tags["student"], f"{FLOW_NAME}/{dep.name}"))
-    return sorted(targets, key=lambda t: t.deployment)
+        if tags.get("teacher") and tags.get("student"):  # an ensemble's deployment: teacher:<a>,<b>
+            for teacher in tags["teacher"].split(","):
+                targets.append(Target(teacher.strip(), tags["student"], f"{FLOW_NAME}/{dep.name}"))
+    return sorted(targets, key=lambda t: (t.deployment, t.teacher))
+
+
+def recipe_targets(recipe: Recipe, deployment: str = "") -> list[Target]:
+    """Where a recipe's runs start: one target per teacher model it watches (an ensemble's members, each), on the
+    deployment (empty: in this process)."""
+    return [Target(name, recipe.student_registered_name, deployment) for name in recipe.teacher_names]
+
+
+def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> list[str]:
+    """The versions of `teacher` a watcher starts runs for: those the ledger has not handled, oldest first; for an
+    ensemble, the newest member version of the combination the recipe names now, once, when no run has claimed that
+    combination (and only if it is a version of `teacher`)."""
+    from distill_core.ensemble import resolve
+    from distill_core.registry import unhandled_versions
+
+    student = recipe.student_registered_name
+    if not recipe.teachers:
+        return unhandled_versions(client, ledger, teacher, student)
+    combination = resolve(recipe, client)
+    if ledger.claim_of(*combination.key, student) is not None:
+        return []
+    newest = max(
+        combination.members,
+        key=lambda m: int(client.get_model_version(m[0], m[1]).creation_timestamp or 0),
+    )
+    return [newest[1]] if newest[0] == teacher else []
 
 
 def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> str:
@@ -267,7 +321,10 @@ def watch_teachers(
     results: list[dict[str, Any]] = []
     if deployment:
         for target in deployment_targets(deployment, recipe):
-            pending = unhandled_versions(client, ledger, target.teacher, target.student)
+            if recipe is not None:
+                pending = pending_versions(client, ledger, recipe, target.teacher)
+            else:
+                pending = unhandled_versions(client, ledger, target.teacher, target.student)
             logger.info(f"{len(pending)} unhandled version(s) of {target.teacher} for {target.student}: {pending}")
             for version in pending:
                 run_id = submit_to_deployment(target, version, "watcher")
@@ -277,14 +334,16 @@ def watch_teachers(
                 )  # fmt: skip
         return results
     assert recipe is not None
-    teacher = recipe.teacher.registered_name
-    pending = unhandled_versions(client, ledger, teacher, recipe.student_registered_name)
-    logger.info(f"{len(pending)} unhandled version(s) of {teacher}: {pending}")
-    for version in pending:
-        try:
-            results.append(
-                distill_teacher_version(teacher, version, str(recipe_location(recipe_path)), home, claimant="watcher")
-            )
-        except Exception as err:  # the ledger says failed; the watcher goes on with the next version
-            results.append({"teacher_version": version, "status": "failed", "error": redact(err)})
+    for teacher in recipe.teacher_names:
+        pending = pending_versions(client, ledger, recipe, teacher)
+        logger.info(f"{len(pending)} unhandled version(s) of {teacher}: {pending}")
+        for version in pending:
+            try:
+                results.append(
+                    distill_teacher_version(
+                        teacher, version, str(recipe_location(recipe_path)), home, claimant="watcher"
+                    )
+                )
+            except Exception as err:  # the ledger says failed; the watcher goes on with the next version
+                results.append({"teacher_version": version, "status": "failed", "error": redact(err)})
     return results

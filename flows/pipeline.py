@@ -26,6 +26,7 @@ from prefect.tasks import exponential_backoff
 
 from distill_core import checks, links, names, plots, steps
 from distill_core.data import PreparedDataset
+from distill_core.ensemble import Combination, cut_from, load_ensemble
 from distill_core.errors import DistillError, SoftLabelError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.lineage import Lineage
@@ -61,12 +62,17 @@ def load_teacher_task(name: str, version: str, tracking_uri: str) -> LoadedTeach
     return load_teacher(name, version, tracking_uri)
 
 
+@task(**IO_RETRIES)
+def load_ensemble_task(combination: Combination, tracking_uri: str) -> LoadedTeacher:
+    return load_ensemble(combination, tracking_uri)[0]
+
+
 def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
     """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed:
     of the first assistant when there are any (the recipe checked each later stage against the one before it)."""
     task = task_of(recipe)
     for student in recipe.stages.assistants[:1] or recipe.students:
-        task.check_fits(student, teacher.module)
+        task.check_fits(student, cut_from(teacher.module))
 
 
 DATA_DOCS = "data_docs"  # the run's artifact folder of the rendered GX site; its index.html lists every result
@@ -181,6 +187,9 @@ def _candidate_run(
                 mlflow.log_metrics(metrics, step=int(row["step"]))
             mlflow.log_metrics(_report_metrics(kind, outcome.reports[kind]))
         mlflow.set_tags(names.gate_tags(verdict_reasons))
+        for member, report in outcome.against_members.items():
+            fields = ("agreement", task_of(recipe).against_teacher)
+            mlflow.log_metrics({names.member_metric(member, k): float(getattr(report, k)) for k in fields})
         histories = {names.display_name(outcome.config.name, kind): r.history for kind, r in outcome.results()}
         title = f"{outcome.config.name}, distilled from {teacher}"
         curves = plots.training_curves(histories, task_of(recipe).early_stopping, title)
@@ -303,11 +312,20 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
-def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeacher, run_id: str) -> Decision:
-    """The distill-teacher-version flow's body: checks, soft labels, students, gates, registration, aliases."""
+def distill_and_promote(
+    recipe: Recipe,
+    settings: Settings,
+    teacher: LoadedTeacher,
+    run_id: str,
+    trigger: tuple[str, str] | None = None,
+    combination: Combination | None = None,
+) -> Decision:
+    """The distill-teacher-version flow's body: checks, soft labels, students, gates, registration, aliases. With an
+    ensemble, `teacher` is the ensemble of `combination`'s members and `trigger` the member version that started
+    the run (its version carries the ledger)."""
     check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
     docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
-    teacher_name, teacher_version = teacher.name, teacher.version
+    teacher_name, teacher_version = trigger or (teacher.name, teacher.version)
     mlflow.log_params(
         {
             "recipe": recipe.name,
@@ -315,6 +333,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
             "teacher": teacher_name,
             "teacher_version": teacher_version,
             "policy": recipe.promotion.policy,
+            **({"teachers": combination.describe()[:500]} if combination is not None else {}),
         }
     )
     with _data_docs(docs_dir):
@@ -370,6 +389,8 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         _stage_run(recipe, stage, texts[:5], f"{stage.display}, a stage on the way from {who}")
     mlflow.log_figure(_size_vs_quality(task, decision, outcomes, reports[0], who), "plots/size_vs_quality.png")
     table = comparison_table(reports, task.columns)
+    members = steps.members_table(task, outcomes)
+    table += f"\n\n{members}" if members else ""
     lineage = Lineage(
         teacher_name=teacher_name,
         teacher_version=teacher_version,
@@ -378,6 +399,7 @@ def distill_and_promote(recipe: Recipe, settings: Settings, teacher: LoadedTeach
         recipe_hash=recipe.recipe_hash(),
         run_id=run_id,
         stages=chain(recipe) or None,
+        teachers=combination.describe() if combination is not None else None,
         warm_start=warm.version if warm is not None and warm.candidate == decision.chosen.candidate else None,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)

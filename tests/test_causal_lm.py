@@ -548,3 +548,36 @@ def test_an_lm_student_starts_warm_on_the_blocks_whose_stored_distribution_moved
     (outcome,) = steps.distill_all(recipe, lm_dataset, new, loaded, tmp_path / "run", log=said.append, warm=warm)
     assert outcome.distilled.steps == 3 and f"training lm-2L (distilled, {len(rows)} rows)" in said
     assert not torch.equal(next(champion.parameters()), next(outcome.distilled.student.parameters()))
+
+
+def test_an_lm_ensemble_stores_the_top_k_of_the_members_averaged_full_distributions(lm_teacher, lm_dataset):
+    from distill_core.ensemble import Member, ensemble_of
+    from distill_core.errors import TeacherError
+
+    other = tiny_lm(seed=7)
+    ensemble = ensemble_of(
+        [Member(LoadedTeacher(lm_teacher, "a", "1", "da"), 3.0), Member(LoadedTeacher(other, "b", "1", "db"), 1.0)]
+    )
+    recipe = parse_recipe({"name": "lm", "task": "causal_lm", "students": [STUDENT]})
+    labels = generate_soft_labels(ensemble, lm_dataset, recipe.soft_labels, None, "causal_lm", splits=("test",))
+    block = torch.as_tensor(CAUSAL_LM.examples(lm_dataset, "test")[0][0][None, :-1], dtype=torch.long)
+    with torch.no_grad():
+        average = 0.75 * torch.softmax(lm_teacher(block), -1) + 0.25 * torch.softmax(other(block), -1)
+    top = average[0].topk(recipe.soft_labels.k, dim=-1)
+    stored = labels.signal["test"]
+    assert np.array_equal(stored["ids"][0], top.indices.numpy())
+    assert np.allclose(np.exp(stored["logprobs"][0].astype(np.float64)), top.values.numpy(), atol=2e-3)
+    assert np.allclose(stored["tail"][0], 1 - top.values.sum(-1).numpy(), atol=2e-3)
+
+    foreign = tiny_lm(seed=7)
+    foreign.tokenizer = copy.deepcopy(foreign.tokenizer)
+    foreign.tokenizer.add_tokens(["<extra-token>"])
+    with pytest.raises(
+        TeacherError, match=r"teachers a v1 \(weight 1\) and c v1 \(weight 1\) have different tokenizers"
+    ):
+        ensemble_of(
+            [
+                Member(LoadedTeacher(lm_teacher, "a", "1", "da"), 1.0),
+                Member(LoadedTeacher(foreign, "c", "1", "dc"), 1.0),
+            ]
+        )

@@ -150,3 +150,25 @@ def test_the_dvc_stages_refuse_a_warm_start_that_names_no_student_version(small_
 def test_a_warm_start_and_stages_together_are_refused():
     with pytest.raises(RecipeError, match="warm_start and stages"):
         _recipe(warm_start={})
+
+
+def test_ensemble_members_that_predict_different_labels_are_refused_naming_both(small_dataset):
+    from toy_models import BagTeacher, WordHashTokenizer
+
+    from distill_core.ensemble import Member, ensemble_of
+    from distill_core.errors import TeacherError
+    from distill_core.modules import LoadedTeacher, WrappedTeacher
+
+    def member(name, labels):
+        module = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=labels)
+        return Member(LoadedTeacher(module, name, "1", name), 1.0)
+
+    with pytest.raises(
+        TeacherError, match=r"teachers a v1 \(weight 1\) and b v1 \(weight 1\) predict different labels"
+    ):
+        ensemble_of([member("a", ("neg", "pos")), member("b", ("pos", "neg"))])
+    both = ensemble_of([member("a", ("neg", "pos")), member("b", ("neg", "pos"))])
+    texts = ["a fine film", "a dull one"]
+    probs = [torch.softmax(m(**m.tokenize(texts)), -1) for m in both.module.members]
+    mixed = torch.exp(both.module(**both.module.tokenize(texts)))
+    assert torch.allclose(mixed, (probs[0] + probs[1]) / 2, atol=1e-6)

@@ -20,6 +20,7 @@ from toy_models import register_toy_teacher
 from distill_core.errors import StoreError
 from distill_core.model_io import log_teacher
 from distill_core.modules import WrappedTeacher
+from distill_core.recipe import load_recipe
 from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS, Ledger, aliases, ledger_entry, promote, rollback
 from flows.distill import distill_teacher_version, watch_teachers
 
@@ -332,6 +333,7 @@ def test_watcher_handles_versions_in_order_and_newest_passing_wins(env, small_da
 
 def test_rerun_of_a_handled_version_reuses_everything_and_registers_nothing_new(env, small_dataset):
     from distill_core.settings import load_settings
+    from distill_core.status import collect, render
     from flows.distill import release_for_rerun
 
     version = register_toy_teacher(env, small_dataset)
@@ -378,6 +380,7 @@ def test_a_failed_rerun_keeps_the_outcome_and_points_at_the_data_docs_it_logged(
     and in rerun_error), and the error names where the data docs were logged, not a temporary folder."""
     from distill_core.checks import ChecksFailed
     from distill_core.settings import load_settings
+    from distill_core.status import collect, render
     from flows.distill import release_for_rerun
 
     version = register_toy_teacher(env, small_dataset)
@@ -572,3 +575,45 @@ def test_a_warm_start_falls_back_to_cold_without_a_champion_then_starts_from_it_
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "distilled.val_accuracy")]
     assert max(steps) <= 13  # the warm budget (or an early stop before it), not the cold run's 42
     assert client.get_run(student.tags["distill.run_id"]).data.params["warm_start"] == start
+
+
+def test_an_ensemble_is_distilled_once_per_combination_and_its_student_names_every_member(env, small_dataset):
+    """Two registered teachers as one (the average of their probabilities): the run names both; the other member's
+    version of the same combination claims nothing; a new version of one member makes exactly one run; a rerun of an
+    unchanged ensemble reuses its stored signal."""
+    from distill_core.settings import load_settings
+    from distill_core.status import collect, render
+    from flows.distill import release_for_rerun
+
+    other = {**env, "teacher": f"{env['teacher']}-b"}
+    register_toy_teacher(env, small_dataset, seed=0)
+    register_toy_teacher(other, small_dataset, seed=3, epochs=20)
+    a, b = env["teacher"], other["teacher"]
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], teachers=[{"name": a}, {"name": b, "weight": 2}])
+
+    first = distill_teacher_version(a, "1", recipe, env["home"])
+    assert first["status"] == "succeeded"
+    client = MlflowClient(env["tracking_uri"])
+    student = client.get_model_version(env["student"], first["student_version"])
+    assert student.tags["distill.teachers"] == f"{a} v1 (weight 1), {b} v1 (weight 2)"
+    run = client.get_run(student.tags["distill.run_id"])
+    report = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/report.md")
+    assert f"| member {a} v1 |" in report and f"| bag-small (distilled) vs member {b} v1 |" in report
+    candidate = client.get_run(student.tags["distill.candidate_run_id"])
+    assert 0 < candidate.data.metrics[f"distilled.test_agreement vs member {a} v1"] <= 1
+
+    assert distill_teacher_version(b, "1", recipe, env["home"])["status"] == "skipped"  # the same combination
+    assert watch_teachers(recipe, env["home"]) == []
+    register_toy_teacher(env, small_dataset, seed=5)  # a v2
+    (ran,) = watch_teachers(recipe, env["home"])
+    assert ran["teacher_version"] == "2" and ran["status"] in ("succeeded", "rejected")
+    assert watch_teachers(recipe, env["home"]) == []
+
+    store = Path(env["home"]) / "store" / "soft_labels"
+    entries = sorted(p.name for p in store.iterdir())
+    release_for_rerun(load_settings(env["home"]), a, "2", env["student"], recipe=load_recipe(recipe))
+    again = distill_teacher_version(a, "2", recipe, env["home"])
+    assert again["status"] == ran["status"] and sorted(p.name for p in store.iterdir()) == entries
+    state = collect(load_settings(env["home"]), a, env["student"], [b])
+    assert [m["name"] for m in state["members"]] == [b]
+    assert f"from teachers {a} v1 (weight 1), {b} v1 (weight 2)" in render(state)
