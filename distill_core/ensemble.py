@@ -164,11 +164,14 @@ class Combination:
     what runs claim: one run per combination and student model."""
 
     members: tuple[tuple[str, str, float], ...]
+    student: str = ""  # the recipe's own student model: a member of it (its champion as a teacher) is not in the key
 
     @property
     def key(self) -> tuple[str, str]:
-        """(names, versions) joined with '+': the claim's teacher and version."""
-        return "+".join(m[0] for m in self.members), "+".join(m[1] for m in self.members)
+        """(names, versions) of the teacher members joined with '+': the claim's teacher and version. The student
+        model's champion is left out, so that a promotion never makes a new combination (nor a run) by itself."""
+        teachers = [m for m in self.members if m[0] != self.student]
+        return "+".join(m[0] for m in teachers), "+".join(m[1] for m in teachers)
 
     def describe(self) -> str:
         """`a v2 (weight 1), b v1 (weight 1)`: the lineage's `teachers`."""
@@ -185,6 +188,8 @@ def resolve(recipe: Recipe, client: MlflowClient) -> Combination:
     for index, spec in enumerate(recipe.teachers):
         field = f"teachers.{index}"
         versions = [v.version for v in teacher_versions(client, spec.name)]
+        if not versions and spec.name == recipe.student_registered_name:
+            continue  # no student yet: its champion teaches from the next run on
         if not versions:
             raise RegistryError(f"{field}: no registered model {spec.name!r} in the MLflow registry")
         if spec.last is not None:
@@ -201,10 +206,12 @@ def resolve(recipe: Recipe, client: MlflowClient) -> Combination:
             members.append((spec.name, str(spec.version), spec.weight))
         else:
             held = aliases(client, spec.name).get(str(spec.version))
+            if held is None and spec.name == recipe.student_registered_name:
+                continue  # the student model's champion as a teacher: none yet (a first run), the others teach
             if held is None:
                 raise RegistryError(f"{field}: {spec.name} has no alias {spec.version!r}")
             members.append((spec.name, held, spec.weight))
-    return Combination(tuple(members))
+    return Combination(tuple(members), recipe.student_registered_name)
 
 
 def check_trigger(combination: Combination, name: str, version: str) -> None:

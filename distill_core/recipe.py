@@ -303,6 +303,14 @@ class BaseRecipe(_Strict):
             raise ValueError(f"teachers: each member once, repeated: {repeated}")
         if len(self.teachers) == 1 and self.teachers[0].last is None:
             raise ValueError("teachers: an ensemble needs two members or more (or one with last: N)")
+        own = [m for m in self.teachers if m.name == self.student_registered_name]
+        if any(m.last is not None or str(m.version) == "latest" for m in own):
+            raise ValueError(
+                f"teachers: {self.student_registered_name} is this recipe's student model: as a teacher it is named "
+                "by an alias (champion) or a version number, not latest or last"
+            )
+        if own and len(own) == len(self.teachers):
+            raise ValueError("teachers: an ensemble needs a teacher besides the student model's champion")
         if self.teachers and any(t.needs_features for t in self.train.losses):
             raise ValueError("teachers: feature and attention terms match one teacher's layers, not an ensemble's")
         uses_hidden = {t.function for t in self.train.losses if t.needs_features}
@@ -320,8 +328,10 @@ class BaseRecipe(_Strict):
 
     @property
     def teacher_names(self) -> list[str]:
-        """The registered teacher models the recipe watches: the ensemble's members, else its one teacher."""
-        return list(dict.fromkeys(m.name for m in self.teachers)) or [self.teacher.registered_name]
+        """The registered teacher models the recipe watches: the ensemble's members (not the student model, whose
+        champion may teach but whose promotions start nothing), else its one teacher."""
+        watched = [m.name for m in self.teachers if m.name != self.student_registered_name]
+        return list(dict.fromkeys(watched)) or [self.teacher.registered_name]
 
     def student(self, name: str) -> StudentConfig:
         for s in self.students:

@@ -263,10 +263,8 @@ def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> 
     combination = resolve(recipe, client)
     if ledger.claim_of(*combination.key, student) is not None:
         return []
-    newest = max(
-        combination.members,
-        key=lambda m: int(client.get_model_version(m[0], m[1]).creation_timestamp or 0),
-    )
+    teachers = [m for m in combination.members if m[0] != student]  # the champion as a teacher starts nothing
+    newest = max(teachers, key=lambda m: int(client.get_model_version(m[0], m[1]).creation_timestamp or 0))
     return [newest[1]] if newest[0] == teacher else []
 
 

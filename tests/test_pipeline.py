@@ -333,7 +333,6 @@ def test_watcher_handles_versions_in_order_and_newest_passing_wins(env, small_da
 
 def test_rerun_of_a_handled_version_reuses_everything_and_registers_nothing_new(env, small_dataset):
     from distill_core.settings import load_settings
-    from distill_core.status import collect, render
     from flows.distill import release_for_rerun
 
     version = register_toy_teacher(env, small_dataset)
@@ -380,7 +379,6 @@ def test_a_failed_rerun_keeps_the_outcome_and_points_at_the_data_docs_it_logged(
     and in rerun_error), and the error names where the data docs were logged, not a temporary folder."""
     from distill_core.checks import ChecksFailed
     from distill_core.settings import load_settings
-    from distill_core.status import collect, render
     from flows.distill import release_for_rerun
 
     version = register_toy_teacher(env, small_dataset)
@@ -617,3 +615,24 @@ def test_an_ensemble_is_distilled_once_per_combination_and_its_student_names_eve
     state = collect(load_settings(env["home"]), a, env["student"], [b])
     assert [m["name"] for m in state["members"]] == [b]
     assert f"from teachers {a} v1 (weight 1), {b} v1 (weight 2)" in render(state)
+
+
+def test_the_champion_teaches_beside_a_new_teacher_version_pinned_by_version_and_a_promotion_starts_nothing(
+    env, small_dataset
+):
+    teachers = [{"name": env["teacher"]}, {"name": env["student"], "version": "champion", "weight": 0.5}]
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], teachers=teachers)
+    register_toy_teacher(env, small_dataset)
+    first = distill_teacher_version(env["teacher"], "1", recipe, env["home"])  # no champion yet: the teacher alone
+    assert first["alias"] == CHAMPION
+    client = MlflowClient(env["tracking_uri"])
+    tags = client.get_model_version(env["student"], first["student_version"]).tags
+    assert tags["distill.teachers"] == f"{env['teacher']} v1 (weight 1)"
+    assert watch_teachers(recipe, env["home"]) == []  # the promotion made a champion, and no run
+
+    register_toy_teacher(env, small_dataset, seed=4)
+    (second,) = watch_teachers(recipe, env["home"])
+    tags = client.get_model_version(env["student"], second["student_version"]).tags
+    pinned = f"{env['teacher']} v2 (weight 1), {env['student']} v{first['student_version']} (weight 0.5)"
+    assert tags["distill.teachers"] == pinned
+    assert client.get_run(tags["distill.run_id"]).data.params["teachers"] == pinned
