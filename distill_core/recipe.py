@@ -264,9 +264,35 @@ class TeacherMember(_Strict):
         return self
 
 
+class QualifyConfig(_Strict):
+    """Which versions of the teacher are distilled (unset: every version): those carrying a tag (`key`, or
+    `key=value`), or the one holding an alias (then moving the alias starts a run, as a new version does)."""
+
+    tag: str | None = Field(default=None, min_length=1)
+    alias: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> QualifyConfig:
+        if (self.tag is None) == (self.alias is None):
+            raise ValueError("give one of tag and alias")
+        return self
+
+    def problem(self, tags: dict[str, str], holds: set[str]) -> str | None:
+        """Why a version with these tags, holding these aliases, is not distilled (None: it is)."""
+        if self.alias is not None:
+            return None if self.alias in holds else f"it does not hold the alias {self.alias!r}"
+        assert self.tag is not None
+        key, _, value = self.tag.partition("=")
+        if key not in tags:
+            return f"it has no tag {key!r}"
+        if value and tags[key] != value:
+            return f"its tag {key!r} is {tags[key]!r}, not {value!r}"
+        return None
+
+
 # Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
 # added, so its registered students, checkpoints and idempotency keys stay its own.
-ADDED_SECTIONS = ("stages", "warm_start", "teachers")
+ADDED_SECTIONS = ("stages", "warm_start", "teachers", "qualify")
 
 
 class BaseRecipe(_Strict):
@@ -284,6 +310,7 @@ class BaseRecipe(_Strict):
     stages: StagesConfig = Field(default_factory=StagesConfig)
     warm_start: WarmStartConfig | None = None  # set: a new teacher version is re-distilled from the champion
     teachers: list[TeacherMember] = Field(default_factory=list)  # set: an ensemble of these is the teacher
+    qualify: QualifyConfig | None = None  # set: only the teacher versions it names are distilled
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
@@ -309,6 +336,8 @@ class BaseRecipe(_Strict):
                 f"teachers: {self.student_registered_name} is this recipe's student model: as a teacher it is named "
                 "by an alias (champion) or a version number, not latest or last"
             )
+        if self.teachers and self.qualify is not None:
+            raise ValueError("qualify applies to one teacher; an ensemble's members name their versions (an alias)")
         if own and len(own) == len(self.teachers):
             raise ValueError("teachers: an ensemble needs a teacher besides the student model's champion")
         if self.teachers and any(t.needs_features for t in self.train.losses):

@@ -67,6 +67,11 @@ def distill_teacher_version(
     client, ledger = MlflowClient(settings.tracking_uri), Ledger(settings.ledger_uri)
     # Everything that can be checked before the claim is: a refused run leaves nothing behind.
     version = require_version(client, teacher_name, teacher_version)
+    unqualified = qualification_problem(recipe, client, version)
+    if unqualified is not None:
+        why = f"{teacher_name} v{teacher_version} is not distilled by recipe {recipe.name!r}: {unqualified}"
+        logger.info(why)
+        return {"teacher_version": teacher_version, "student_model": student, "status": "skipped", "reason": why}
     before = ledger_entry(client, version, student)
     combination, claimed = None, (teacher_name, teacher_version)
     if recipe.teachers:  # an ensemble: the run is the combination's, claimed once whichever member started it
@@ -250,6 +255,14 @@ def recipe_targets(recipe: Recipe, deployment: str = "") -> list[Target]:
     return [Target(name, recipe.student_registered_name, deployment) for name in recipe.teacher_names]
 
 
+def qualification_problem(recipe: Recipe, client: Any, version: Any) -> str | None:
+    """Why the recipe does not distill this teacher version (its `qualify` rule), or None."""
+    if recipe.qualify is None:
+        return None
+    holds = set(getattr(version, "aliases", None) or [])
+    return recipe.qualify.problem(dict(version.tags), holds)
+
+
 def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> list[str]:
     """The versions of `teacher` a watcher starts runs for: those the ledger has not handled, oldest first; for an
     ensemble, the newest member version of the combination the recipe names now, once, when no run has claimed that
@@ -259,7 +272,12 @@ def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> 
 
     student = recipe.student_registered_name
     if not recipe.teachers:
-        return unhandled_versions(client, ledger, teacher, student)
+        pending = unhandled_versions(client, ledger, teacher, student)
+        if recipe.qualify is None:
+            return pending
+        return [
+            v for v in pending if qualification_problem(recipe, client, client.get_model_version(teacher, v)) is None
+        ]
     combination = resolve(recipe, client)
     if ledger.claim_of(*combination.key, student) is not None:
         return []

@@ -97,7 +97,12 @@ class Event:
 
     kind: str  # "<entity>.<action>", e.g. model_version.created
     name: str  # the registered model
-    version: str | None  # model_version.created only: a positive integer
+    version: str | None  # the version events' (VERSION_EVENTS): a positive integer
+
+
+# Events about one model version that may make it one a recipe distills: a new version, an alias moved onto it, a
+# tag set on it (recipes with `qualify` distill only the versions holding an alias or carrying a tag).
+VERSION_EVENTS = ("model_version.created", "model_version_alias.created", "model_version_tag.set")
 
 
 def parse_event(body: bytes) -> Event:
@@ -115,10 +120,10 @@ def parse_event(body: bytes) -> Event:
     if not isinstance(name, str) or not name:
         raise ValueError("the event's data has no model 'name'")
     kind, version = f"{entity}.{action}", None
-    if kind == "model_version.created":
+    if kind in VERSION_EVENTS:
         raw = data.get("version")
         if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).isdigit() or int(raw) < 1:
-            raise ValueError(f"model_version.created needs data.version, a positive integer; got {raw!r}")
+            raise ValueError(f"{kind} needs data.version, a positive integer; got {raw!r}")
         version = str(int(raw))
     return Event(kind, name, version)
 
@@ -158,19 +163,22 @@ class Receiver:
         except Exception as err:  # Prefect unreachable: forget the delivery so MLflow's retry finds the deployments
             self.ledger.forget(delivery)
             return HTTPStatus.SERVICE_UNAVAILABLE, {"error": redact(f"cannot list the deployments: {err}")}
-        if event.kind == "model_version.created":
+        if event.kind in VERSION_EVENTS:
             matching = [t for t in targets if t.teacher == event.name]
             if matching:
                 assert event.version is not None
-                return self._trigger(delivery, matching, event.name, event.version)
+                return self._trigger(delivery, matching, event.name, event.version, event.kind)
         if event.kind.startswith("model_version_alias.") and event.name in {t.student for t in targets}:
             recorded = reconcile(MlflowClient(self.tracking_uri), self.ledger, event.name)
             return HTTPStatus.OK, {"status": "alias history updated", "recorded": recorded}
         return HTTPStatus.OK, {"status": "ignored", "event": event.kind, "name": event.name}
 
-    def _trigger(self, delivery: str, targets: list[Target], name: str, version: str) -> tuple[int, dict[str, Any]]:
-        """Start the version's run once per student model. Whatever could not be done is forgotten, so MLflow's
-        retry may do it."""
+    def _trigger(
+        self, delivery: str, targets: list[Target], name: str, version: str, kind: str = VERSION_EVENTS[0]
+    ) -> tuple[int, dict[str, Any]]:
+        """Start the version's run once per student model and kind of event (a version skipped when it was created
+        may qualify when a tag or an alias comes). Whatever could not be done is forgotten, so MLflow's retry may
+        do it."""
         try:
             MlflowClient(self.tracking_uri).get_model_version(name, version)
         except Exception as err:
@@ -183,7 +191,7 @@ class Receiver:
             }
         started = []
         for target in targets:
-            trigger = f"trigger:{name}/{version}/{target.student}"
+            trigger = f"trigger:{name}/{version}/{target.student}" + ("" if kind == VERSION_EVENTS[0] else f"/{kind}")
             if not self.ledger.first_time(trigger):
                 continue
             try:

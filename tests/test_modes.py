@@ -172,3 +172,12 @@ def test_ensemble_members_that_predict_different_labels_are_refused_naming_both(
     probs = [torch.softmax(m(**m.tokenize(texts)), -1) for m in both.module.members]
     mixed = torch.exp(both.module(**both.module.tokenize(texts)))
     assert torch.allclose(mixed, (probs[0] + probs[1]) / 2, atol=1e-6)
+
+
+def test_a_qualify_rule_names_one_tag_or_one_alias_and_says_why_a_version_does_not_qualify():
+    with pytest.raises(RecipeError, match="qualify: give one of tag and alias"):
+        parse_recipe({"name": "x", "students": [SMALL], "qualify": {"tag": "a", "alias": "b"}})
+    rule = parse_recipe({"name": "x", "students": [SMALL], "qualify": {"tag": "stage=ready"}}).qualify
+    assert rule.problem({"stage": "ready"}, set()) is None
+    assert rule.problem({"stage": "draft"}, set()) == "its tag 'stage' is 'draft', not 'ready'"
+    assert rule.problem({}, {"production"}) == "it has no tag 'stage'"

@@ -636,3 +636,14 @@ def test_the_champion_teaches_beside_a_new_teacher_version_pinned_by_version_and
     pinned = f"{env['teacher']} v2 (weight 1), {env['student']} v{first['student_version']} (weight 0.5)"
     assert tags["distill.teachers"] == pinned
     assert client.get_run(tags["distill.run_id"]).data.params["teachers"] == pinned
+
+
+def test_only_the_teacher_version_holding_the_recipes_alias_is_distilled(env, small_dataset):
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], qualify={"alias": "production"})
+    version = register_toy_teacher(env, small_dataset)
+    skipped = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    assert skipped["status"] == "skipped" and "does not hold the alias 'production'" in skipped["reason"]
+    assert watch_teachers(recipe, env["home"]) == [] and ledger_of(env, version) == {}
+    MlflowClient(env["tracking_uri"]).set_registered_model_alias(env["teacher"], "production", version)
+    (ran,) = watch_teachers(recipe, env["home"])
+    assert ran["teacher_version"] == version and ran["status"] == "succeeded"

@@ -238,3 +238,17 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
         client.delete_webhook(hook.webhook_id)
         server.shutdown()
         runs.shutdown()
+
+
+def test_an_alias_moved_or_a_tag_set_onto_a_teacher_version_triggers_it_once_each(endpoint) -> None:
+    """Recipes with `qualify` distill the version holding an alias or carrying a tag: those events trigger the
+    version as its creation does (the run itself decides whether it qualifies)."""
+    url, runs = endpoint
+    moved = {"entity": "model_version_alias", "action": "created", "timestamp": "now",
+             "data": {"name": "teacher-a", "alias": "production", "version": "1"}}  # fmt: skip
+    tagged = {"entity": "model_version_tag", "action": "set", "timestamp": "now",
+              "data": {"name": "teacher-a", "version": "1", "key": "distill", "value": "yes"}}  # fmt: skip
+    assert deliver(url, created())[0] == 202
+    assert deliver(url, moved)[0] == 202 and deliver(url, tagged)[0] == 202
+    assert deliver(url, moved)[1]["status"] == "already triggered"
+    assert runs.calls == [("teacher-a", "1")] * 3
