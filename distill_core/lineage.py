@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from distill_core import names
 
 
+DATA_TRIGGER = "data"  # Lineage.trigger of a run that a new version of the data started
+
+
 @dataclass(frozen=True)
 class Lineage:
     """The teacher version, the data (DVC's identity when it came through DVC), the soft-label key, the recipe and
@@ -25,6 +28,7 @@ class Lineage:
     stages: str | None = None  # the assistants and born-again generations before the student, in words
     warm_start: str | None = None  # the student version it started from, when it started warm
     teachers: str | None = None  # an ensemble's members: `a v2 (weight 1), b v1 (weight 1)`
+    trigger: str | None = None  # `data`: a new version of the recipe's data started the run, not a teacher version
 
     def as_fields(self) -> dict[str, str]:
         """The fields that are set, by name (as `distill status` shows them)."""
@@ -42,7 +46,8 @@ class Lineage:
 
     def idempotency_key(self, candidate: str) -> str:
         """One registered version per teacher version, recipe and candidate: a rerun finds it."""
-        return f"{self.teacher_name}/{self.teacher_version}:{self.recipe_hash}:{candidate}"
+        key = f"{self.teacher_name}/{self.teacher_version}:{self.recipe_hash}:{candidate}"
+        return f"{key}:data:{self.dataset_digest}" if self.trigger == DATA_TRIGGER else key
 
     def data_sentence(self) -> str:
         """Where the data is, for a version's description; empty when it did not come through DVC."""

@@ -46,6 +46,18 @@ def open_versioned(ref: DvcDataRef, base_dir: Path, settings: Settings) -> Prepa
     return _from_revision(ref, repo, ref.rev, settings)
 
 
+def data_identity(ref: DvcDataRef, base_dir: Path, settings: Settings) -> str:
+    """DVC's md5 of the data `ref` names as it is now (the workspace's dvc.lock, or the revision's), read without
+    fetching the data: what a watcher compares with the md5 the current student was distilled from."""
+    if ref.rev is None and not _is_url(ref.repo):
+        with _open_repo((base_dir / ref.repo).resolve(), settings) as repo:
+            return _recorded_md5(repo, ref.path)
+    from dvc.api import DVCFileSystem
+
+    repo_path = ref.repo if _is_url(ref.repo) else str((base_dir / ref.repo).resolve())
+    return str(DVCFileSystem(repo_path, rev=ref.rev, config=dvc_config(settings)).info(ref.path)["md5"] or "")
+
+
 def _open_repo(root: Path, settings: Settings) -> Any:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo

@@ -20,6 +20,7 @@ from prefect.deployments import run_deployment
 
 from distill_core import names
 from distill_core.errors import RecipeError, redact
+from distill_core.lineage import DATA_TRIGGER
 from distill_core.recipe import Recipe, load_recipe, recipe_location
 from distill_core.settings import Settings, load_settings
 
@@ -39,10 +40,13 @@ def distill_teacher_version(
     home: str | None = None,
     claimant: str = "direct",
     student_name: str | None = None,
+    data_digest: str | None = None,
 ) -> dict[str, Any]:
     """One teacher version: checks → soft labels → candidates → evaluation → gates → register → promote.
 
     recipe_path and home default to DISTILL_RECIPE and DISTILL_HOME: a deployment's worker sets them.
+    data_digest (a watcher that saw a new version of the recipe's DVC data): distill the version again on that
+    data, claimed once per (version, data md5); skipped when the data has moved on since.
     student_name, when given (a deployment's student:<name> tag), must be the recipe's student model.
     """
     import mlflow
@@ -84,6 +88,17 @@ def distill_teacher_version(
         teacher = load_ensemble_task(combination, settings.tracking_uri)
     else:
         teacher = load_teacher_task(teacher_name, teacher_version, settings.tracking_uri)
+    if data_digest is not None:
+        from distill_core.versioning import data_identity
+
+        if recipe.data.dvc is None:
+            raise RecipeError(f"a run for new data needs data read through DVC; recipe {recipe.name!r} has no data.dvc")
+        now = data_identity(recipe.data.dvc, recipe.base_dir, settings)
+        if now != data_digest:
+            why = f"the data moved on from md5 {data_digest} to {now}: a watcher starts the run for that"
+            logger.info(why)
+            return {"teacher_version": teacher_version, "student_model": student, "status": "skipped", "reason": why}
+        claimed = (teacher_name, f"{teacher_version}@data:{data_digest}")
     check_teacher_fits(recipe, teacher)
     upgrade_ledger(client, ledger)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
@@ -110,7 +125,13 @@ def distill_teacher_version(
             )
         try:
             decision = distill_and_promote(
-                recipe, settings, teacher, run.info.run_id, (teacher_name, teacher_version), combination
+                recipe,
+                settings,
+                teacher,
+                run.info.run_id,
+                (teacher_name, teacher_version),
+                combination,
+                DATA_TRIGGER if data_digest is not None else None,
             )
         except Exception as err:
             message = redact(f"{type(err).__name__}: {err}")
@@ -263,6 +284,34 @@ def qualification_problem(recipe: Recipe, client: Any, version: Any) -> str | No
     return recipe.qualify.problem(dict(version.tags), holds)
 
 
+def new_data(client: Any, ledger: Any, recipe: Recipe, settings: Settings) -> tuple[str, str] | None:
+    """(teacher version, data md5) when the recipe's DVC data has a new version since its current teacher version
+    was distilled: the newest version with an outcome, whose student says which md5 it was made from. None when
+    the data is the same, the run for this md5 has been claimed already, or a teacher version is still pending
+    (its run reads the new data anyway)."""
+    from distill_core.registry import ledger_entry, teacher_versions
+    from distill_core.versioning import data_identity
+
+    if recipe.data.dvc is None or recipe.teachers:
+        return None
+    teacher, student = recipe.teacher.registered_name, recipe.student_registered_name
+    if pending_versions(client, ledger, recipe, teacher):
+        return None
+    handled = [
+        (v, e)
+        for v in teacher_versions(client, teacher)
+        if (e := ledger_entry(client, v, student)).get("status") in FINAL
+    ]
+    if not handled or not handled[-1][1].get("student_version"):
+        return None
+    version, entry = handled[-1]
+    made_from = client.get_model_version(student, entry["student_version"]).tags.get(names.DATASET_DIGEST)
+    md5 = data_identity(recipe.data.dvc, recipe.base_dir, settings)
+    if md5 == made_from or ledger.claim_of(teacher, f"{version.version}@data:{md5}", student) is not None:
+        return None
+    return str(version.version), md5
+
+
 def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> list[str]:
     """The versions of `teacher` a watcher starts runs for: those the ledger has not handled, oldest first; for an
     ensemble, the newest member version of the combination the recipe names now, once, when no run has claimed that
@@ -286,7 +335,7 @@ def pending_versions(client: Any, ledger: Any, recipe: Recipe, teacher: str) -> 
     return [newest[1]] if newest[0] == teacher else []
 
 
-def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> str:
+def submit_to_deployment(target: Target, teacher_version: str, trigger: str, data_digest: str | None = None) -> str:
     """Queue the version's run on a Prefect server's deployment (a worker runs it); returns the flow run id.
 
     The webhook and the watcher submit under one idempotency key per (teacher version, student model), and the
@@ -294,7 +343,8 @@ def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> 
     ask for versions the ledger has not recorded, so a finished run under the key is one that died before it
     claimed the version.
     """
-    key = f"{target.teacher}/{teacher_version}/{target.student}"
+    base = f"{target.teacher}/{teacher_version}/{target.student}" + (f"/data:{data_digest}" if data_digest else "")
+    key = base
     while True:
         run = run_deployment(
             name=target.deployment,
@@ -303,6 +353,7 @@ def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> 
                 "teacher_version": str(teacher_version),
                 "claimant": trigger,
                 "student_name": target.student,
+                **({"data_digest": data_digest} if data_digest else {}),
             },
             timeout=0,  # queue it and return: the worker runs it
             idempotency_key=key,
@@ -313,7 +364,7 @@ def submit_to_deployment(target: Target, teacher_version: str, trigger: str) -> 
             return str(run.id)
         # The key's run is over, yet the version is still asked for: it ended before claiming the version
         # (cancelled, crashed, a worker restart). Queue a fresh attempt under a key that follows that run.
-        key = f"{target.teacher}/{teacher_version}/{target.student}/after-{run.id}"
+        key = f"{base}/after-{run.id}"
 
 
 @flow(name="watch-teachers", log_prints=True)
@@ -348,6 +399,11 @@ def watch_teachers(
                     {"teacher_version": version, "student_model": target.student, "status": "submitted",
                      "flow_run_id": run_id}
                 )  # fmt: skip
+            fresh = new_data(client, ledger, recipe, settings) if recipe is not None else None
+            if fresh is not None and target.teacher == recipe.teacher.registered_name:  # type: ignore[union-attr]
+                run_id = submit_to_deployment(target, fresh[0], "watcher:data", data_digest=fresh[1])
+                results.append({"teacher_version": fresh[0], "student_model": target.student, "status": "submitted",
+                                "flow_run_id": run_id, "data": fresh[1]})  # fmt: skip
         return results
     assert recipe is not None
     for teacher in recipe.teacher_names:
@@ -362,4 +418,21 @@ def watch_teachers(
                 )
             except Exception as err:  # the ledger says failed; the watcher goes on with the next version
                 results.append({"teacher_version": version, "status": "failed", "error": redact(err)})
+    fresh = new_data(client, ledger, recipe, settings)
+    if fresh is not None:  # a new version of the data: the current teacher version again, on it
+        version, md5 = fresh
+        logger.info(f"new data (DVC md5 {md5}) since {recipe.teacher.registered_name} v{version} was distilled")
+        try:
+            results.append(
+                distill_teacher_version(
+                    recipe.teacher.registered_name,
+                    version,
+                    str(recipe_location(recipe_path)),
+                    home,
+                    claimant="watcher:data",
+                    data_digest=md5,
+                )
+            )
+        except Exception as err:
+            results.append({"teacher_version": version, "data": md5, "status": "failed", "error": redact(err)})
     return results

@@ -319,10 +319,11 @@ def distill_and_promote(
     run_id: str,
     trigger: tuple[str, str] | None = None,
     combination: Combination | None = None,
+    started_by: str | None = None,
 ) -> Decision:
     """The distill-teacher-version flow's body: checks, soft labels, students, gates, registration, aliases. With an
     ensemble, `teacher` is the ensemble of `combination`'s members and `trigger` the member version that started
-    the run (its version carries the ledger)."""
+    the run (its version carries the ledger). started_by `data`: a new version of the data started it."""
     check_locations(settings.s3_locations())  # a missing bucket or refused key fails here, naming it
     docs_dir = Path(tempfile.mkdtemp(prefix="distill-gx-"))
     teacher_name, teacher_version = trigger or (teacher.name, teacher.version)
@@ -334,6 +335,7 @@ def distill_and_promote(
             "teacher_version": teacher_version,
             "policy": recipe.promotion.policy,
             **({"teachers": combination.describe()[:500]} if combination is not None else {}),
+            **({"trigger": started_by} if started_by else {}),
         }
     )
     with _data_docs(docs_dir):
@@ -400,6 +402,7 @@ def distill_and_promote(
         run_id=run_id,
         stages=chain(recipe) or None,
         teachers=combination.describe() if combination is not None else None,
+        trigger=started_by,
         warm_start=warm.version if warm is not None and warm.candidate == decision.chosen.candidate else None,
     )
     chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)

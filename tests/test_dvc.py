@@ -351,3 +351,26 @@ def test_storage_names_refused_credentials(s3_env: str, tmp_path: Path, credenti
     assert out.returncode == 1
     assert f"access to bucket '{s3_env}' (DISTILL_STORE) was refused" in out.stderr
     assert "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in out.stderr
+
+
+def test_a_new_version_of_the_data_distills_the_current_teacher_again_once(
+    repo: Path, prefect_server, embedded
+) -> None:
+    """The watcher compares DVC's md5 of the data with the one the current student was made from; a new one starts
+    one run of the current teacher version on it (claimed per version and md5), and its student names the data."""
+    from flows.distill import watch_teachers
+
+    home, recipe = str(repo / ".distill"), str(repo / "params.yaml")
+    watch_teachers(recipe, home)  # teacher v1 handled (it is, when the flow test ran first)
+    assert watch_teachers(recipe, home) == []  # the same data: nothing to do
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["max_rows"] = 320
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(repo, "repro", "prepare")
+    commit(repo, "more reviews")
+    (ran,) = watch_teachers(recipe, home)
+    assert ran["teacher_version"] == "1" and ran["status"] in ("succeeded", "rejected"), ran
+    client = MlflowClient(f"sqlite:///{repo / '.distill' / 'mlflow.db'}")
+    tags = client.get_model_version("sentiment-student", ran["student_version"]).tags
+    assert tags["distill.dataset_digest"] == locked_md5(repo) and tags["distill.trigger"] == "data"
+    assert watch_teachers(recipe, home) == []
