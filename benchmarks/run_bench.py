@@ -183,7 +183,7 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
 
 
 MODES_STEPS = 1000  # the step budget of every student and stage in the modes section
-MODES_PARTS = ("stages", "warm")
+MODES_PARTS = ("stages", "warm", "ensemble")
 
 
 def _modes_setup(recipe_path: Path):  # noqa: ANN202 - (recipe, settings, teacher name, v1, v2)
@@ -264,7 +264,7 @@ def modes(recipe_path: Path, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, 
     from distill_core.model_io import load_teacher
     from distill_core.modules import read_module
     from distill_core.names import generation_name
-    from distill_core.recipe import StagesConfig, StudentConfig, WarmStartConfig
+    from distill_core.recipe import StagesConfig, StudentConfig, TeacherMember, WarmStartConfig
     from distill_core.stages import STAGES
     from distill_core.tasks import task_of
 
@@ -318,6 +318,9 @@ def modes(recipe_path: Path, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, 
             "agreement_with_v1": remembered,
             "v1_v2_test_agreement": evaluate.agreement(v2_labels.signal["test"], v1_labels.signal["test"]),
         }
+    if "ensemble" in parts:  # teacher v1 and v2 as one, against each alone (born-again gen 1, and warm's cold)
+        members = [TeacherMember(name=name, version=1), TeacherMember(name=name, version=2)]
+        measured["ensemble"] = _modes_variant(recipe, settings, name, "1", "ensemble", teachers=members)
     measured["total_seconds"] = time.perf_counter() - started
     return measured
 
@@ -743,6 +746,32 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
             + "`agree (v1)`: agreement with teacher v1 on the test split, what the student kept of the old teacher.",
             "",
         ]
+    ens = part.get("ensemble")
+    if isinstance(ens, dict):
+        alone = {
+            "teacher v1 alone": (part.get("born-again") or {}).get("reports", []),
+            "teacher v2 alone": ((part.get("warm") or {}).get("cold") or {}).get("reports", []),
+        }
+        lines += [
+            "The two teacher versions as one ensemble (weights 1 and 1) against each alone, same students and steps "
+            "(`agree`: with the model's own teacher; the members' rows: against the ensemble):",
+            "",
+            "| taught by | model | acc | agree | params |",
+            "|---|---|---|---|---|",
+        ]
+        for report in ens["reports"]:
+            lines.append(
+                f"| ensemble v1+v2 | {report['name']} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
+                f"{report['params']:,} |"
+            )
+        for who, reports in alone.items():
+            plain = ".gen1" if who == "teacher v1 alone" else " (distilled)"  # how each run names its plain student
+            for report in (r for r in reports if str(r["name"]).endswith(plain)):
+                lines.append(
+                    f"| {who} | {report['name']} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
+                    f"{report['params']:,} |"
+                )
+        lines.append("")
     return lines
 
 

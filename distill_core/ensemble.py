@@ -187,7 +187,7 @@ def resolve(recipe: Recipe, client: MlflowClient) -> Combination:
     members: list[tuple[str, str, float]] = []
     for index, spec in enumerate(recipe.teachers):
         field = f"teachers.{index}"
-        versions = [v.version for v in teacher_versions(client, spec.name)]
+        versions = [str(v.version) for v in teacher_versions(client, spec.name)]
         if not versions and spec.name == recipe.student_registered_name:
             continue  # no student yet: its champion teaches from the next run on
         if not versions:

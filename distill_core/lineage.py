@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, fields
 
 from distill_core import names
 
-
 DATA_TRIGGER = "data"  # Lineage.trigger of a run that a new version of the data started
 
 

@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from distill_core.data import PreparedDataset, prepared_once
-from distill_core.ensemble import cut_from, members_of
+from distill_core.ensemble import cut_from, load_ensemble, members_of, resolve
 from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.model_io import load_teacher, log_teacher
@@ -468,13 +468,27 @@ def lineage_meta(
     }
 
 
+def recipe_teacher(recipe: Recipe, settings: Settings, name: str, version: str) -> LoadedTeacher:
+    """The teacher a run without a flow distills: the version named, or the recipe's ensemble with every member
+    pinned by version number (so that the DVC stages distill the same one every time)."""
+    if not recipe.teachers:
+        return load_teacher(name, version, settings.tracking_uri)
+    loose = [
+        f"teachers.{i}" for i, m in enumerate(recipe.teachers) if m.last is not None or not str(m.version).isdigit()
+    ]
+    if loose:
+        raise RecipeError(f"{', '.join(loose)}: the DVC stages distill pinned teachers: give each a version number")
+    return load_ensemble(resolve(recipe, MlflowClient(settings.tracking_uri)), settings.tracking_uri)[0]
+
+
 def distill_and_evaluate(
     recipe: Recipe, settings: Settings, teacher_name: str, teacher_version: str, log: Log = print
 ) -> tuple[list[ModelReport], Path]:
-    """One teacher version through prepare → label → distill → evaluate, in this process and with no registry
-    writes (the flow's version is flows.pipeline.distill_and_promote); returns the reports and run folder."""
+    """One teacher version (or the recipe's pinned ensemble) through prepare → label → distill → evaluate, in this
+    process and with no registry writes (the flow's version is flows.pipeline.distill_and_promote); returns the
+    reports and run folder."""
     dataset = open_dataset(recipe, settings)
-    teacher = load_teacher(teacher_name, teacher_version, settings.tracking_uri)
+    teacher = recipe_teacher(recipe, settings, teacher_name, teacher_version)
     labels = label(recipe, settings, dataset, teacher)
     log(f"soft labels {labels.key} ({'reused' if labels.reused else 'generated'})")
     out = run_dir(recipe, settings, teacher)

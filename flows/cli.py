@@ -171,17 +171,9 @@ def _stage_teacher(rcp, settings, ref: str | None):  # noqa: ANN001, ANN202 - Re
     if ref is not None:
         return load_teacher(*_teacher_ref(ref), settings.tracking_uri)
     if rcp.teachers:  # an ensemble: every member pinned, so `dvc repro` distills the same one
-        from mlflow.tracking import MlflowClient
+        from distill_core.steps import recipe_teacher
 
-        from distill_core.ensemble import load_ensemble, resolve
-        from distill_core.errors import RecipeError
-
-        loose = [
-            f"teachers.{i}" for i, m in enumerate(rcp.teachers) if m.last is not None or not str(m.version).isdigit()
-        ]
-        if loose:
-            raise RecipeError(f"{', '.join(loose)}: the DVC stages distill pinned teachers: give each a version number")
-        return load_ensemble(resolve(rcp, MlflowClient(settings.tracking_uri)), settings.tracking_uri)[0]
+        return recipe_teacher(rcp, settings, "", "")
     if rcp.teacher.version is None:
         raise typer.BadParameter("give --teacher NAME/VERSION, or set teacher.version in the recipe")
     return load_teacher(rcp.teacher.registered_name, str(rcp.teacher.version), settings.tracking_uri)

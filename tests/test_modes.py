@@ -181,3 +181,12 @@ def test_a_qualify_rule_names_one_tag_or_one_alias_and_says_why_a_version_does_n
     assert rule.problem({"stage": "ready"}, set()) is None
     assert rule.problem({"stage": "draft"}, set()) == "its tag 'stage' is 'draft', not 'ready'"
     assert rule.problem({}, {"production"}) == "it has no tag 'stage'"
+
+
+def test_the_dvc_stages_refuse_an_ensemble_whose_members_are_not_pinned(tmp_path):
+    from distill_core.settings import load_settings
+
+    teachers = [{"name": "a", "version": 2}, {"name": "b"}, {"name": "c", "last": 2}]
+    recipe = parse_recipe({"name": "x", "students": [SMALL], "teachers": teachers})
+    with pytest.raises(RecipeError, match=r"teachers.1, teachers.2: the DVC stages distill pinned teachers"):
+        steps.recipe_teacher(recipe, load_settings(tmp_path), "", "")

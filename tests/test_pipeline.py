@@ -647,3 +647,29 @@ def test_only_the_teacher_version_holding_the_recipes_alias_is_distilled(env, sm
     MlflowClient(env["tracking_uri"]).set_registered_model_alias(env["teacher"], "production", version)
     (ran,) = watch_teachers(recipe, env["home"])
     assert ran["teacher_version"] == version and ran["status"] == "succeeded"
+
+
+def test_ensemble_members_resolve_to_registered_versions_and_one_that_names_nothing_is_refused_by_field(
+    env, small_dataset
+):
+    from distill_core.ensemble import resolve
+    from distill_core.recipe import parse_recipe
+    from distill_core.registry import RegistryError
+
+    for seed in (0, 1, 2):
+        register_toy_teacher(env, small_dataset, seed=seed, epochs=5)
+    client = MlflowClient(env["tracking_uri"])
+    client.set_registered_model_alias(env["teacher"], "production", "2")
+    t = env["teacher"]
+
+    def members(*teachers):
+        recipe = parse_recipe({"name": "x", "students": BAG_STUDENTS[:1], "teachers": list(teachers)})
+        return [(name, version) for name, version, _ in resolve(recipe, client).members]
+
+    assert members({"name": t, "version": 1}, {"name": t, "version": "production"}) == [(t, "1"), (t, "2")]
+    assert members({"name": t, "last": 2}) == [(t, "2"), (t, "3")]
+    assert members({"name": t, "version": "latest"}, {"name": t, "version": 1}) == [(t, "3"), (t, "1")]
+    with pytest.raises(RegistryError, match=f"teachers.1: {t} has no version 7 \\(it has v1, v2, v3\\)"):
+        members({"name": t}, {"name": t, "version": 7})
+    with pytest.raises(RegistryError, match=f"teachers.1: {t} has no alias 'staging'"):
+        members({"name": t}, {"name": t, "version": "staging"})
