@@ -143,6 +143,7 @@ def test_changing_one_param_reruns_only_the_stages_that_depend_on_it(repo: Path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     labels_before = json.loads((repo / "artifacts/labels.json").read_text())["key"]
     params["soft_labels"]["max_length"] = 48  # part of the soft-label key
+    params["stages"]["generations"] = 2  # and the student born again once: train and evaluate report both
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     status = dvc(repo, "status").stdout
@@ -150,6 +151,7 @@ def test_changing_one_param_reruns_only_the_stages_that_depend_on_it(repo: Path)
     out = dvc(repo, "repro")
     assert stages_run(out.stdout) == ["label", "train", "evaluate"], out.stdout[-3000:]
     assert json.loads((repo / "artifacts/labels.json").read_text())["key"] != labels_before
+    assert "| bag.gen1 |" in (repo / "artifacts/evaluation/report.md").read_text()
     commit(repo, "shorter teacher inputs")
 
 
