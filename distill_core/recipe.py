@@ -232,7 +232,7 @@ class WarmStartConfig(_Strict):
     the transfer rows whose teacher output moved, plus a replayed share of the others against forgetting."""
 
     version: int | None = Field(default=None, ge=1)  # the student version; None: the champion when the run starts
-    steps: float = Field(default=0.3, gt=0, le=1)  # the share of the cold run's step budget it trains for
+    steps: float = Field(default=0.25, gt=0, le=1)  # the share of the cold run's step budget it trains for
     changed: float | None = Field(default=0.05, gt=0, le=1)  # a row moved when its teacher output moved more than
     # this: the total variation of a classifier's probabilities; a block's mean over positions of the total
     # variation between the stored top-k (or sampled) distributions
