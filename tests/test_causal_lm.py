@@ -410,6 +410,7 @@ def test_online_the_teacher_logits_are_made_a_chunk_of_positions_at_a_time_with_
     assert dense_saved > 3 * full and chunked_saved < full / 4  # only the chunks' hidden states and masks
 
 
+@pytest.mark.slow  # 60 s; the LM task stays in CI through its flow test, the stage verbs through dvc repro
 def test_the_dvc_stage_verbs_run_an_lm_recipe_prepare_label_train_evaluate(lm_teacher, tmp_path):
     """The `distill stage` steps dvc.yaml runs, on an LM recipe, each in its own process as DVC starts them."""
     import os

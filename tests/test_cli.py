@@ -112,6 +112,7 @@ def test_demo_tells_the_continuous_story(tiny_recipe, tmp_path):
     assert "teacher sentiment-teacher v2 is already registered" in again.stdout
 
 
+@pytest.mark.slow  # 45 s; the stage verbs stay in CI through dvc repro and the LM stage verbs (make test-all runs it)
 def test_stage_distill_prints_the_comparison_table(tiny_recipe, tmp_path):
     home = tmp_path / "home"
     teacher = distill("stage", "teacher", "--recipe", str(tiny_recipe), "--trainable-layers", "0", home=home)

@@ -155,6 +155,7 @@ def test_changing_one_param_reruns_only_the_stages_that_depend_on_it(repo: Path)
     commit(repo, "shorter teacher inputs")
 
 
+@pytest.mark.slow  # 16 s; a DVC feature over the same stages dvc repro runs in CI (make test-all runs it)
 def test_exp_run_sweeps_a_param_in_the_git_repo(repo: Path) -> None:
     out = dvc(repo, "exp", "run", "-S", "evaluation.latency_samples=7")
     assert stages_run(out.stdout) == ["evaluate"], out.stdout[-3000:]
@@ -355,6 +356,7 @@ def test_storage_names_refused_credentials(s3_env: str, tmp_path: Path, credenti
     assert "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in out.stderr
 
 
+@pytest.mark.slow  # 25 s (a DVC repro and a run); the watcher and DVC stay in CI through the other tests
 def test_a_new_version_of_the_data_distills_the_current_teacher_again_once(
     repo: Path, prefect_server, embedded
 ) -> None:

@@ -399,7 +399,8 @@ def prefect_server():
         yield
 
 
-@pytest.mark.parametrize("burst", [3, pytest.param(10, marks=pytest.mark.slow)])
+# 30 s a burst; one claim per version stays in CI through test_pipeline's two watchers and a direct run
+@pytest.mark.parametrize("burst", [pytest.param(3, marks=pytest.mark.slow), pytest.param(10, marks=pytest.mark.slow)])
 def test_a_burst_of_teacher_versions_is_handled_once_each_and_the_champion_is_where_the_rule_puts_it(
     burst, prefect_server, small_dataset, tracking_uri, tmp_path, monkeypatch
 ) -> None:

@@ -189,6 +189,7 @@ def prefect_server():
         yield
 
 
+@pytest.mark.slow  # 50 s; test_topology's namesake keeps the real webhook end to end in CI (make test-all runs it)
 def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
     mlflow_server: str, prefect_server, tmp_path: Path, small_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
