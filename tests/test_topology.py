@@ -135,7 +135,7 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     assert len(prediction) == 2 and set(prediction["label"]) <= set(small_dataset.labels)
 
 
-@pytest.mark.slow  # 30 s; test_receiver's twenty duplicates keep deduplication in CI (make test-all runs it)
+# It also turns the webhook off for the scheduled-watcher test after it (which expects it off): keep them together.
 def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
     stack: Stack, client: MlflowClient, webhook: Any, small_dataset
 ) -> None:
