@@ -73,6 +73,11 @@ def log_teacher(
         names.LABELS: json.dumps(list(teacher.labels)),
         **(tags or {}),
     }
+    # Our teacher classes' pickles name distill_core.teachers (so earlier releases' pickles load): cloudpickle pickles
+    # a class by reference only when the module it names is imported, and by value otherwise, which breaks the class
+    # (its tokenize became TextModule's). Imported here, the module every loader imports is what the pickle names.
+    import distill_core.teachers  # noqa: F401
+
     # experiment_id, not set_experiment: registering a teacher leaves the process's active experiment as it was
     with mlflow.start_run(experiment_id=experiment_id, run_name=registered_name) as run:
         mlflow.log_params({"teacher_class": type(teacher).__name__, "labels": ",".join(teacher.labels)})

@@ -1,5 +1,10 @@
 """Teachers: the real MiniLM teacher and a plain torch module both round-trip through the MLflow registry."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from mlflow.tracking import MlflowClient
 from toy_models import BagTeacher, WordHashTokenizer
@@ -32,6 +37,28 @@ def test_plain_torch_module_is_a_teacher(tracking_uri):
     texts = ["a moving, funny film", "dull and far too long"]
     torch.testing.assert_close(loaded.module(**loaded.module.tokenize(texts)), teacher(**teacher.tokenize(texts)))
     assert loaded.content_digest == content_digest(teacher)
+
+
+def test_a_teacher_logged_without_importing_distill_core_teachers_loads_whole_elsewhere(tmp_path):
+    """Regression: WrappedTeacher's pickles name distill_core.teachers; where a process had not imported that module
+    (logging with distill_core.modules and model_io only, as the topology test's worker-side teacher did), cloudpickle
+    pickled the class by value, and the loaded teacher's tokenize was TextModule's (NotImplementedError)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = (
+        "import sys; from toy_models import BagTeacher, WordHashTokenizer; "
+        "from distill_core.modules import WrappedTeacher; from distill_core.model_io import log_teacher; "
+        "assert 'distill_core.teachers' not in sys.modules; "
+        f"log_teacher(WrappedTeacher(BagTeacher(), WordHashTokenizer(), ('neg', 'pos')), 'lean', {uri!r})"
+    )
+    load = (
+        "from distill_core.model_io import load_teacher; "
+        f"print(load_teacher('lean', '1', {uri!r}).module.tokenize(['a fine film']))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    for code in (log, load):
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "'ids': tensor(" in done.stdout
 
 
 def test_module_without_the_contract_is_refused(tracking_uri):
