@@ -72,6 +72,17 @@ def webhook(stack: Stack, client: MlflowClient) -> Any:
     return hook
 
 
+@pytest.fixture
+def webhook_off(client: MlflowClient) -> None:
+    """No webhook announces versions: the test delivers by itself or relies on the watcher (whichever tests ran
+    before it, and whether the `webhook` fixture made one)."""
+    hooks = [h for h in client.list_webhooks() if h.status == WebhookStatus.ACTIVE]
+    for hook in hooks:
+        client.update_webhook(hook.webhook_id, status=WebhookStatus.DISABLED)
+    if hooks:
+        time.sleep(1.5)  # MLFLOW_WEBHOOK_CACHE_TTL
+
+
 def deliver(stack: Stack, event: dict, secret: str = SECRET, delivery_id: str | None = None) -> tuple[int, dict]:
     return send_delivery(stack.receiver_url, event, secret, delivery_id)
 
@@ -135,13 +146,11 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     assert len(prediction) == 2 and set(prediction["label"]) <= set(small_dataset.labels)
 
 
-# It also turns the webhook off for the scheduled-watcher test after it (which expects it off): keep them together.
+@pytest.mark.slow  # 30 s; test_receiver's twenty duplicates keep deduplication in CI (make test-all runs it)
 def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
-    stack: Stack, client: MlflowClient, webhook: Any, small_dataset
+    stack: Stack, client: MlflowClient, webhook_off: None, small_dataset
 ) -> None:
     teacher = TEACHER
-    client.update_webhook(webhook.webhook_id, status=WebhookStatus.DISABLED)  # this test delivers by itself
-    time.sleep(1.5)
     version = register(stack, small_dataset, seed=1)
     delivery_id = str(uuid.uuid4())
     same = [lambda: deliver(stack, created(teacher, version), delivery_id=delivery_id)] * 20  # MLflow retrying
@@ -155,7 +164,7 @@ def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
 
 
 def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retries_runs_that_died(
-    stack: Stack, client: MlflowClient, small_dataset
+    stack: Stack, client: MlflowClient, webhook_off: None, small_dataset
 ) -> None:
     teacher = TEACHER
     # A version whose run died before it claimed the version (cancelled while the work pool was paused).
@@ -185,7 +194,7 @@ def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retr
 
 @pytest.mark.slow  # fault injection, 55-65 s; the topology stays in CI through the other tests (make test-all runs it)
 def test_the_mlflow_server_restarted_mid_run_the_run_retries_or_fails_cleanly_and_the_ledger_says_which(
-    stack: Stack, client: MlflowClient, small_dataset
+    stack: Stack, client: MlflowClient, webhook_off: None, small_dataset
 ) -> None:
     """Fault injection: the tracking server goes away while a worker's run is using it, and comes back."""
     stack.schedule_watcher(active=False)
