@@ -198,7 +198,7 @@ def _cli(*args: str, env: dict[str, str]) -> list[str]:
     return [sys.executable, "-c", "from flows.cli import main; main()", *args]
 
 
-def _kill_recipe(tmp_path: Path, student: str) -> Path:
+def _kill_recipe(tmp_path: Path, student: str, **sections: object) -> Path:
     recipe = {
         "name": "kill",
         "student_registered_name": student,
@@ -209,6 +209,7 @@ def _kill_recipe(tmp_path: Path, student: str) -> Path:
         "train": {"epochs": 2, "batch_size": 16, "checkpoint_every": 5, "eval_every": 10},
         "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
         "gates": {"min_retention": 0.1, "max_param_ratio": 10.0},
+        **sections,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -238,7 +239,10 @@ KILL_POINTS = {
     "labeling": lambda home, uri, student: list(home.glob("store/soft_labels/*/transfer-00002.npy")),
     "training": lambda home, uri, student: list(home.glob("runs/*/tf/distilled/last.pt")),
     "registration": lambda home, uri, student: _student_versions(uri, student) > 0,
+    # born-again generation 2 (the candidate) checkpointed: generation 1, a finished stage, is behind it
+    "a stage": lambda home, uri, student: list(home.glob("runs/*/tf/distilled/last.pt")),
 }
+STAGED = {"a stage": {"stages": {"generations": 2}}}
 
 
 @pytest.mark.parametrize(
@@ -247,13 +251,14 @@ KILL_POINTS = {
         pytest.param("labeling", marks=pytest.mark.slow),
         "training",
         pytest.param("registration", marks=pytest.mark.slow),
+        pytest.param("a stage", marks=pytest.mark.slow),  # test_modes kills a stage in process in make test
     ],
 )
 def test_a_run_killed_while_it_works_reruns_to_one_student_and_leaves_nothing_that_looks_complete(
     moment, registered_teacher, tracking_uri, tmp_path
 ) -> None:
     student = f"student-{uuid.uuid4().hex[:8]}"
-    home, recipe = tmp_path / "home", _kill_recipe(tmp_path, student)
+    home, recipe = tmp_path / "home", _kill_recipe(tmp_path, student, **STAGED.get(moment, {}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "DISTILL_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
     args = ["run", "--teacher", "sentiment-teacher/1", "--recipe", str(recipe)]
@@ -296,6 +301,10 @@ def test_a_run_killed_while_it_works_reruns_to_one_student_and_leaves_nothing_th
     assert (entry / "manifest.json").is_file()
     if moment == "training":
         assert "resumed from checkpoint at step" in rerun.stderr
+    if moment == "a stage":  # the finished generation is reused, the one it died in resumes from its checkpoint
+        resumed = [line for line in rerun.stderr.splitlines() if "resumed from checkpoint at step" in line]
+        assert len(resumed) == 2 and "(training had finished)" in resumed[0], resumed
+        assert "(training had finished)" not in resumed[1], resumed
 
 
 # --- the S3 server goes away while labels are written --------------------------------------------------------
