@@ -26,7 +26,7 @@ import pytest
 import yaml
 from mlflow.entities.webhook import WebhookStatus
 from mlflow.tracking import MlflowClient
-from stack import NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
+from stack import DISTILL_DEPLOYMENT, NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
 from stack import model_version_created as created
 from toy_models import one_student_recipe, register_toy_teacher
 
@@ -102,6 +102,35 @@ def finished(stack: Stack, version: str) -> Any:
     )
     assert run.state_name == "Completed", f"{run.state_name}: {run.state.message}\n{stack.log('worker')}"
     return run
+
+
+def test_an_ensembles_deployment_tagged_with_every_member_is_a_target_of_each(stack: Stack) -> None:
+    """`--deployment auto` (the receiver and the watcher): a deployment tagged teacher:<a>,<b> (an ensemble's
+    recipe, README) is where runs of either member's new versions go, and a deployment that names no student is
+    not a target."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.distill import AUTO, FLOW_NAME, Target, deployment_targets
+
+    with stack._prefect() as client:
+        flow_id = client.read_flow_by_name(FLOW_NAME).id
+        made = [
+            client.create_deployment(flow_id, "ensemble", tags=["teacher:member-a, member-b", "student:ens"]),
+            client.create_deployment(flow_id, "no-student", tags=["teacher:member-c"]),
+        ]
+    try:
+        with temporary_settings({PREFECT_API_URL: stack.prefect_api}):
+            targets = deployment_targets(AUTO)
+        assert [t for t in targets if t.deployment.endswith("/ensemble")] == [
+            Target("member-a", "ens", f"{FLOW_NAME}/ensemble"),
+            Target("member-b", "ens", f"{FLOW_NAME}/ensemble"),
+        ]
+        assert Target(TEACHER, STUDENT, DISTILL_DEPLOYMENT) in targets  # the stack's own, from infra/prefect.yaml
+        assert not [t for t in targets if t.teacher == "member-c"]
+    finally:
+        with stack._prefect() as client:
+            for deployment_id in made:
+                client.delete_deployment(deployment_id)
 
 
 def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(stack: Stack) -> None:
