@@ -1,14 +1,17 @@
 """`make bench`: the pipeline's overheads against bare torch loops, distillation quality on real data, how
 fast a teacher registration starts its flow run in the production topology, and causal-LM distillation of the
-packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality table, peak memory).
+packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality table, peak memory); and the
+distillation modes of both tasks (assistant, born-again, warm start, ensemble) against the plain student.
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
 benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
-overheads 5 min, pipeline 5 min, quality 30 min, modes 60 min (its two teachers about 20 of them, on the first run
-only), trigger 10 min, lm 45 min (lm-overheads, its first part: 6 min).
+overheads 5 min, pipeline 5 min, quality 30 min, modes 60 min (the classifier's: its two teachers about 20 of
+them, on the first run only), trigger 10 min, lm 45 min (lm-overheads, its first part: 6 min), lm-modes 35 min (the
+LM's modes: its two teachers about 7 of them, on the first run only).
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|modes|trigger|lm|lm-overheads ...]
+    python benchmarks/run_bench.py [--only overheads|pipeline|quality|modes|trigger|lm|lm-overheads|lm-modes ...]
                                    [--recipe recipes/bench.yaml]
+    (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -182,47 +188,113 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
     }
 
 
-MODES_STEPS = 1000  # the step budget of every student and stage in the modes section
+MODES_STEPS = 1000  # the step budget of every classifier student and stage in the modes section
 MODES_PARTS = ("stages", "warm", "ensemble")
-GENERATIONS = 3  # born-again generations in the modes section
+MODES_RUNS = ("born-again", "assistant", "ensemble")  # the runs the stages and ensemble parts make
+CLASSIFIER_COLUMNS = (("acc", "accuracy", "{:.3f}"), ("of teacher", "retention", "{:.1%}"))
 WARM_STEPS = 0.25  # the warm start's share of the cold step budget (0.3 measured 36% of the cold training time)
 
 
-def _modes_setup(recipe_path: Path):  # noqa: ANN202 - (recipe, settings, teacher name, v1, v2)
-    """The modes section's recipe (the bench recipe with one augmented copy, every student MODES_STEPS steps, no
-    hard-label twins) and its two teacher versions: v1 the bench teacher, v2 the same recipe retrained with another
-    seed (a new teacher version, as a team's retraining makes one). Both are reused when an earlier run made them."""
+@dataclass(frozen=True)
+class ModesTask:
+    """What the modes section measures for one task: its recipe (tuned for the section), the teacher versions it
+    registers, the assistant and the born-again generations it tries, and the table's columns."""
+
+    title: str
+    recipe: Path
+    home: str  # under benchmarks/.work
+    tune: Callable[[Any], Any]  # the section's changes to the recipe
+    versions: dict[int, dict[str, object]]  # teacher version -> overrides of the recipe's teacher section
+    new_version: str  # what teacher v2 is, in words
+    assistant: StudentConfig
+    generations: int
+    columns: tuple[tuple[str, str, str], ...]  # (header, report field, format), the quality column first
+    remembered: Callable[[Any, Any, Any], float]  # (model, dataset, teacher v1's test signal) -> top-1 agreement
+
+
+def _classifier_remembered(model, dataset, signal) -> float:  # noqa: ANN001
+    from distill_core import evaluate
+    from distill_core.tasks.classification import CLASSIFICATION
+
+    texts, _ = CLASSIFICATION.examples(dataset, "test")
+    return evaluate.agreement(evaluate.predict(model, list(texts)), signal)
+
+
+def _lm_remembered(model, dataset, signal) -> float:  # noqa: ANN001
+    from distill_core.tasks.causal_lm import CAUSAL_LM, next_token_stats
+
+    return next_token_stats(model, CAUSAL_LM.examples(dataset, "test")[1], signal)["agreement"]
+
+
+def _classifier_tune(base):  # noqa: ANN001, ANN202 - one augmented copy, MODES_STEPS steps, no hard-label twins
+    train = base.train.model_copy(update={"max_steps": MODES_STEPS, "eval_every": 250, "checkpoint_every": 500})
+    evaluation = base.evaluation.model_copy(update={"hard_label_baseline": False, "latency_samples": 100})
+    data = base.data.model_copy(update={"augment_copies": 1})
+    return base.model_copy(update={"train": train, "evaluation": evaluation, "data": data})
+
+
+def modes_tasks(recipe_path: Path) -> dict[str, ModesTask]:
+    from distill_core.tasks.causal_lm import CAUSAL_LM
+
+    return {
+        "modes": ModesTask(
+            title=f"Distillation modes on Rotten Tomatoes (every student and stage {MODES_STEPS} steps",
+            recipe=recipe_path,
+            home="modes",
+            tune=_classifier_tune,
+            versions={1: {"seed": 0}, 2: {"seed": 1}},  # v2: the bench teacher retrained with another seed
+            new_version="the bench teacher retrained with another seed",
+            assistant=StudentConfig(name="ta-3L", family="transformer", teacher_layers=[0, 2, 4], lr=1e-4),
+            generations=3,
+            columns=CLASSIFIER_COLUMNS,
+            remembered=_classifier_remembered,
+        ),
+        "lm-modes": ModesTask(
+            title="Distillation modes for the causal LM (SmolLM2-135M-Instruct, recipes/lm-demo.yaml: every "
+            "student and stage its 2 epochs",
+            recipe=ROOT / "recipes" / "lm-demo.yaml",
+            home="lm-modes",
+            tune=lambda base: base,
+            versions={v: CAUSAL_LM.stand_in_versions(v)[1] for v in (1, 2)},  # as packaged; fine-tuned
+            new_version="SmolLM2 fine-tuned on the train split's blocks",
+            assistant=StudentConfig(name="ta-4L", family="transformer", teacher_layers=[0, 10, 20, 29]),
+            generations=2,
+            columns=(("ppl", "perplexity", "{:.1f}"), ("ppl / teacher", "perplexity_ratio", "{:.2f}")),
+            remembered=_lm_remembered,
+        ),
+    }
+
+
+def _modes_setup(spec: ModesTask):  # noqa: ANN202 - (recipe, settings, teacher name)
+    """The section's recipe and its two teacher versions, v1 and v2 (a new teacher version, as a team's retraining
+    makes one). Both are reused when an earlier run made them."""
     from mlflow.tracking import MlflowClient
 
     from distill_core import steps
     from distill_core.recipe import load_recipe
     from distill_core.settings import load_settings
 
-    base = load_recipe(recipe_path)
+    recipe = spec.tune(load_recipe(spec.recipe))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("DISTILL_STORE", None)
-    settings = load_settings(HERE / ".work" / "modes")
-    train = base.train.model_copy(update={"max_steps": MODES_STEPS, "eval_every": 250, "checkpoint_every": 500})
-    evaluation = base.evaluation.model_copy(update={"hard_label_baseline": False, "latency_samples": 100})
-    data = base.data.model_copy(update={"augment_copies": 1})
-    recipe = base.model_copy(update={"train": train, "evaluation": evaluation, "data": data})
+    settings = load_settings(HERE / ".work" / spec.home)
     name = recipe.teacher.registered_name
     have = {int(v.version) for v in MlflowClient(settings.tracking_uri).search_model_versions(f"name='{name}'")}
-    for version, seed in ((1, 0), (2, 1)):
+    for version, overrides in spec.versions.items():
         if version not in have:
-            print(f"modes: training teacher v{version} (seed {seed})")
-            steps.train_and_register_teacher(recipe, settings, steps.prepare(recipe, settings), log=print, seed=seed)
+            print(f"{spec.home}: making teacher v{version} ({overrides})")
+            steps.train_and_register_teacher(recipe, settings, steps.prepare(recipe, settings), log=print, **overrides)
     return recipe, settings, name
 
 
 def _modes_variant(recipe, settings, name: str, version: str, variant: str, **update) -> dict[str, object]:  # noqa: ANN001
     from distill_core import steps
 
-    recipe = recipe.model_copy(update={"name": f"modes-{variant}", **update})
+    recipe = recipe.model_copy(update={"name": f"{recipe.name}-{variant}", **update})
     began = time.perf_counter()
     reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
     training = json.loads((out / "training.json").read_text())
-    print(f"modes {variant}: {time.perf_counter() - began:.0f} s")
+    print(f"modes {variant}: {time.perf_counter() - began:.0f} s", flush=True)
     return {
         "teacher": f"{name} v{version}",
         "seconds": time.perf_counter() - began,
@@ -233,7 +305,7 @@ def _modes_variant(recipe, settings, name: str, version: str, variant: str, **up
     }
 
 
-def _register_champion(recipe, settings, module, candidate: str, labels_key: str, digest: str) -> str:  # noqa: ANN001
+def _register_champion(recipe, settings, dataset, module, candidate: str, labels_key: str) -> str:  # noqa: ANN001
     """The v1 student as the student model's champion, with the lineage a pipeline run gives it."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -242,48 +314,50 @@ def _register_champion(recipe, settings, module, candidate: str, labels_key: str
     from distill_core.lineage import Lineage
     from distill_core.model_io import log_student
     from distill_core.registry import CHAMPION
+    from distill_core.tasks import task_of
 
+    task = task_of(recipe)
     mlflow.set_tracking_uri(settings.tracking_uri)
-    lineage = Lineage(dataset_digest=digest, soft_labels_key=labels_key)
+    lineage = Lineage(dataset_digest=dataset.digest, soft_labels_key=labels_key)
     with mlflow.start_run(run_name="modes-champion"):
         _, version = log_student(
             module,
             registered_model_name=recipe.student_registered_name,
-            input_texts=["a fine film"],
+            input_texts=task.examples(dataset, "test")[0][:2],
             tags={**lineage.tags(), names.CANDIDATE: candidate},
+            task=task,
         )
     MlflowClient(settings.tracking_uri).set_registered_model_alias(recipe.student_registered_name, CHAMPION, version)
     return str(version)
 
 
-def modes(recipe_path: Path, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, object]:
+def modes(spec: ModesTask, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, object]:
     """Distillation modes against the plain single-teacher student of the same size, data, steps and seeds.
-    stages: the students straight from teacher v1 (= born-again generation 1), born-again generations 2 and 3, and
-    the students through a 3-layer teacher assistant. warm: on teacher v2, the transformer student cold (from the
+    stages: the students straight from teacher v1 (= born-again generation 1), the later born-again generations,
+    and the students through a teacher assistant. warm: on teacher v2, the transformer student cold (from the
     teacher's layers, the full step budget) against warm (from the v1 student, its warm_start share of the steps,
-    on the rows whose signal moved plus a replay), and what each remembers of teacher v1."""
-    from distill_core import evaluate, steps
+    on the rows whose signal moved plus a replay), and what each remembers of teacher v1. ensemble: teacher v1
+    and v2 as one, against each alone."""
+    from distill_core import steps
     from distill_core.model_io import load_teacher
     from distill_core.modules import read_module
     from distill_core.names import generation_name
-    from distill_core.recipe import StagesConfig, StudentConfig, TeacherMember, WarmStartConfig
+    from distill_core.recipe import StagesConfig, TeacherMember, WarmStartConfig
     from distill_core.stages import STAGES
-    from distill_core.tasks import task_of
 
     started = time.perf_counter()
-    recipe, settings, name = _modes_setup(recipe_path)
+    recipe, settings, name = _modes_setup(spec)
     shutil.rmtree(settings.runs_dir, ignore_errors=True)  # students train anew (a reused checkpoint times 0 s)
-    measured: dict[str, object] = {"steps": MODES_STEPS}
+    measured: dict[str, object] = {"title": spec.title, "generations": spec.generations, "columns": spec.columns}
     if "stages" in parts:
-        assistant = StudentConfig(name="ta-3L", family="transformer", teacher_layers=[0, 2, 4], lr=1e-4)
         measured["born-again"] = _modes_variant(
-            recipe, settings, name, "1", "born-again", stages=StagesConfig(generations=GENERATIONS)
+            recipe, settings, name, "1", "born-again", stages=StagesConfig(generations=spec.generations)
         )
         measured["assistant"] = _modes_variant(
-            recipe, settings, name, "1", "assistant", stages=StagesConfig(assistants=[assistant])
+            recipe, settings, name, "1", "assistant", stages=StagesConfig(assistants=[spec.assistant])
         )
     if "warm" in parts:
-        student = recipe.students[0].name  # the transformer: what a warm start continues
+        student = next(s.name for s in recipe.students if s.family == "transformer")  # what a warm start continues
         dataset = steps.open_dataset(recipe, settings)
         v1 = load_teacher(name, "1", settings.tracking_uri)
         v1_labels = steps.label(recipe, settings, dataset, v1)
@@ -294,33 +368,31 @@ def modes(recipe_path: Path, parts: tuple[str, ...] = MODES_PARTS) -> dict[str, 
         if "born-again" in measured:  # its generation 1 is the plain student of teacher v1
             champion_path = Path(measured["born-again"]["out"]) / STAGES / f"{generation_name(student, 1)}.pt"
         else:
-            plain = recipe.model_copy(update={"name": "modes-plain"})
+            plain = recipe.model_copy(update={"name": f"{recipe.name}-plain"})
             champion_path = steps.distill_and_evaluate(plain, settings, name, "1", log=print)[1] / student
             champion_path = champion_path / "distilled.pt"
         module = read_module(champion_path)
-        version = _register_champion(recipe, settings, module, student, v1_labels.key, dataset.digest)
+        version = _register_champion(recipe, settings, dataset, module, student, v1_labels.key)
         cold = _modes_variant(recipe, settings, name, "2", "cold")
         warm_cfg = WarmStartConfig(version=int(version), steps=WARM_STEPS, changed=0.1, replay=0.2)
         warm = _modes_variant(recipe, settings, name, "2", "warm", warm_start=warm_cfg)
-        texts, _ = task_of(recipe).examples(dataset, "test")
         models = {
             "champion (v1 student)": module,
             "cold": read_module(Path(cold["out"]) / student / "distilled.pt"),
             "warm": read_module(Path(warm["out"]) / student / "distilled.pt"),
-        }
-        remembered = {
-            who: evaluate.agreement(evaluate.predict(model, list(texts)), v1_labels.signal["test"])
-            for who, model in models.items()
+            "teacher v2": v2.module,
         }
         measured["warm"] = {
             "student": student,
+            "new_version": spec.new_version,
             "label_seconds_v2": label_seconds,
             "cold": cold,
             "warm": warm,
-            "agreement_with_v1": remembered,
-            "v1_v2_test_agreement": evaluate.agreement(v2_labels.signal["test"], v1_labels.signal["test"]),
+            "agreement_with_v1": {
+                who: spec.remembered(model, dataset, v1_labels.signal["test"]) for who, model in models.items()
+            },
         }
-    if "ensemble" in parts:  # teacher v1 and v2 as one, against each alone (born-again gen 1, and warm's cold)
+    if "ensemble" in parts:
         members = [TeacherMember(name=name, version=1), TeacherMember(name=name, version=2)]
         measured["ensemble"] = _modes_variant(recipe, settings, name, "1", "ensemble", teachers=members)
     measured["total_seconds"] = time.perf_counter() - started
@@ -687,25 +759,34 @@ def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml", quality: bool = Tr
 
 
 def _modes_markdown(part: dict[str, object]) -> list[str]:
+    """One task's modes section as the README quotes it (reads what earlier runs wrote, too)."""
+    columns = [tuple(c) for c in part.get("columns", CLASSIFIER_COLUMNS)]
+    generations = part.get("generations", 3)
+    quality_header, quality_key, quality_format = columns[0]
+    title = part.get(
+        "title", f"Distillation modes on Rotten Tomatoes (every student and stage {part.get('steps')} steps"
+    )
+
+    def cells(report: dict) -> str:
+        return " | ".join(fmt.format(report[key]) for _, key, fmt in columns)
+
     took = ", ".join(
         f"{name} {part[name]['seconds'] / 60:.0f} min"
         for name in ("born-again", "assistant", "ensemble")
         if name in part
     )
-    lines = [
-        f"## Distillation modes on Rotten Tomatoes (every student and stage {part['steps']} steps, same data and "
-        f"seeds; {took})",
-        "",
-    ]
+    lines = [f"## {title}, same data and seeds; {took})", ""]
     stage_variants = [v for v in ("born-again", "assistant") if v in part]
     if stage_variants:
+        reports = part.get("assistant", {}).get("reports", [])
+        assistant = next((str(r["name"]) for r in reports if str(r["name"]).endswith("(assistant)")), "")
         lines += [
             f"Teacher {part[stage_variants[0]]['teacher']}. Born-again generation 1 is the plain student distilled "
             "straight from the teacher (the baseline of both modes); the assistant's students are cut from and "
-            "taught by the 3-layer assistant.",
+            f"taught by the assistant {assistant.split(' (')[0]}.",
             "",
-            "| mode | model | acc | of teacher | agree | params | training s |",
-            "|---|---|---|---|---|---|---|",
+            f"| mode | model | {' | '.join(h for h, _, _ in columns)} | agree | params | training s |",
+            f"|---|---|{'---|' * len(columns)}---|---|---|",
         ]
         for variant in stage_variants:
             seconds = part[variant]["train_seconds"]
@@ -713,38 +794,42 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
                 model = str(report["name"])
                 key = model.split(" (")[0]
                 if variant == "born-again":  # the candidate is the last generation
-                    model = model.replace(" (distilled)", f".gen{GENERATIONS} (distilled)")
+                    model = model.replace(" (distilled)", f".gen{generations} (distilled)")
                 trained = seconds.get(f"stages/{key}", seconds.get(f"{key}/distilled"))
                 took = "" if trained is None else f"{trained:.0f}"
                 lines.append(
-                    f"| {variant} | {model} | {report['accuracy']:.3f} | {report['retention']:.1%} | "
-                    f"{report['agreement']:.3f} | {report['params']:,} | {took} |"
+                    f"| {variant} | {model} | {cells(report)} | {report['agreement']:.3f} | {report['params']:,} | "
+                    f"{took} |"
                 )
         lines.append("")
     warm = part.get("warm")
     if isinstance(warm, dict):
         student, cold, hot = warm["student"], warm["cold"], warm["warm"]
         key = f"{student}/distilled"
+        remembered = warm["agreement_with_v1"]
 
         def row(name: str, run: dict) -> str:
             report = next(r for r in run["reports"] if r["name"] == f"{student} (distilled)")
             return (
-                f"| {name} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
-                f"{warm['agreement_with_v1'][name]:.3f} | {run['steps'][key]} | {run['train_seconds'][key]:.0f} | "
+                f"| {name} | {quality_format.format(report[quality_key])} | {report['agreement']:.3f} | "
+                f"{remembered[name]:.3f} | {run['steps'][key]} | {run['train_seconds'][key]:.0f} | "
                 f"{run['seconds'] + (warm['label_seconds_v2'] or 0):.0f} |"
             )
 
         ratio = hot["train_seconds"][key] / max(cold["train_seconds"][key], 1e-9)
+        v1_v2 = remembered.get("teacher v2", warm.get("v1_v2_test_agreement"))
+        new_version = warm.get("new_version", "the bench teacher retrained with another seed")
+        what = "predictions" if quality_key == "accuracy" else "next tokens"
         lines += [
-            f"Warm re-distillation of {student} on a new teacher version ({cold['teacher']}: the bench teacher "
-            f"retrained with another seed; it agrees with v1 on {warm['v1_v2_test_agreement']:.1%} of the test "
-            "reviews), from the v1 student (the champion), against the same student cold:",
+            f"Warm re-distillation of {student} on a new teacher version ({cold['teacher']}: {new_version}; it "
+            f"agrees with v1 on {v1_v2:.1%} of the test split's {what}), "
+            "from the v1 student (the champion), against the same student cold:",
             "",
-            "| start | acc | agree (v2) | agree (v1) | steps | training s | end to end s |",
+            f"| start | {quality_header} | agree (v2) | agree (v1) | steps | training s | end to end s |",
             "|---|---|---|---|---|---|---|",
             row("cold", cold),
             row("warm", hot),
-            f"| champion (v1 student) | | | {warm['agreement_with_v1']['champion (v1 student)']:.3f} | | | |",
+            f"| champion (v1 student) | | | {remembered['champion (v1 student)']:.3f} | | | |",
             "",
             f"Warm training took {ratio:.1%} of the cold training time (goal ≤ 30% at equal or better quality); "
             + (
@@ -752,7 +837,8 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
                 if warm["label_seconds_v2"]
                 else "the end-to-end runs reused teacher v2's stored labels (labeling it is the same for both). "
             )
-            + "`agree (v1)`: agreement with teacher v1 on the test split, what the student kept of the old teacher.",
+            + "`agree (v1)`: top-1 agreement with teacher v1 on the test split, what the student kept of the old "
+            "teacher.",
             "",
         ]
     ens = part.get("ensemble")
@@ -765,20 +851,19 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
             "The two teacher versions as one ensemble (weights 1 and 1) against each alone, same students and steps "
             "(`agree`: with the model's own teacher; the members' rows: against the ensemble):",
             "",
-            "| taught by | model | acc | agree | params |",
-            "|---|---|---|---|---|",
+            f"| taught by | model | {' | '.join(h for h, _, _ in columns)} | agree | params |",
+            f"|---|---|{'---|' * len(columns)}---|---|",
         ]
         for report in ens["reports"]:
             lines.append(
-                f"| ensemble v1+v2 | {report['name']} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
+                f"| ensemble v1+v2 | {report['name']} | {cells(report)} | {report['agreement']:.3f} | "
                 f"{report['params']:,} |"
             )
         for who, reports in alone.items():
             plain = ".gen1" if who == "teacher v1 alone" else " (distilled)"  # how each run names its plain student
             for report in (r for r in reports if str(r["name"]).endswith(plain)):
                 lines.append(
-                    f"| {who} | {report['name']} | {report['accuracy']:.3f} | {report['agreement']:.3f} | "
-                    f"{report['params']:,} |"
+                    f"| {who} | {report['name']} | {cells(report)} | {report['agreement']:.3f} | {report['params']:,} |"
                 )
         lines.append("")
     return lines
@@ -836,9 +921,9 @@ def markdown(results: dict[str, object]) -> str:
             + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]
-    mode_part = results.get("modes")
-    if isinstance(mode_part, dict):
-        lines += _modes_markdown(mode_part)
+    for key in ("modes", "lm-modes"):
+        if isinstance(results.get(key), dict):
+            lines += _modes_markdown(results[key])
     lm_part = results.get("lm")
     if isinstance(lm_part, dict):
         lab, step, sig = lm_part["labeling"], lm_part["train_step"], lm_part["signal"]
@@ -909,10 +994,7 @@ def main() -> None:
             "overheads",
             "pipeline",
             "quality",
-            "modes",
-            "modes-stages",
-            "modes-warm",
-            "modes-ensemble",
+            *(f"{task}{part}" for task in ("modes", "lm-modes") for part in ("", *(f"-{p}" for p in MODES_PARTS))),
             "trigger",
             "lm",
             "lm-overheads",
@@ -934,7 +1016,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "pipeline", "quality", "modes", "trigger", "lm"]
+    parts = args.only or ["overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-modes"]
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
@@ -943,14 +1025,16 @@ def main() -> None:
         print(json.dumps(results["pipeline"], indent=2, default=float))
     if "quality" in parts:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
-    mode_parts = (
-        MODES_PARTS if "modes" in parts else tuple(p.removeprefix("modes-") for p in parts if p.startswith("modes-"))
-    )
-    if mode_parts:
-        old_modes = (
-            json.loads((HERE / "results.json").read_text()).get("modes", {}) if (HERE / "results.json").exists() else {}
+    for task, spec in modes_tasks(args.recipe.resolve()).items():  # modes, lm-modes (and their -stages, ...)
+        mode_parts = (
+            MODES_PARTS
+            if task in parts
+            else tuple(p.removeprefix(f"{task}-") for p in parts if p.startswith(f"{task}-"))
         )
-        results["modes"] = {**old_modes, **modes(args.recipe.resolve(), mode_parts)}
+        mode_parts = tuple(p for p in mode_parts if p in MODES_PARTS)
+        if mode_parts:
+            old = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
+            results[task] = {**old.get(task, {}), **modes(spec, mode_parts)}
     if "lm" in parts:
         results["lm"] = lm()
     elif "lm-overheads" in parts:  # signal size, labeling and training step only (about 6 minutes)
@@ -968,7 +1052,7 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "pipeline", "quality", "modes", "trigger", "lm"):
+        for key in ("overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-modes"):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))
