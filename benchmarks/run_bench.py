@@ -770,11 +770,7 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
     def cells(report: dict) -> str:
         return " | ".join(fmt.format(report[key]) for _, key, fmt in columns)
 
-    took = ", ".join(
-        f"{name} {part[name]['seconds'] / 60:.0f} min"
-        for name in ("born-again", "assistant", "ensemble")
-        if name in part
-    )
+    took = ", ".join(f"{name} {part[name]['seconds'] / 60:.0f} min" for name in MODES_RUNS if name in part)
     lines = [f"## {title}, same data and seeds; {took})", ""]
     stage_variants = [v for v in ("born-again", "assistant") if v in part]
     if stage_variants:
