@@ -1027,7 +1027,6 @@ def main() -> None:
             if task in parts
             else tuple(p.removeprefix(f"{task}-") for p in parts if p.startswith(f"{task}-"))
         )
-        mode_parts = tuple(p for p in mode_parts if p in MODES_PARTS)
         if mode_parts:
             old = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").exists() else {}
             results[task] = {**old.get(task, {}), **modes(spec, mode_parts)}
