@@ -44,6 +44,7 @@ def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, ch
     at_most(latency, report.p95_ms, gates.max_p95_ms)
     at_most("parameter ratio", report.params / max(teacher.params, 1), gates.max_param_ratio)
     at_most("size MB", report.bytes / 1e6, gates.max_size_mb)
+    at_most("parameters", report.params, gates.max_params)
     if champion is not None and report.accuracy < champion.accuracy - gates.max_regression:
         reasons.append(
             f"accuracy {report.accuracy:.4f} regresses from the champion's {champion.accuracy:.4f} "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill_core import width
 from distill_core.errors import RecipeError, TeacherError
 from distill_core.modules import Batch, TextModule
 
@@ -211,8 +212,21 @@ def teacher_depth(teacher: CausalLM) -> int:
     return len(_layers(teacher.model))
 
 
-def build_student(teacher: CausalLM, teacher_layers: list[int], embedding_dim: int | None) -> CausalLM:
-    """A student of the teacher's architecture with the given teacher layers (copied, in order), its embeddings
+def decoder_layers(model: CausalLM) -> nn.ModuleList:
+    """The decoder layers of a causal LM (a Llama-style model's .model.layers)."""
+    return _layers(model.model)
+
+
+def build_student(
+    teacher: CausalLM,
+    teacher_layers: list[int],
+    embedding_dim: int | None,
+    heads: int | None = None,
+    ffn: int | None = None,
+    calibration: Tensor | None = None,
+) -> CausalLM:
+    """A student of the teacher's architecture with the given teacher layers (copied, in order), narrowed to `heads`
+    query heads and `ffn` channels by their activations on the `calibration` blocks (width pruning), its embeddings
     either copied whole or factorised to `embedding_dim` by a truncated SVD of the teacher's (tied to the output
     layer, as SmolLM2's are)."""
     config = copy.deepcopy(teacher.model.config)
@@ -221,8 +235,19 @@ def build_student(teacher: CausalLM, teacher_layers: list[int], embedding_dim: i
         config.layer_types = [config.layer_types[i] for i in teacher_layers]
     student: Any = type(teacher.model)(config)
     source_layers, target_layers = _layers(teacher.model), _layers(student)
-    for target, index in zip(target_layers, teacher_layers, strict=True):
-        target.load_state_dict(source_layers[index].state_dict())
+    for target, index in zip(target_layers, teacher_layers, strict=True):  # a narrower source keeps its widths
+        width.load_layer(target, source_layers[index])
+    if heads is not None or ffn is not None:
+        if calibration is None:
+            raise ValueError("width pruning needs calibration blocks")
+        batches = [calibration[i : i + 8] for i in range(0, len(calibration), 8)]
+        width.prune_llama_layers(teacher.model, list(student.model.layers), teacher_layers, batches, heads, ffn)
+        width_config = student.config
+        width_config.head_dim = student.model.layers[0].self_attn.head_dim
+        width_config.num_attention_heads = heads or width_config.num_attention_heads
+        groups = student.model.layers[0].self_attn.num_key_value_groups
+        width_config.num_key_value_heads = width_config.num_attention_heads // groups
+        width_config.intermediate_size = ffn or width_config.intermediate_size
     student.model.norm.load_state_dict(teacher.model.model.norm.state_dict())
     weight = teacher.model.get_input_embeddings().weight.detach()
     if embedding_dim is None or embedding_dim >= weight.shape[1]:

@@ -105,7 +105,8 @@ def size_vs_quality(points: Sequence[dict[str, Any]], quality: str = "accuracy",
     """Each candidate's parameter count (log x) against its quality (the points' `quality` key, a task's quality
     name), marked by whether it passed the gates and annotated with its name, the `chosen: True` one ringed; a
     point with `twin: True` (a hard-label twin, not judged by the gates) is drawn hollow, and one with
-    `teacher: True` as a reference line. Names sit on the inner side of their point, inside the frame."""
+    `teacher: True` as a reference line, and those with `frontier: True` joined as a search's Pareto frontier. Names
+    sit on the inner side of their point, inside the frame."""
     teachers = [p for p in points if p.get("teacher")]
     candidates = [p for p in points if not p.get("teacher")]
     for point in candidates:
@@ -125,6 +126,10 @@ def size_vs_quality(points: Sequence[dict[str, Any]], quality: str = "accuracy",
         ax.scatter([p["params"] for p in twins], [p[quality] for p in twins], **TWIN_STYLE)  # type: ignore[arg-type]
     for point in (p for p in candidates if p.get("chosen")):
         ax.scatter([point["params"]], [point[quality]], **CHOSEN_STYLE)  # type: ignore[arg-type]
+    frontier = sorted((p for p in candidates if p.get("frontier")), key=lambda p: float(p["params"]))
+    if frontier:  # a search's Pareto frontier: size, latency and quality no other point beats at once
+        ax.plot([p["params"] for p in frontier], [p[quality] for p in frontier], drawstyle="steps-post",
+                color="tab:blue", alpha=0.6, label="Pareto frontier")  # fmt: skip
     sizes = sorted({float(p["params"]) for p in candidates})
     middle = np.sqrt(sizes[0] * sizes[-1]) if sizes else 0.0
     for point in candidates:  # names toward the middle of the axis, so none runs off the frame

@@ -46,6 +46,30 @@ class Decision:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the core's own work, by phase
     start: str | None = None  # with warm_start: where the warm candidate started, or why the run was cold
+    searched: dict[str, Any] | None = None  # with a search: what it cost and chose (SearchResult.summary)
+    diagnosis: tuple[str, str] | None = None  # a rejected run: why its candidate degraded (StudentOutcome.diagnosis)
+    attempts: list[dict[str, str]] = field(default_factory=list)  # the remedies tried after it, in order
+
+    @property
+    def remedies_said(self) -> str | None:
+        """The ladder of remedies tried, for the ledger's `remedies` field."""
+        if not self.attempts:
+            return None
+        return " | ".join(
+            f"{a['remedy']}: {a['outcome']}" + (f" ({a['changed']}: {a['reasons']})" if "changed" in a else "")
+            for a in self.attempts
+        )
+
+    @property
+    def search_said(self) -> str | None:
+        """The search in one line, for the ledger's `search` field."""
+        s = self.searched
+        if s is None:
+            return None
+        return (
+            f"chose {s['chosen']} of {s['architectures']} architectures: {s['infeasible']} dropped before training, "
+            f"{s['trials']} trials ({s['complete']} complete, {s['pruned']} pruned), {s['seconds']:.0f} s"
+        )
 
     @property
     def status(self) -> str:
@@ -72,6 +96,10 @@ class Decision:
                 f"{quality(v.report):.4f} | {'passed' if v.passed else 'failed'} | "
                 f"{'; '.join(v.reasons) or names.ALL_GATES_PASSED} |"
             )
+        if self.diagnosis is not None:
+            lines += ["", f"**Diagnosis:** {self.diagnosis[1]}"]
+        if self.attempts:
+            lines += ["", f"**Remedies tried:** {self.remedies_said}"]
         return "\n".join(lines + ([""] + [f"- {note}" for note in self.notes] if self.notes else []))
 
 
@@ -116,7 +144,11 @@ def judge_all(
             verdict.reasons.append(not_learned)
         notes += task.notes(outcome.config.name, verdict.report)
         verdicts.append(verdict)
-    return Decision(verdicts, choose(verdicts, task.quality), champion_version, champion_report, notes=notes)
+    decision = Decision(verdicts, choose(verdicts, task.quality), champion_version, champion_report, notes=notes)
+    if not decision.chosen.passed:
+        chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
+        decision.diagnosis = chosen.diagnosis(task, recipe.on_degradation.capacity_agreement)
+    return decision
 
 
 def register_and_promote(

@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -22,6 +22,9 @@ FAMILY_LR = {"transformer": 1e-4, "embedding_bag": 5e-3}
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields added after the first release: at their default they leave the recipe's hash as it was before they
+    # were added, so its registered students, checkpoints and idempotency keys stay its own.
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ()
 
 
 class DvcDataRef(_Strict):
@@ -98,12 +101,18 @@ class LossTerm(_Strict):
 class StudentConfig(_Strict):
     """A student candidate: its family and size."""
 
+    ADDED_FIELDS = ("heads", "ffn")
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     family: Literal["transformer", "embedding_bag"]
     # transformer: DistilBERT-style, initialised from these teacher layers
     teacher_layers: list[int] = Field(default_factory=lambda: [0, 5])
     embedding_dim: int | None = Field(default=None, ge=16, le=4096)  # factorised embeddings when < hidden size
     prune_vocab: bool = True  # keep only the wordpieces seen in the training text
+    # width, pruned from the teacher's own weights by activation importance on a calibration sample (Minitron):
+    # attention heads and FFN channels kept in every layer (None: all of the teacher's)
+    heads: int | None = Field(default=None, ge=1, le=256)
+    ffn: int | None = Field(default=None, ge=8, le=65536)
     # embedding_bag: hashed word n-grams into one averaged embedding
     buckets: int = Field(default=2**17, ge=1024, le=2**24)
     dim: int = Field(default=64, ge=4, le=4096)
@@ -175,9 +184,12 @@ class GateConfig(_Strict):
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     min_retention: float | None = Field(default=0.9, ge=0, le=2)  # student accuracy / teacher accuracy
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # top-1 agreement with the teacher
+    ADDED_FIELDS = ("max_params",)
+
     max_p95_ms: float | None = Field(default=None, gt=0)  # CPU latency at batch 1
     max_param_ratio: float | None = Field(default=0.5, gt=0)  # student params / teacher params
     max_size_mb: float | None = Field(default=None, gt=0)
+    max_params: int | None = Field(default=None, ge=1)
     max_regression: float = Field(default=0.01, ge=0, le=1)  # accuracy the champion may lead by
 
 
@@ -290,9 +302,109 @@ class QualifyConfig(_Strict):
         return None
 
 
+def _all() -> list[int | None]:
+    return [None]  # a width or rank the search keeps whole
+
+
+class TransformerSpace(_Strict):
+    """The transformer students a search considers: every combination of these values."""
+
+    teacher_layers: list[list[int]] = Field(default_factory=lambda: [[0]], min_length=1)  # depth: layers copied
+    heads: list[int | None] = Field(default_factory=_all, min_length=1)  # attention heads kept (None: all)
+    ffn: list[int | None] = Field(default_factory=_all, min_length=1)  # FFN channels kept (None: all)
+    embedding_dim: list[int | None] = Field(default_factory=_all, min_length=1)  # rank (None: full)
+    prune_vocab: list[bool] = Field(default_factory=lambda: [True], min_length=1)
+    lr: float | None = Field(default=None, gt=0, lt=1)
+
+    def students(self) -> list[StudentConfig]:
+        combos = itertools.product(self.teacher_layers, self.heads, self.ffn, self.embedding_dim, self.prune_vocab)
+        out = []
+        for layers, heads, ffn, dim, prune in combos:
+            name = "L" + "-".join(map(str, layers))
+            name += "".join(f"-{key}{value}" for key, value in (("h", heads), ("f", ffn), ("e", dim)) if value)
+            name += "" if prune else "-fullvocab"
+            out.append(
+                StudentConfig(
+                    name=name,
+                    family="transformer",
+                    teacher_layers=layers,
+                    heads=heads,
+                    ffn=ffn,
+                    embedding_dim=dim,
+                    prune_vocab=prune,
+                    lr=self.lr,
+                )  # fmt: skip
+            )
+        return out
+
+
+class BagSpace(_Strict):
+    """The embedding-bag students a search considers: every combination of these values."""
+
+    buckets: list[int] = Field(default_factory=lambda: [2**16], min_length=1)
+    dim: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    ngrams: list[int] = Field(default_factory=lambda: [2], min_length=1)
+    lr: float | None = Field(default=None, gt=0, lt=1)
+
+    def students(self) -> list[StudentConfig]:
+        return [
+            StudentConfig(name=f"bag-b{b}-d{d}-n{n}", family="embedding_bag", buckets=b, dim=d, ngrams=n, lr=self.lr)
+            for b, d, n in itertools.product(self.buckets, self.dim, self.ngrams)
+        ]
+
+
+class SearchConfig(_Strict):
+    """Choosing the smallest student that meets the gates. Every architecture of the space (and every listed
+    student) is measured before training (size, and batch-1 latency on this machine); those that cannot meet the
+    gates' size and latency bounds are dropped; the rest are trained by successive halving over steps (Optuna: a
+    trial per architecture, pruned at rungs of min_steps x reduction_factor^k steps against the trials before it),
+    and the smallest whose validation quality meets the gates' quality bound (then the best) is the candidate."""
+
+    transformer: TransformerSpace | None = None
+    embedding_bag: BagSpace | None = None
+    trials: int = Field(default=16, ge=1, le=1000)  # feasible architectures trained, at most
+    min_steps: int = Field(default=100, ge=1)  # the first rung: every trial trains this many steps
+    reduction_factor: int = Field(default=3, ge=2, le=10)  # one in this many trials goes on at each rung
+    seed: int = 0  # the order the architectures are tried in
+
+    def architectures(self) -> list[StudentConfig]:
+        return [*(self.transformer.students() if self.transformer else []),
+                *(self.embedding_bag.students() if self.embedding_bag else [])]  # fmt: skip
+
+    @model_validator(mode="after")
+    def _has_space(self) -> SearchConfig:
+        if self.transformer is None and self.embedding_bag is None:
+            raise ValueError("search: give a space, transformer: and/or embedding_bag:")
+        return self
+
+
+Remedy = Literal["augment", "assistant", "larger", "longer"]
+
+
+class DegradationConfig(_Strict):
+    """What a run does when its best candidate fails the gates. It always says why (the diagnosis): a student that
+    did not learn (train-split quality at chance), a capacity gap (it does not even agree with the teacher on the
+    transfer set it was taught on: agreement below `capacity_agreement`) or a data gap (it fits the transfer set
+    and fails on held-out data). With `remedies`, it then tries those that fit the diagnosis, in this order, each
+    as a new attempt, until one passes or `budget_s` seconds are spent: `augment` (more teacher-labeled augmented
+    transfer data; a data gap), `assistant` (a teacher assistant stage of half the teacher's depth; a capacity
+    gap), `larger` (the next larger architecture; a capacity gap), `longer` (twice the training; any)."""
+
+    capacity_agreement: float = Field(default=0.9, ge=0, le=1)
+    remedies: list[Remedy] = Field(default_factory=list)
+    budget_s: float = Field(default=1800, gt=0)
+
+    @field_validator("remedies")
+    @classmethod
+    def _once_each(cls, remedies: list[str]) -> list[str]:
+        if len(set(remedies)) != len(remedies):
+            raise ValueError(f"each remedy once, got {remedies}")
+        return remedies
+
+
 # Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
 # added, so its registered students, checkpoints and idempotency keys stay its own.
-ADDED_SECTIONS = ("stages", "warm_start", "teachers", "qualify")
+ADDED_SECTIONS = ("stages", "warm_start", "teachers", "qualify", "search", "on_degradation")
 
 
 class BaseRecipe(_Strict):
@@ -303,7 +415,7 @@ class BaseRecipe(_Strict):
     task: str = "classification"
     student_registered_name: str = Field(default="sentiment-student", min_length=1)
     teacher: BaseTeacherConfig = Field(default_factory=BaseTeacherConfig)
-    students: list[StudentConfig] = Field(min_length=1)
+    students: list[StudentConfig] = Field(default_factory=list)  # the candidates (with search: tried as well)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
@@ -311,15 +423,24 @@ class BaseRecipe(_Strict):
     warm_start: WarmStartConfig | None = None  # set: a new teacher version is re-distilled from the champion
     teachers: list[TeacherMember] = Field(default_factory=list)  # set: an ensemble of these is the teacher
     qualify: QualifyConfig | None = None  # set: only the teacher versions it names are distilled
+    search: SearchConfig | None = None  # set: the candidate is the smallest of a searched space meeting the gates
+    on_degradation: DegradationConfig = Field(default_factory=DegradationConfig)  # why a run failed, what it tries
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")
     def _students_consistent(self) -> BaseRecipe:
-        names = [s.name for s in [*self.stages.assistants, *self.students]]
+        if not self.students and self.search is None:
+            raise ValueError("students: give at least one student candidate, or a search section")
+        names = [s.name for s in [*self.stages.assistants, *self.candidates]]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"student and assistant names must be unique, repeated: {duplicates}")
-        self.stages.check_chain(self.students)
+        self.stages.check_chain(self.candidates)
+        if self.search is not None and (self.warm_start is not None or self.stages.generations > 1):
+            raise ValueError(
+                "search with warm_start or stages.generations: a search trains fresh students of many architectures; "
+                "a warm start continues the champion's one, born-again generations repeat one; drop one of them"
+            )
         if self.warm_start is not None and self.stages != StagesConfig():
             raise ValueError(
                 "warm_start and stages: a warm start continues the champion itself, not a chain of stages; drop one"
@@ -343,7 +464,7 @@ class BaseRecipe(_Strict):
         if self.teachers and any(t.needs_features for t in self.train.losses):
             raise ValueError("teachers: feature and attention terms match one teacher's layers, not an ensemble's")
         uses_hidden = {t.function for t in self.train.losses if t.needs_features}
-        bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family == "embedding_bag"]
+        bags = [s.name for s in [*self.stages.assistants, *self.candidates] if s.family == "embedding_bag"]
         if uses_hidden and bags:
             raise ValueError(
                 f"loss terms {sorted(uses_hidden)} need hidden states and attentions, which embedding_bag "
@@ -362,11 +483,16 @@ class BaseRecipe(_Strict):
         watched = [m.name for m in self.teachers if m.name != self.student_registered_name]
         return list(dict.fromkeys(watched)) or [self.teacher.registered_name]
 
+    @property
+    def candidates(self) -> list[StudentConfig]:
+        """Every student the recipe may train as a candidate: those listed, then the search space's."""
+        return [*self.students, *(self.search.architectures() if self.search is not None else [])]
+
     def student(self, name: str) -> StudentConfig:
-        for s in self.students:
+        for s in self.candidates:
             if s.name == name:
                 return s
-        raise RecipeError(f"recipe '{self.name}' has no student '{name}'; it has {[s.name for s in self.students]}")
+        raise RecipeError(f"recipe '{self.name}' has no student '{name}'; it has {[s.name for s in self.candidates]}")
 
     @property
     def base_dir(self) -> Path:
@@ -375,12 +501,28 @@ class BaseRecipe(_Strict):
 
     def recipe_hash(self) -> str:
         """A stable hash of every setting: equal recipes hash equal whatever their YAML layout."""
-        settings = self.model_dump(mode="json")
+        settings = _without_added_defaults(self, self.model_dump(mode="json"))
         for later in ADDED_SECTIONS:  # at their default they leave the hash as earlier releases made it
             if getattr(self, later) == type(self).model_fields[later].get_default(call_default_factory=True):
                 settings.pop(later)
         canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _without_added_defaults(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """The dump of a recipe section without the fields added after the first release that are at their default
+    (each class's ADDED_FIELDS), in every nested section and list of sections."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name in getattr(model, "ADDED_FIELDS", ()) and value == info.get_default(call_default_factory=True):
+            dumped.pop(name)
+        elif isinstance(value, BaseModel):
+            _without_added_defaults(value, dumped[name])
+        elif isinstance(value, list):
+            for item, item_dump in zip(value, dumped[name], strict=True):
+                if isinstance(item, BaseModel):
+                    _without_added_defaults(item, item_dump)
+    return dumped
 
 
 class ClassificationRecipe(BaseRecipe):
@@ -487,9 +629,12 @@ class LMGateConfig(_Strict):
     max_perplexity_ratio: float | None = Field(default=2.0, gt=0)  # held-out perplexity, student / teacher
     min_agreement: float | None = Field(default=None, ge=0, le=1)  # next-token top-1 agreement with the teacher
     min_gap_closed: float | None = Field(default=None, le=1)  # (ppl_twin - ppl) / (ppl_twin - ppl_teacher)
+    ADDED_FIELDS = ("max_params",)
+
     max_p95_ms: float | None = Field(default=None, gt=0)  # per generated token, greedy, batch 1, CPU
     max_param_ratio: float | None = Field(default=0.25, gt=0)
     max_size_mb: float | None = Field(default=None, gt=0)
+    max_params: int | None = Field(default=None, ge=1)
     max_regression: float = Field(default=0.01, ge=0, le=1)  # share of the champion's perplexity it may lose by
 
 
@@ -507,7 +652,7 @@ class CausalLMRecipe(BaseRecipe):
 
     @model_validator(mode="after")
     def _signal_fits_losses(self) -> CausalLMRecipe:
-        bags = [s.name for s in [*self.stages.assistants, *self.students] if s.family != "transformer"]
+        bags = [s.name for s in [*self.stages.assistants, *self.candidates] if s.family != "transformer"]
         if bags:
             raise ValueError(f"students {bags}: a causal LM's students are transformers cut from the teacher")
         factorised = [a.name for a in self.stages.assistants if a.embedding_dim is not None]

@@ -37,6 +37,9 @@ LEDGER_FIELDS = (
     "error",
     "rerun_error",  # a rerun of a version that already had an outcome failed: the outcome stays, this says why
     "start",  # a recipe with warm_start: where its student started (the student version, or cold and why)
+    "search",  # a recipe with search: what it chose among how many architectures, trials, pruned, seconds
+    "diagnosis",  # a rejected run: why its candidate degraded (did not learn, capacity gap, data gap)
+    "remedies",  # a rejected run with on_degradation remedies: the ladder tried, each attempt and its outcome
     "claimed_by",
     "updated_at",
 )

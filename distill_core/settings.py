@@ -32,6 +32,18 @@ class Settings:
     ledger_uri: str
     artifacts_uri: str | None = None  # MLflow artifact root for the experiments we create; None: MLflow decides
     dvc_remote: str | None = None  # DVC remote for the prepared data; None: the repository's own config
+    search_uri: str | None = None  # the student search's Optuna storage; None: the ledger's database
+
+    @property
+    def search_storage(self) -> str:
+        """Where the student search keeps its studies: DISTILL_SEARCH_URI, else the ledger's database (Optuna's
+        tables beside the ledger's)."""
+        return self.search_uri or self.ledger_uri
+
+    @property
+    def search_cache(self) -> Path:
+        """The size and latency of every architecture measured on this machine."""
+        return self.home / "search" / "architectures.json"
 
     @property
     def data_dir(self) -> Path:
@@ -60,7 +72,8 @@ class Settings:
 
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_S3 and its overrides, DISTILL_LEDGER_URI; else defaults."""
+    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_S3 and its overrides, DISTILL_LEDGER_URI, DISTILL_SEARCH_URI;
+    else defaults."""
     root = Path(home or os.environ.get("DISTILL_HOME") or ".distill").resolve()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     ledger = os.environ.get("DISTILL_LEDGER_URI") or f"sqlite:///{root / 'ledger.db'}"
@@ -79,6 +92,7 @@ def load_settings(home: str | Path | None = None) -> Settings:
         ledger_uri=ledger,
         artifacts_uri=pick("DISTILL_ARTIFACTS", "mlflow"),
         dvc_remote=pick("DISTILL_DVC_REMOTE", "dvc"),
+        search_uri=os.environ.get("DISTILL_SEARCH_URI") or None,
     )
     if settings.s3_locations():
         for name, value in S3_COMPATIBLE_DEFAULTS.items():

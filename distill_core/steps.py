@@ -8,26 +8,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
+from distill_core import search
 from distill_core.data import PreparedDataset, prepared_once
 from distill_core.ensemble import cut_from, load_ensemble, members_of, resolve
 from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import ModelReport, comparison_table
+from distill_core.files import replace_atomic, write_json
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import LoadedTeacher, read_module, save_module
 from distill_core.names import Kind, Role, display_name, generation_name
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
+from distill_core.search import SearchResult
 from distill_core.settings import Settings
 from distill_core.soft_labels import SoftLabels, generate_soft_labels, take
 from distill_core.stages import STAGES, Stage, as_teacher, signal_of
@@ -136,6 +139,10 @@ class StudentOutcome:
     # and the largest class's share): a student still at chance did not learn (filled by evaluate_all)
     train_score: float | None = None
     chance_score: float | None = None
+    search: SearchResult | None = None  # the search that chose this candidate's architecture
+    # the distilled student's top-1 agreement with the teacher on (the first rows of) the transfer set it was
+    # taught on: below the recipe's capacity_agreement, it cannot fit what it is taught (filled by evaluate_all)
+    transfer_agreement: float | None = None
 
     def did_not_learn(self, task: Task) -> str | None:
         """Why the distilled student counts as not having learned, or None."""
@@ -143,9 +150,31 @@ class StudentOutcome:
             return None
         return task.did_not_learn(self.train_score, self.chance_score)
 
+    def diagnosis(self, task: Task, capacity_agreement: float) -> tuple[str, str]:
+        """Why a student that failed the gates degraded: (did_not_learn | capacity_gap | data_gap, in words)."""
+        not_learned = self.did_not_learn(task)
+        if not_learned is not None:
+            return DID_NOT_LEARN, not_learned
+        agreement = self.transfer_agreement if self.transfer_agreement is not None else 1.0
+        if agreement < capacity_agreement:
+            return CAPACITY_GAP, (
+                f"capacity gap: {self.config.name} agrees with the teacher on only {agreement:.3f} of the transfer "
+                f"set it was taught on (< {capacity_agreement:.3f}): it cannot fit what it is taught; a larger "
+                "student or a teacher assistant closes this"
+            )
+        return DATA_GAP, (
+            f"data gap: {self.config.name} fits the transfer set (agreement {agreement:.3f} >= "
+            f"{capacity_agreement:.3f}) and falls short on held-out data: too little or too narrow transfer data; "
+            "more teacher-labeled (augmented) transfer data closes this"
+        )
+
     def results(self) -> list[tuple[Kind, TrainResult]]:
         pairs = [(Kind.DISTILLED, self.distilled), (Kind.HARD_LABEL, self.baseline)]
         return [(kind, result) for kind, result in pairs if result is not None]
+
+
+DID_NOT_LEARN, CAPACITY_GAP, DATA_GAP = "did_not_learn", "capacity_gap", "data_gap"  # the diagnoses
+TRANSFER_CHECK_ROWS = 1000  # transfer rows a student's fit is measured on (the capacity-gap diagnosis)
 
 
 def run_dir(recipe: Recipe, settings: Settings, teacher: LoadedTeacher) -> Path:
@@ -163,6 +192,7 @@ def distill_student(
     log: Log = print,
     init: Any = None,
     warm: WarmStart | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train one student, by distillation from `teacher` (its signal: `labels`) or (baseline) on hard labels alone;
     resumable from out_dir. A transformer student is cut from `init` (default: the teacher); a warm one starts
@@ -204,7 +234,44 @@ def distill_student(
         log=log,
         task=task,
         signal_cfg=recipe.soft_labels,
+        on_eval=on_eval,
     )
+
+
+def search_students(
+    recipe: Recipe,
+    settings: Settings,
+    dataset: PreparedDataset,
+    labels: SoftLabels,
+    teacher: LoadedTeacher,
+    teacher_params: int,
+    out_dir: Path,
+    log: Log = print,
+) -> SearchResult:
+    """The recipe's search over student architectures, distilled from `teacher` (the last assistant, if any): each
+    trial trains where the candidate trains, so the chosen one's training is reused."""
+    task = task_of(recipe)
+    source = cut_from(teacher.module)
+    transfer_texts, _ = task.examples(dataset, "transfer")
+
+    def build(cfg: StudentConfig) -> Any:
+        return task.build_student(cfg, source, dataset, transfer_texts, recipe.soft_labels, lambda _: None)
+
+    architectures = search.measure(
+        recipe, task, build, source, dataset.digest, task.examples(dataset, "test")[0], settings.search_cache,
+        teacher_params, log,
+    )  # fmt: skip
+
+    def train(cfg: StudentConfig, on_eval: Callable[[int, float], None]) -> tuple[int, float]:
+        result = distill_student(recipe, cfg, dataset, labels, teacher, out_dir, log=log, on_eval=on_eval)
+        return result.steps, result.best_score
+
+    val_targets = task.examples(dataset, "validation")[1]
+    teacher_score = task.signal_score(labels.signal["validation"], val_targets)
+    name = f"{recipe.name}-{recipe.recipe_hash()}-{labels.key}"
+    result = search.search(recipe, task, architectures, train, teacher_score, settings.search_storage, name, log)
+    result.save(out_dir)
+    return result
 
 
 def distill_all(
@@ -215,17 +282,26 @@ def distill_all(
     out_dir: Path,
     log: Log = print,
     warm: WarmStart | None = None,
+    settings: Settings | None = None,
 ) -> list[StudentOutcome]:
     """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it): the
     teacher assistants first (each taught by the stage before it), then each candidate from the last of them;
-    the warm start's candidate from its student version."""
+    the warm start's candidate from its student version. With a search (which needs the settings: where its
+    studies and measurements live), the one candidate is the architecture it chose."""
+    teacher_params = sum(p.numel() for p in teacher.module.parameters())
     assistants: list[Stage] = []
     for cfg in recipe.stages.assistants:
         result = distill_student(recipe, cfg, dataset, labels, teacher, out_dir / STAGES, log=log)
         assistants.append(Stage(cfg.name, cfg, Role.ASSISTANT, result))
         teacher = as_teacher(recipe, cfg.name, result.student)
         labels = signal_of(recipe, dataset, teacher)
-    return [
+    candidates, searched = recipe.students, None
+    if recipe.search is not None:
+        if settings is None:
+            raise ValueError("a recipe with a search needs the settings (where its studies live)")
+        searched = search_students(recipe, settings, dataset, labels, teacher, teacher_params, out_dir, log)
+        candidates = [searched.chosen_config()]
+    outcomes = [
         _distill_candidate(
             recipe,
             cfg,
@@ -237,8 +313,11 @@ def distill_all(
             log,
             warm if warm and warm.candidate == cfg.name else None,
         )
-        for cfg in recipe.students
+        for cfg in candidates
     ]
+    for outcome in outcomes:
+        outcome.search = searched
+    return outcomes
 
 
 def _distill_candidate(
@@ -307,6 +386,8 @@ def evaluate_all(
         against[name] = own, task.evaluate(name, module, texts, y, own, speeds[name], own)
     train_texts, train_labels = task.examples(dataset, "train")
     chance = task.chance(train_labels)
+    transfer = task.examples(dataset, "transfer")[0][:TRANSFER_CHECK_ROWS]
+    transfer_signal = take(labels.signal["transfer"], np.arange(len(transfer)))
     for outcome in outcomes:
         for stage in outcome.stages:
             if stage.report is None:  # an assistant is every candidate's: measured once
@@ -323,6 +404,7 @@ def evaluate_all(
             outcome.against_members[name] = task.relative_to(vs, member_report)
         outcome.train_score = task.validate(outcome.distilled.student, train_texts, train_labels)
         outcome.chance_score = chance
+        outcome.transfer_agreement = task.agreement(outcome.distilled.student, transfer, transfer_signal)
     return reports
 
 
@@ -338,18 +420,6 @@ def members_table(task: Task, outcomes: list[StudentOutcome]) -> str:
     return "Against each member of the ensemble:\n\n" + comparison_table(
         rows, ("name", "agreement", task.against_teacher)
     )
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write data as JSON under a temporary name, then rename: a reader never sees half a file."""
-    _replace_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, default=float) + "\n"))
-
-
-def _replace_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _training_meta(result: TrainResult) -> dict[str, Any]:
@@ -377,11 +447,13 @@ def save_students(out_dir: Path, outcomes: list[StudentOutcome]) -> None:
     training: dict[str, Any] = {}
     for outcome in outcomes:
         for kind, result in outcome.results():
-            _replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", partial(save_module, result.student))
+            replace_atomic(out_dir / outcome.config.name / f"{kind}.pt", partial(save_module, result.student))
             training[f"{outcome.config.name}/{kind}"] = _training_meta(result)
         for stage in outcome.stages:
-            _replace_atomic(out_dir / STAGES / f"{stage.name}.pt", partial(save_module, stage.result.student))
+            replace_atomic(out_dir / STAGES / f"{stage.name}.pt", partial(save_module, stage.result.student))
             training[f"{STAGES}/{stage.name}"] = _training_meta(stage.result)
+    for searched in {id(o.search): o.search for o in outcomes if o.search is not None}.values():
+        searched.save(out_dir)
     write_json(out_dir / "training.json", training)
 
 
@@ -399,8 +471,11 @@ def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
         return Stage(name, cfg, role, _trained(meta, out_dir / STAGES / f"{name}.pt"))
 
     assistants = [stage(cfg.name, cfg, Role.ASSISTANT) for cfg in recipe.stages.assistants]
+    searched = SearchResult.load(out_dir) if recipe.search is not None else None
+    if recipe.search is not None and searched is None:
+        raise DistillError(f"{out_dir} holds no {search.SEARCH_FILE}: the search's students were not saved there")
     outcomes = []
-    for cfg in recipe.students:
+    for cfg in [searched.chosen_config()] if searched is not None else recipe.students:
         results = {
             kind: _trained(training[f"{cfg.name}/{kind}"], out_dir / cfg.name / f"{kind}.pt")
             for kind in Kind
@@ -411,7 +486,7 @@ def load_students(out_dir: Path, recipe: Recipe) -> list[StudentOutcome]:
         generations = [
             stage(generation_name(cfg.name, g), cfg, Role.GENERATION) for g in range(1, recipe.stages.generations)
         ]
-        outcome = StudentOutcome(cfg, results[Kind.DISTILLED], results.get(Kind.HARD_LABEL))
+        outcome = StudentOutcome(cfg, results[Kind.DISTILLED], results.get(Kind.HARD_LABEL), search=searched)
         outcome.stages = [*assistants, *generations]
         outcomes.append(outcome)
     return outcomes
@@ -495,7 +570,7 @@ def distill_and_evaluate(
     warm, start = warm_start(recipe, settings, dataset, labels, pinned=True)
     if recipe.warm_start is not None:
         log(start)
-    outcomes = distill_all(recipe, dataset, labels, teacher, out, log, warm)
+    outcomes = distill_all(recipe, dataset, labels, teacher, out, log, warm, settings)
     save_students(out, outcomes)
     reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
     return reports, write_report(recipe, out, reports, outcomes, lineage_meta(recipe, dataset, labels, teacher))

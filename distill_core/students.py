@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill_core import width
 from distill_core.errors import RecipeError
 from distill_core.modules import Batch, TextClassifier, TextModule, load_minilm, minilm_path
 from distill_core.recipe import StudentConfig
@@ -56,6 +57,15 @@ def _copies_teacher(teacher: TextModule) -> bool:
     return isinstance(teacher, TextClassifier) and hasattr(teacher.encoder, "encoder")
 
 
+def source_depth(teacher: TextModule) -> int:
+    """The layers a transformer student can copy: the teacher's own encoder's, else the packaged MiniLM's."""
+    if _copies_teacher(teacher):
+        return int(teacher.encoder.config.num_hidden_layers)  # type: ignore[union-attr,arg-type]
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(minilm_path()).num_hidden_layers)
+
+
 def check_fits(cfg: StudentConfig, teacher: TextModule, source_config: Any = None) -> None:
     """Refuse a transformer student the encoder it is built from cannot give: layers it does not have, embeddings
     wider than its hidden size. Cheap (a config), so runs check it before they claim a teacher version."""
@@ -70,6 +80,12 @@ def check_fits(cfg: StudentConfig, teacher: TextModule, source_config: Any = Non
             source_config = AutoConfig.from_pretrained(minilm_path())
     what = "teacher" if _copies_teacher(teacher) else "packaged MiniLM (the teacher has no BERT encoder to copy)"
     n_layers, hidden = source_config.num_hidden_layers, source_config.hidden_size
+    if _copies_teacher(teacher) and max(cfg.teacher_layers) < n_layers:
+        layer = teacher.encoder.encoder.layer[cfg.teacher_layers[0]]  # type: ignore[union-attr,index]
+        width.check_width(cfg.name, cfg.heads, cfg.ffn, *width.bert_width(layer))
+    elif cfg.heads is not None or cfg.ffn is not None:
+        heads, channels = source_config.num_attention_heads, source_config.intermediate_size
+        width.check_width(cfg.name, cfg.heads, cfg.ffn, heads, channels)
     if max(cfg.teacher_layers) >= n_layers:
         raise RecipeError(
             f"student '{cfg.name}': teacher_layers {cfg.teacher_layers} out of range; the {what} "
@@ -127,8 +143,16 @@ def build_transformer_student(
         {k: v for k, v in source.embeddings.state_dict().items() if not k.startswith("word_embeddings")},
         strict=False,
     )
-    for student_index, teacher_index in enumerate(cfg.teacher_layers):
-        encoder.encoder.layer[student_index].load_state_dict(source.encoder.layer[teacher_index].state_dict())
+    for student_index, teacher_index in enumerate(cfg.teacher_layers):  # a narrower source keeps its widths
+        width.load_layer(encoder.encoder.layer[student_index], source.encoder.layer[teacher_index])
+    if cfg.heads is not None or cfg.ffn is not None:
+        starts = range(0, min(len(texts), width.CALIBRATION_ROWS), 32)
+        encoded = [tokenizer(texts[i : i + 32], truncation=True, max_length=max_length, padding=True,
+                             return_tensors="pt") for i in starts]  # fmt: skip
+        batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")} for b in encoded]
+        if source_map is not None:  # a pruned source reads its own rows
+            batches = [{**b, "input_ids": source_map[b["input_ids"]]} for b in batches]
+        width.prune_bert_layers(source, list(encoder.encoder.layer), cfg.teacher_layers, batches, cfg.heads, cfg.ffn)
     if cfg.embedding_dim is not None and cfg.embedding_dim < hidden:
         # Factorised embeddings V×e then e×H, initialised from the teacher's by truncated SVD.
         u, s, vh = torch.linalg.svd(words, full_matrices=False)

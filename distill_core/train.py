@@ -164,8 +164,10 @@ def train_student(
     on_step: Callable[[int], None] | None = None,
     task: Task = CLASSIFICATION,
     signal_cfg: Any = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train until epochs/max_steps or early stop; resume from `checkpoint_dir` when a matching checkpoint exists."""
+    """Train until epochs/max_steps or early stop; resume from `checkpoint_dir` when a matching checkpoint exists.
+    on_eval(step, value) follows every evaluation (a search's pruner: it may raise to stop the training)."""
     torch.manual_seed(cfg.seed)
     layer = student_cfg.teacher_layers[-1] if student_cfg.family == "transformer" else None
     objective = objective_for(student, cfg, teacher if cfg.mode == "online" else None)
@@ -221,6 +223,8 @@ def train_student(
         else:
             stale += 1
         log(f"step {at}/{total} {task.early_stopping} {acc:.4f} loss {last_terms.get('loss', float('nan')):.4f}")
+        if on_eval is not None:
+            on_eval(at, acc)
         return stale >= cfg.patience
 
     started = time.perf_counter()

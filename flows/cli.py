@@ -271,7 +271,7 @@ def stage_train(
     warm, start = steps.warm_start(rcp, settings, dataset, soft, pinned=True)
     if rcp.warm_start is not None:
         _echo(start)
-    outcomes = steps.distill_all(rcp, dataset, soft, loaded, checkpoints, _echo, warm)
+    outcomes = steps.distill_all(rcp, dataset, soft, loaded, checkpoints, _echo, warm, settings)
     steps.save_students(out, outcomes)
     if plots is not None:
         steps.write_training_curves(plots, outcomes)

@@ -54,6 +54,7 @@ def distill_teacher_version(
 
     from distill_core.ensemble import resolve
     from distill_core.registry import Ledger, ledger_entry, require_version, set_ledger, upgrade_ledger
+    from distill_core.search import NoFeasibleArchitecture
     from flows.pipeline import (
         check_teacher_fits,
         distill_and_promote,
@@ -133,6 +134,16 @@ def distill_teacher_version(
                 combination,
                 DATA_TRIGGER if data_digest is not None else None,
             )
+        except NoFeasibleArchitecture as err:  # the gates ask for what no architecture searched can be
+            why = redact(str(err))
+            mlflow.set_tags({names.OUTCOME: "rejected", names.RUN_DESCRIPTION: f"**Rejected:** {why}"})
+            mlflow.log_text(err.table.markdown(), "search/frontier.md")
+            set_ledger(
+                client, teacher_name, teacher_version, student, "rejected", run_id=run.info.run_id,
+                student_version="", student_alias="none", reasons=why,
+                **_cleared(before, ["start", "search", "diagnosis", "remedies"]),
+            )  # fmt: skip
+            return {"teacher_version": teacher_version, "student_model": student, "status": "rejected", "reason": why}
         except Exception as err:
             message = redact(f"{type(err).__name__}: {err}")
             mlflow.set_tag(names.ERROR, message[:4900])
@@ -142,6 +153,12 @@ def distill_teacher_version(
             else:
                 set_ledger(client, teacher_name, teacher_version, student, "failed", error=message)
             raise
+        said = {
+            "start": decision.start,
+            "search": decision.search_said,
+            "diagnosis": decision.diagnosis[1] if decision.diagnosis else None,
+            "remedies": decision.remedies_said,
+        }
         set_ledger(
             client,
             teacher_name,
@@ -152,8 +169,8 @@ def distill_teacher_version(
             student_version=decision.student_version,
             student_alias=decision.alias or "none",
             reasons="; ".join(decision.chosen.reasons) or "all gates passed",
-            **({"start": decision.start} if decision.start else {}),
-            **{field: "" for field in ("error", "rerun_error") if before.get(field)},  # an earlier failure is over
+            **{field: value for field, value in said.items() if value},
+            **_cleared(before, [field for field, value in said.items() if not value]),
         )
     return {
         "teacher_version": teacher_version,
@@ -165,6 +182,11 @@ def distill_teacher_version(
         "notes": decision.notes,
         "seconds": {**decision.timings, "total": time.perf_counter() - started},
     }
+
+
+def _cleared(before: dict[str, str], unsaid: list[str]) -> dict[str, str]:
+    """Empty the fields an earlier outcome or failure wrote that this outcome does not say again."""
+    return {field: "" for field in ("error", "rerun_error", *unsaid) if before.get(field)}
 
 
 def _prefect_tags() -> dict[str, str]:

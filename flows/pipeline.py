@@ -8,6 +8,7 @@ without waiting for these imports.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import tempfile
@@ -127,10 +128,11 @@ def distill_candidates_task(
     labels: SoftLabels,
     teacher: LoadedTeacher,
     out_dir: Path,
+    settings: Settings,
     warm: WarmStart | None = None,
 ) -> list[steps.StudentOutcome]:
     logger = get_run_logger()
-    return steps.distill_all(recipe, dataset, labels, teacher, out_dir, log=logger.info, warm=warm)
+    return steps.distill_all(recipe, dataset, labels, teacher, out_dir, log=logger.info, warm=warm, settings=settings)
 
 
 @task(**IO_RETRIES)
@@ -223,6 +225,50 @@ def _stage_run(recipe: Recipe, stage: Stage, input_texts: list[Any], who: str) -
         log_student(stage.result.student, registered_model_name=None, input_texts=input_texts, task=task_of(recipe))
 
 
+def _log_search(recipe: Recipe, searched: Any, who: str) -> None:
+    """A search on the parent run: a nested run per trial (its architecture, measurements, validation curve and how
+    it ended), then the frontier table and plot, and its cost as metrics."""
+    parent = mlflow.active_run()
+    assert parent is not None
+    metric = names.history_metric(names.Kind.DISTILLED, searched.quality_name)
+    for row in searched.trials:
+        with mlflow.start_run(
+            run_name=f"trial {row['trial']}: {row['name']}", nested=True, experiment_id=parent.info.experiment_id
+        ):
+            mlflow.log_params({f"student.{k}": v for k, v in row["config"].items()} | {"role": "search trial"})
+            for step, value in row["history"].items():
+                mlflow.log_metric(metric, value, step=int(step))
+            mlflow.log_metrics({f"search.{k}": float(row[k]) for k in ("params", "bytes", "p50_ms", "p95_ms")})
+            mlflow.set_tags(
+                {
+                    "search.state": row["state"],
+                    "search.steps": str(row["steps"]),
+                    "search.quality": row.get("quality_problem") or "met the gates' quality bound",
+                    "search.chosen": str(row["chosen"]),
+                    "search.frontier": str(row["frontier"]),
+                }
+            )
+    summary = searched.summary()
+    mlflow.log_metrics({f"search.{k}": float(v) for k, v in summary.items() if isinstance(v, int | float)})
+    mlflow.log_param("search_chosen", searched.chosen)
+    mlflow.log_text(searched.markdown() + "\n", "search/frontier.md")
+    mlflow.log_dict(dataclasses.asdict(searched), "search/search.json")
+    points = [
+        {
+            "name": r["name"],
+            "params": r["params"],
+            searched.quality_name: r["score"],
+            "passed": r["state"] == "COMPLETE" and r.get("quality_problem") is None,
+            "chosen": r["chosen"],
+            "frontier": r["frontier"],
+        }
+        for r in searched.rows
+        if r.get("score") is not None
+    ]
+    title = f"search of {who}: {summary['trials']} trials ({summary['pruned']} pruned), {summary['infeasible']} dropped"
+    mlflow.log_figure(plots.size_vs_quality(points, searched.quality_name, title), "plots/search_frontier.png")
+
+
 def _size_vs_quality(
     task: Any, decision: Decision, outcomes: list[steps.StudentOutcome], teacher: ModelReport, who: str
 ) -> Any:
@@ -312,6 +358,83 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
+@dataclasses.dataclass
+class Attempt:
+    """One attempt at a passing student: the recipe it used and what came of it."""
+
+    recipe: Recipe
+    dataset: PreparedDataset
+    labels: SoftLabels
+    outcomes: list[steps.StudentOutcome]
+    reports: list[ModelReport]
+    decision: Decision
+
+
+def _try_remedies(
+    first: Attempt, settings: Settings, teacher: LoadedTeacher, champion: ModelReport | None, out_dir: Path
+) -> Attempt:
+    """The recipe's remedies that fit the first attempt's diagnosis, in its order, each a nested run, until one
+    passes the gates or the budget is spent; the passing attempt, else the first. The first attempt's decision
+    records the ladder (its `attempts`), whichever is returned."""
+    from distill_core import degradation
+
+    logger = get_run_logger()
+    parent = mlflow.active_run()
+    assert parent is not None
+    started, tried, current = time.perf_counter(), [], first
+    depth = task_of(first.recipe).teacher_depth(teacher.module)
+    attempts: list[dict[str, str]] = []
+    while current.decision.diagnosis is not None:
+        todo = degradation.ladder(first.recipe, current.decision.diagnosis[0], tried)
+        if not todo:
+            break
+        if time.perf_counter() - started > first.recipe.on_degradation.budget_s:
+            attempts.append({"remedy": ", ".join(todo), "outcome": "not tried: on_degradation.budget_s spent"})
+            break
+        remedy = todo[0]
+        tried.append(remedy)
+        made = degradation.variant(first.recipe, remedy, _failing(current), depth)
+        if isinstance(made, str):
+            attempts.append({"remedy": remedy, "outcome": f"not applicable: {made}"})
+            continue
+        variant, said = made
+        logger.info(f"remedy {remedy} for {current.decision.diagnosis[0]}: {said}")
+        with mlflow.start_run(run_name=f"remedy: {remedy}", nested=True, experiment_id=parent.info.experiment_id):
+            diagnosis = current.decision.diagnosis[0]
+            mlflow.log_params({"role": "remedy", "remedy": remedy, "changed": said[:500], "diagnosis": diagnosis,
+                               "recipe_hash": variant.recipe_hash()})  # fmt: skip
+            dataset = steps.open_dataset(variant, settings)
+            labels = steps.label(variant, settings, dataset, teacher)
+            outcomes = steps.distill_all(
+                variant, dataset, labels, teacher, out_dir / "remedies" / remedy, logger.info, settings=settings
+            )
+            reports = steps.evaluate_all(variant, dataset, labels, teacher, outcomes)
+            decision = judge_all(variant, outcomes, reports[0], first.decision.champion_before, champion)
+            mlflow.log_metrics(_report_metrics(names.Kind.DISTILLED, decision.chosen.report))
+            mlflow.set_tags({names.OUTCOME: decision.status, names.CHOSEN_CANDIDATE: decision.chosen.candidate,
+                             **names.gate_tags(decision.chosen.reasons)})  # fmt: skip
+            attempts.append(
+                {
+                    "remedy": remedy,
+                    "changed": said,
+                    "outcome": decision.status,
+                    "run_id": mlflow.active_run().info.run_id,
+                    "reasons": "; ".join(decision.chosen.reasons) or names.ALL_GATES_PASSED,
+                }  # fmt: skip
+            )
+        current = Attempt(variant, dataset, labels, outcomes, [*reports, *([champion] if champion else [])], decision)
+        if decision.chosen.passed:
+            break
+    chosen = current if current.decision.chosen.passed else first
+    chosen.decision.attempts = attempts
+    chosen.decision.diagnosis = first.decision.diagnosis
+    return chosen
+
+
+def _failing(attempt: Attempt) -> steps.StudentOutcome:
+    return next(o for o in attempt.outcomes if o.config.name == attempt.decision.chosen.candidate)
+
+
 def distill_and_promote(
     recipe: Recipe,
     settings: Settings,
@@ -359,7 +482,7 @@ def distill_and_promote(
         mlflow.log_param("warm_start", start[:500])
     with _timed(timings, "distill"):
         out_dir = steps.run_dir(recipe, settings, teacher)
-        outcomes = distill_candidates_task(recipe, dataset, labels, teacher, out_dir, warm)
+        outcomes = distill_candidates_task(recipe, dataset, labels, teacher, out_dir, settings, warm)
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
     with _timed(timings, "evaluate"):
@@ -377,6 +500,18 @@ def distill_and_promote(
         checks.raise_on_failure(task.check_evaluation(reports, docs_dir))
     decision = judge_all(recipe, outcomes, reports[0], champion_version, champion_report)
     who = f"{teacher_name} v{teacher_version}"
+    if decision.diagnosis is not None and recipe.on_degradation.remedies:
+        with _timed(timings, "remedies"):
+            attempt = _try_remedies(
+                Attempt(recipe, dataset, labels, outcomes, reports, decision),
+                settings,
+                teacher,
+                champion_report,
+                out_dir,
+            )
+        recipe, dataset, labels = attempt.recipe, attempt.dataset, attempt.labels
+        outcomes, reports, decision = attempt.outcomes, attempt.reports, attempt.decision
+        data_lineage, key = dataset.lineage(), labels.key
     runs = {
         verdict.candidate: functools.partial(
             _candidate_run, recipe, outcome, verdict.reasons, who, labels.signal["test"], y, texts
@@ -390,6 +525,9 @@ def distill_and_promote(
     for stage in {stage.name: stage for outcome in outcomes for stage in outcome.stages}.values():
         _stage_run(recipe, stage, texts[:5], f"{stage.display}, a stage on the way from {who}")
     mlflow.log_figure(_size_vs_quality(task, decision, outcomes, reports[0], who), "plots/size_vs_quality.png")
+    if outcomes[0].search is not None:
+        _log_search(recipe, outcomes[0].search, who)
+        decision.searched = outcomes[0].search.summary()
     table = comparison_table(reports, task.columns)
     members = steps.members_table(task, outcomes)
     table += f"\n\n{members}" if members else ""

@@ -180,3 +180,23 @@ def registered_teacher(small_dataset, tracking_uri: str, tmp_path_factory: pytes
         tags={"distill.dataset_digest": small_dataset.digest},
         artifact_location=artifacts,
     )
+
+
+@pytest.fixture
+def env(tmp_path, tracking_uri, monkeypatch):
+    """A fresh DISTILL_HOME and unique registered names on the session's MLflow store."""
+    import uuid
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DISTILL_STORE", raising=False)
+    monkeypatch.delenv("DISTILL_LEDGER_URI", raising=False)
+    monkeypatch.delenv("DISTILL_SEARCH_URI", raising=False)
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "home": str(tmp_path / "home"),
+        "teacher": f"teacher-{suffix}",
+        "student": f"student-{suffix}",
+        "tmp": tmp_path,
+        "tracking_uri": tracking_uri,
+    }

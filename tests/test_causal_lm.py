@@ -582,3 +582,48 @@ def test_an_lm_ensemble_stores_the_top_k_of_the_members_averaged_full_distributi
                 Member(LoadedTeacher(foreign, "c", "1", "dc"), 1.0),
             ]
         )
+
+
+def test_an_lm_search_prunes_heads_and_channels_from_the_teacher_and_chooses_the_smallest_meeting_the_gates(
+    lm_teacher, lm_dataset, tmp_path, monkeypatch
+):
+    """The search on the causal-LM task: depth, query heads (whole key-value groups) and FFN channels pruned from
+    the teacher's own weights by their activations; the architectures above the size gate are never trained."""
+    from distill_core import steps
+    from distill_core.search import SearchResult
+    from distill_core.settings import load_settings
+
+    monkeypatch.delenv("DISTILL_LEDGER_URI", raising=False)
+    monkeypatch.delenv("DISTILL_SEARCH_URI", raising=False)
+    space = {"teacher_layers": [[0], [0, 3]], "heads": [2, None], "ffn": [64, None], "embedding_dim": [16]}
+    recipe = parse_recipe(
+        {
+            "name": "lm-search",
+            "task": "causal_lm",
+            "search": {"transformer": space, "min_steps": 2, "reduction_factor": 2},
+            "gates": {"max_perplexity_ratio": 50.0, "max_param_ratio": None},
+            "train": {"max_steps": 6, "batch_size": 8, "eval_every": 2, "lr": 3e-3},
+            "evaluation": {"latency_samples": 5, "hard_label_baseline": False},
+        }
+    )
+    one_layer = CAUSAL_LM.build_student(
+        recipe.candidates[-1].model_copy(update={"teacher_layers": [0]}), lm_teacher, lm_dataset, [], None, print
+    )
+    limit = sum(p.numel() for p in one_layer.parameters())  # the one-layer, full-width student: the largest to pass
+    recipe = recipe.model_copy(update={"gates": recipe.gates.model_copy(update={"max_params": limit})})
+    teacher = _loaded(lm_teacher)
+    labels = generate_soft_labels(teacher, lm_dataset, recipe.soft_labels, LocalStore(tmp_path), "causal_lm")
+    settings = load_settings(tmp_path / "home")
+    (outcome,) = steps.distill_all(recipe, lm_dataset, labels, teacher, tmp_path / "run", print, settings=settings)
+    rows = {r["name"]: r for r in SearchResult.load(tmp_path / "run").rows}
+    assert sorted(n for n, r in rows.items() if not r["feasible"]) == sorted(n for n in rows if n.startswith("L0-3"))
+    assert all("state" not in rows[n] for n in rows if n.startswith("L0-3"))  # never trained
+    assert rows["L0-h2-f64-e16"]["params"] < rows["L0-f64-e16"]["params"] < rows["L0-e16"]["params"]
+    layer = outcome.distilled.student.model.model.layers[0]
+    cfg = outcome.config
+    heads = cfg.heads or 4
+    assert layer.self_attn.q_proj.out_features == heads * 16 and layer.self_attn.k_proj.out_features == heads // 2 * 16
+    assert layer.mlp.down_proj.in_features == (cfg.ffn or 128)
+    assert rows[cfg.name]["state"] == "COMPLETE" and rows[cfg.name]["quality_problem"] is None
+    with pytest.raises(RecipeError, match="heads 3 is not a multiple of 2"):
+        CAUSAL_LM.check_fits(StudentConfig(name="odd", family="transformer", teacher_layers=[0], heads=3), lm_teacher)

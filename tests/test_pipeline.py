@@ -41,23 +41,6 @@ def prefect_server(tmp_path_factory):
         yield
 
 
-@pytest.fixture
-def env(tmp_path, tracking_uri, monkeypatch):
-    """A fresh DISTILL_HOME and unique registered names on the session's MLflow store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DISTILL_STORE", raising=False)
-    monkeypatch.delenv("DISTILL_LEDGER_URI", raising=False)
-    suffix = uuid.uuid4().hex[:8]
-    return {
-        "home": str(tmp_path / "home"),
-        "teacher": f"teacher-{suffix}",
-        "student": f"student-{suffix}",
-        "tmp": tmp_path,
-        "tracking_uri": tracking_uri,
-    }
-
-
 def write_recipe(env, students=BAG_STUDENTS, name: str = "t", **overrides) -> str:
     recipe = {
         "name": name,

@@ -75,6 +75,10 @@ class Task(ABC):
         """Refuse, before anything is claimed, a student the teacher cannot give (layers, widths)."""
 
     @abstractmethod
+    def teacher_depth(self, teacher: TextModule) -> int:
+        """How many layers a transformer student can copy from this teacher."""
+
+    @abstractmethod
     def build_student(
         self,
         cfg: StudentConfig,
@@ -170,6 +174,19 @@ class Task(ABC):
         teacher_name: str = "teacher",
     ) -> dict[str, Figure]:
         """A candidate's figures for its MLflow run, by artifact path; teacher_name names the teacher's version."""
+
+    @abstractmethod
+    def agreement(self, model: TextModule, inputs: Sequence[Any], signal: Any) -> float:
+        """The share of top-1 predictions (next tokens) the model shares with the teacher's stored signal."""
+
+    @abstractmethod
+    def signal_score(self, signal: Any, targets: np.ndarray) -> float:
+        """The early-stopping metric of the teacher itself on a split, read from its stored signal there."""
+
+    @abstractmethod
+    def quality_problem(self, score: float, teacher_score: float, gates: Any) -> str | None:
+        """Why a validation score (the early-stopping metric) falls short of the gates' quality bounds against the
+        teacher's score on the same split, or None (the search's quality constraint)."""
 
     @abstractmethod
     def chance(self, targets: np.ndarray) -> float:

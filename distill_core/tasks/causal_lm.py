@@ -32,7 +32,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill_core import checks, lm, lm_data
+from distill_core import checks, lm, lm_data, width
 from distill_core.data import SPLITS, PreparedDataset
 from distill_core.errors import RecipeError, SoftLabelError, TeacherError
 from distill_core.evaluate import AsDict, Speed, machine_load, size_of, tag_value
@@ -344,6 +344,12 @@ class CausalLMTask(Task):
             raise RecipeError(
                 f"student '{cfg.name}': embedding_dim {cfg.embedding_dim} exceeds the teacher's hidden size {hidden}"
             )
+        have_heads, have_ffn, group = width.llama_width(lm.decoder_layers(teacher)[cfg.teacher_layers[0]])
+        width.check_width(cfg.name, cfg.heads, cfg.ffn, have_heads, have_ffn, group)
+
+    def teacher_depth(self, teacher: TextModule) -> int:
+        assert isinstance(teacher, CausalLM)
+        return lm.teacher_depth(teacher)
 
     def build_student(
         self,
@@ -356,7 +362,8 @@ class CausalLMTask(Task):
     ) -> TextModule:
         self.check_fits(cfg, teacher)
         assert isinstance(teacher, CausalLM)
-        student = lm.build_student(teacher, cfg.teacher_layers, cfg.embedding_dim)
+        calibration = torch.as_tensor(np.stack(list(texts[: width.CALIBRATION_ROWS]))[:, :-1]) if texts else None
+        student = lm.build_student(teacher, cfg.teacher_layers, cfg.embedding_dim, cfg.heads, cfg.ffn, calibration)
         if student.vocab_size != teacher.vocab_size:
             raise RecipeError(
                 f"student vocabulary {student.vocab_size} differs from the teacher's {teacher.vocab_size}"
@@ -364,7 +371,7 @@ class CausalLMTask(Task):
         params = sum(p.numel() for p in student.parameters())
         log(
             f"student {cfg.name}: teacher layers {cfg.teacher_layers}, embeddings {cfg.embedding_dim or 'full'}, "
-            f"{params:,} parameters"
+            f"heads {cfg.heads or 'all'}, FFN channels {cfg.ffn or 'all'}, {params:,} parameters"
         )
         return student
 
@@ -436,6 +443,21 @@ class CausalLMTask(Task):
     # --- metrics ---
     def validate(self, model: TextModule, inputs: Sequence[Any], targets: np.ndarray) -> float:
         return math.exp(next_token_stats(model, targets)["nll"])
+
+    def agreement(self, model: TextModule, inputs: Sequence[Any], signal: dict[str, np.ndarray]) -> float:
+        return next_token_stats(model, np.stack(list(inputs)), signal)["agreement"]
+
+    def signal_score(self, signal: dict[str, np.ndarray], targets: np.ndarray) -> float:
+        return math.exp(-float(np.mean(signal["target_logprob"])))
+
+    def quality_problem(self, score: float, teacher_score: float, gates: LMGateConfig) -> str | None:
+        ratio = score / max(teacher_score, 1e-9)
+        if gates.max_perplexity_ratio is not None and ratio > gates.max_perplexity_ratio:
+            return (
+                f"validation perplexity ratio {ratio:.3g} > {gates.max_perplexity_ratio:.3g} "
+                f"(perplexity {score:.2f}, teacher {teacher_score:.2f})"
+            )
+        return None
 
     def chance(self, targets: np.ndarray) -> float:
         return float(np.unique(targets).size)  # a model that learned nothing: about uniform over the tokens seen
@@ -586,6 +608,7 @@ class CausalLMTask(Task):
             ("p95 ms per token", report.p95_ms, gate_cfg.max_p95_ms, False),
             ("parameter ratio", report.params / max(teacher.params, 1), gate_cfg.max_param_ratio, False),
             ("size MB", report.bytes / 1e6, gate_cfg.max_size_mb, False),
+            ("parameters", report.params, gate_cfg.max_params, False),
         ]
         for what, value, bound, at_least in bounds:
             if bound is not None and (value < bound if at_least else value > bound):

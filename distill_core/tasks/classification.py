@@ -168,6 +168,9 @@ class ClassificationTask(Task):
     def check_fits(self, cfg: StudentConfig, teacher: TextModule) -> None:
         students.check_fits(cfg, teacher)
 
+    def teacher_depth(self, teacher: TextModule) -> int:
+        return students.source_depth(teacher)
+
     def build_student(
         self,
         cfg: StudentConfig,
@@ -249,6 +252,20 @@ class ClassificationTask(Task):
         student = self.predict(model, texts)
         diagram = plots.reliability_diagram(teacher_signal, student, targets, name, teacher_name=teacher_name)
         return {"plots/reliability.png": diagram}
+
+    def agreement(self, model: TextModule, inputs: Sequence[Any], signal: np.ndarray) -> float:
+        return evaluate.agreement(evaluate.predict(model, list(inputs)), signal)
+
+    def signal_score(self, signal: np.ndarray, targets: np.ndarray) -> float:
+        return evaluate.accuracy(signal, targets)
+
+    def quality_problem(self, score: float, teacher_score: float, gates: GateConfig) -> str | None:
+        retention = score / max(teacher_score, 1e-9)
+        if gates.min_accuracy is not None and score < gates.min_accuracy:
+            return f"validation accuracy {score:.4f} < {gates.min_accuracy:.4f}"
+        if gates.min_retention is not None and retention < gates.min_retention:
+            return f"validation retention {retention:.1%} < {gates.min_retention:.1%} (teacher {teacher_score:.4f})"
+        return None
 
     def chance(self, targets: np.ndarray) -> float:
         return float(np.bincount(targets).max() / len(targets))  # the largest class's share
