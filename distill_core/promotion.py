@@ -56,7 +56,8 @@ class Decision:
         if not self.attempts:
             return None
         return " | ".join(
-            f"{a['remedy']}: {a['outcome']}" + (f" ({a['changed']}: {a['reasons']})" if "changed" in a else "")
+            f"{a['remedy']} (for {a['for']}): {a['outcome']}"
+            + (f" ({a['changed']}: {a['reasons']})" if "changed" in a else "")
             for a in self.attempts
         )
 

@@ -357,7 +357,8 @@ class SearchConfig(_Strict):
     """Choosing the smallest student that meets the gates. Every architecture of the space (and every listed
     student) is measured before training (size, and batch-1 latency on this machine); those that cannot meet the
     gates' size and latency bounds are dropped; the rest are trained by successive halving over steps (Optuna: a
-    trial per architecture, pruned at rungs of min_steps x reduction_factor^k steps against the trials before it),
+    trial per architecture, smallest first, pruned at rungs of min_steps x reduction_factor^k steps against the
+    trials before it),
     and the smallest whose validation quality meets the gates' quality bound (then the best) is the candidate."""
 
     transformer: TransformerSpace | None = None
@@ -365,7 +366,6 @@ class SearchConfig(_Strict):
     trials: int = Field(default=16, ge=1, le=1000)  # feasible architectures trained, at most
     min_steps: int = Field(default=100, ge=1)  # the first rung: every trial trains this many steps
     reduction_factor: int = Field(default=3, ge=2, le=10)  # one in this many trials goes on at each rung
-    seed: int = 0  # the order the architectures are tried in
 
     def architectures(self) -> list[StudentConfig]:
         return [*(self.transformer.students() if self.transformer else []),

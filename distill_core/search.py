@@ -5,9 +5,9 @@
    so they are cached per architecture and machine. Those that cannot meet the gates' size, parameter and latency
    bounds are dropped: they are never trained.
 2. The rest are trials of one Optuna study (its storage: DISTILL_SEARCH_URI, by default the ledger's database),
-   tried smallest first (GridSampler over the feasible ones) and trained by successive halving over steps
-   (SuccessiveHalvingPruner on the validation metric each evaluation reports): a larger architecture goes on
-   training only while it keeps up with the ones tried before it.
+   queued smallest first and trained by successive halving over steps (SuccessiveHalvingPruner on the validation
+   metric each evaluation reports): a larger architecture goes on training only while it keeps up with the
+   smaller ones tried before it.
 3. The candidate is the smallest trained architecture whose validation quality meets the gates' quality bound (then
    the best of equal size); with none, the best one, which the gates then reject.
 
@@ -120,37 +120,37 @@ def measure(
 
 
 def _study(recipe: Recipe, storage: str, name: str, task: Task) -> optuna.Study:
+    """The search's study: its trials come from a queue (smallest first), so the sampler only breaks ties of a
+    duplicate; the pruner is successive halving over the training steps each evaluation reports."""
     cfg = recipe.search
     assert cfg is not None
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_steps, reduction_factor=cfg.reduction_factor)
     return optuna.create_study(
         study_name=name,
         storage=optuna.storages.RDBStorage(storage),
+        sampler=optuna.samplers.RandomSampler(seed=recipe.train.seed),
         direction="maximize" if task.maximize else "minimize",
         pruner=pruner,
         load_if_exists=True,
     )
 
 
-def _resume(study: optuna.Study, grid: list[str], log: Log) -> None:
-    """Trials left running by a process that died are failed; the architectures of failed trials that have no
-    finished one are queued again as the same point of the grid (their training resumes from its checkpoint)."""
+def _queue(study: optuna.Study, order: list[str], log: Log) -> int:
+    """Queue every architecture of `order` (smallest first) that has no finished trial and is not queued: those not
+    tried yet, and those whose trial failed or was left running by a process that died (their training resumes
+    from its checkpoint). Returns how many trials are queued."""
     states = optuna.trial.TrialState
-    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # one search per study at a time
         study._storage.set_trial_state_values(trial._trial_id, states.FAIL)
+        log(f"search: trial {trial.number} ({trial.params.get(ARCHITECTURE)}) was cut short: trying it again")
     trials = study.get_trials(deepcopy=False)
     finished = {t.params.get(ARCHITECTURE) for t in trials if t.state in (states.COMPLETE, states.PRUNED)}
-    queued = {t.system_attrs.get("fixed_params", {}).get(ARCHITECTURE) for t in trials if t.state == states.WAITING}
-    for trial in trials:
-        name = trial.params.get(ARCHITECTURE)
-        if trial.state == states.FAIL and name is not None and name not in finished | queued:
-            log(f"search: trial {trial.number} ({name}) was cut short: trying it again")
+    queued = [t.system_attrs.get("fixed_params", {}).get(ARCHITECTURE) for t in trials if t.state == states.WAITING]
+    for name in order:
+        if name not in finished and name not in queued:
             study.enqueue_trial({ARCHITECTURE: name}, skip_if_exists=False)
-            queued.add(name)
-            if name in grid:  # GridSampler counts a queued trial as its grid point only with these set
-                (waiting,) = study.get_trials(deepcopy=False, states=(states.WAITING,))[-1:]
-                study._storage.set_trial_system_attr(waiting._trial_id, "search_space", {ARCHITECTURE: grid})
-                study._storage.set_trial_system_attr(waiting._trial_id, "grid_id", grid.index(name))
+            queued.append(name)
+    return len(queued)
 
 
 @dataclass
@@ -254,14 +254,10 @@ def search(
         raise NoFeasibleArchitecture(architectures, task.early_stopping)
     by_name = {a.config.name: a for a in feasible}
     study = _study(recipe, storage, study_name, task)
-    _resume(study, list(by_name), log)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.state.name != "FAIL"]
-    waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    budget = min(cfg.trials, len(feasible))
-    remaining = max(budget - len(done), waiting)
-    if done:
-        log(f"search: study {study_name} has {len(done)} finished trial(s): {remaining} to go")
-    study.sampler = optuna.samplers.GridSampler({ARCHITECTURE: list(by_name)}, seed=cfg.seed)
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
+    remaining = _queue(study, list(by_name)[: cfg.trials], log)
+    if finished:
+        log(f"search: study {study_name} has {len(finished)} finished trial(s): {remaining} to go")
 
     def objective(trial: optuna.Trial) -> float:
         arch = by_name[trial.suggest_categorical(ARCHITECTURE, list(by_name))]

@@ -389,13 +389,16 @@ def _try_remedies(
         if not todo:
             break
         if time.perf_counter() - started > first.recipe.on_degradation.budget_s:
-            attempts.append({"remedy": ", ".join(todo), "outcome": "not tried: on_degradation.budget_s spent"})
+            attempts.append({"remedy": ", ".join(todo), "for": current.decision.diagnosis[0],
+                             "outcome": "not tried: on_degradation.budget_s spent"})  # fmt: skip
             break
         remedy = todo[0]
         tried.append(remedy)
         made = degradation.variant(first.recipe, remedy, _failing(current), depth)
         if isinstance(made, str):
-            attempts.append({"remedy": remedy, "outcome": f"not applicable: {made}"})
+            attempts.append(
+                {"remedy": remedy, "for": current.decision.diagnosis[0], "outcome": f"not applicable: {made}"}
+            )
             continue
         variant, said = made
         logger.info(f"remedy {remedy} for {current.decision.diagnosis[0]}: {said}")
@@ -416,6 +419,7 @@ def _try_remedies(
             attempts.append(
                 {
                     "remedy": remedy,
+                    "for": diagnosis,
                     "changed": said,
                     "outcome": decision.status,
                     "run_id": mlflow.active_run().info.run_id,
