@@ -5,11 +5,11 @@ distillation modes of both tasks (assistant, born-again, warm start, ensemble) a
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
 benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
-overheads 5 min, pipeline 5 min, quality 30 min, modes 60 min (the classifier's: its two teachers about 20 of
-them, on the first run only), trigger 10 min, lm 45 min (lm-overheads, its first part: 6 min), lm-modes 35 min (the
-LM's modes: its two teachers about 7 of them, on the first run only).
+overheads 5 min, pipeline 5 min, quality 30 min, search 60 min (its teacher about 10 of them), modes 60 min (the
+classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min (lm-overheads,
+its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the first run only).
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|modes|trigger|lm|lm-overheads|lm-modes ...]
+    python benchmarks/run_bench.py [--only overheads|pipeline|quality|search|modes|trigger|lm|lm-overheads|lm-modes ...]
                                    [--recipe recipes/bench.yaml]
     (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
@@ -185,6 +185,77 @@ def quality(recipe_path: Path, reuse_teacher: bool = False) -> dict[str, object]
         },
         "table": (out / "report.md").read_text(),
         "teacher_reused": reuse_teacher,
+    }
+
+
+def search(recipe_path: Path = ROOT / "recipes" / "bench-search.yaml") -> dict[str, object]:
+    """The constraint-driven search on the benchmark: the teacher of recipes/bench.yaml, a space of students, the
+    goal as gates (max_p95_ms: the teacher's batch-1 p95 measured here, / 4), then the chosen student and its
+    hard-label twin on the test split; the frontier, what the search cost, and how close it got to the stretch goal
+    (98% at <= 15% of the parameters and >= 8x)."""
+    from distill_core import steps
+    from distill_core.model_io import load_teacher
+    from distill_core.recipe import load_recipe
+    from distill_core.search import SearchResult
+    from distill_core.settings import load_settings
+    from distill_core.tasks.classification import CLASSIFICATION
+
+    recipe = load_recipe(recipe_path)
+    for variable in ("MLFLOW_TRACKING_URI", "DISTILL_STORE", "DISTILL_LEDGER_URI", "DISTILL_SEARCH_URI"):
+        os.environ.pop(variable, None)
+    home = HERE / ".work" / "search"
+    shutil.rmtree(home, ignore_errors=True)  # a cold search: new teacher, labels, measurements and study
+    settings = load_settings(home)
+    started = time.perf_counter()
+    dataset = steps.prepare(recipe, settings)
+    name, version = steps.train_and_register_teacher(recipe, settings, dataset, log=print)
+    teacher_seconds = time.perf_counter() - started
+    teacher = load_teacher(name, version, settings.tracking_uri)
+    texts, _ = CLASSIFICATION.examples(dataset, "test")
+    speed = CLASSIFICATION.measure_speed({"teacher": teacher.module}, texts, recipe.evaluation)["teacher"]
+    gates = recipe.gates.model_copy(update={"max_p95_ms": round(speed.p95_ms / 4, 3)})
+    recipe = recipe.model_copy(update={"gates": gates})
+    print(f"teacher p95 {speed.p95_ms:.2f} ms: max_p95_ms {gates.max_p95_ms}")
+    reports, out = steps.distill_and_evaluate(recipe, settings, name, version, log=print)
+    searched = SearchResult.load(out)
+    assert searched is not None and searched.teacher_score is not None
+    for row in searched.rows:
+        if row.get("score") is not None:
+            row["val_retention"] = row["score"] / searched.teacher_score
+    by_name = {r.name: r for r in reports}
+    teacher_report = reports[0]
+    chosen = by_name[f"{searched.chosen} (distilled)"]
+    twin = by_name[f"{searched.chosen} (hard-label)"]
+    stretch = [
+        r for r in searched.rows
+        if r.get("score") is not None and r["params"] / teacher_report.params <= 0.15
+        and speed.p50_ms / r["p50_ms"] >= 8
+    ]  # fmt: skip
+    return {
+        "recipe": str(recipe_path.relative_to(ROOT)),
+        "dataset": dataset.counts,
+        "teacher_seconds": teacher_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "teacher": {
+            "accuracy": teacher_report.accuracy,
+            "params": teacher_report.params,
+            "p50_ms": speed.p50_ms,
+            "p95_ms": speed.p95_ms,
+        },  # fmt: skip
+        "max_p95_ms": gates.max_p95_ms,
+        "teacher_val_accuracy": searched.teacher_score,
+        "summary": searched.summary(),
+        "rows": searched.rows,
+        "chosen": chosen.as_dict(),
+        "twin": twin.as_dict(),
+        "goal": {
+            "retention": chosen.retention >= 0.97,
+            "param_ratio": chosen.params / teacher_report.params <= 0.25,
+            "speedup": chosen.speedup >= 4,
+            "above_twin": chosen.accuracy > twin.accuracy,
+        },
+        "stretch_candidates": [r["name"] for r in stretch],
+        "table": (out / "report.md").read_text(),
     }
 
 
@@ -865,6 +936,65 @@ def _modes_markdown(part: dict[str, object]) -> list[str]:
     return lines
 
 
+def _closest_to_stretch(found: dict[str, Any]) -> str:
+    """The trained architecture within 15% of the teacher's parameters and 8x its speed (untrained latency, the
+    search's own) with the best validation retention, against 98%."""
+    within = [r for r in found["rows"] if r["name"] in found["stretch_candidates"] and r.get("val_retention")]
+    if not within:
+        return "no trained architecture is that small and fast."
+    best = max(within, key=lambda r: r["val_retention"])
+    teacher = found["teacher"]
+    return (
+        f"of the {len(within)} trained architectures that small and fast, the best, {best['name']} "
+        f"({best['params'] / teacher['params']:.1%} of the parameters, {teacher['p50_ms'] / best['p50_ms']:.1f}x), "
+        f"kept {best['val_retention']:.1%} of the teacher's validation accuracy ({found['teacher_val_accuracy']:.3f}); "
+        + ("the stretch goal is reached on validation." if best["val_retention"] >= 0.98 else "short of 98%.")
+    )
+
+
+def _search_markdown(found: dict[str, Any]) -> list[str]:
+    """The search section: the frontier table (every architecture), the chosen student against the goal, the cost."""
+    from distill_core.search import untried
+
+    teacher, chosen, twin, summary = found["teacher"], found["chosen"], found["twin"], found["summary"]
+    lines = [
+        f"## The student search on Rotten Tomatoes ({found['recipe']}, the goal as gates, "
+        f"max_p95_ms = teacher p95 {teacher['p95_ms']:.2f} ms / 4 = {found['max_p95_ms']:.3f})",
+        "",
+        "| architecture | params | of teacher | MB | p95 ms (untrained) | speed-up | val accuracy | val retention "
+        "| trial | steps | frontier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in found["rows"]:
+        score = f"{r['score']:.3f}" if r.get("score") is not None else "—"
+        retention = f"{r['val_retention']:.1%}" if r.get("val_retention") else "—"
+        state = r.get("state") or untried(r)
+        lines.append(
+            f"| {r['name']}{' **(chosen)**' if r.get('chosen') else ''} | {r['params']:,} | "
+            f"{r['params'] / teacher['params']:.1%} | {r['bytes'] / 1e6:.1f} | {r['p95_ms']:.2f} | "
+            f"{teacher['p50_ms'] / r['p50_ms']:.1f}x | {score} | {retention} | {state} | "
+            f"{r.get('steps', 0)} | {'yes' if r.get('frontier') else ''} |"
+        )
+    goal = found["goal"]
+    met = all(goal.values())
+    lines += [
+        "",
+        f"Search: {summary['architectures']} architectures, {summary['infeasible']} dropped before training, "
+        f"{summary['trials']} trials ({summary['complete']} complete, {summary['pruned']} pruned) in "
+        f"{summary['seconds'] / 60:.1f} min; the whole section (teacher {found['teacher_seconds'] / 60:.1f} min, "
+        f"labels, search, the twin, evaluation) {found['total_seconds'] / 60:.1f} min.",
+        "",
+        f"Chosen: **{summary['chosen']}**, test accuracy {chosen['accuracy']:.3f} = **{chosen['retention']:.1%}** of "
+        f"the teacher's {teacher['accuracy']:.3f}, {chosen['params'] / teacher['params']:.1%} of its parameters, "
+        f"**{chosen['speedup']:.1f}x** its batch-1 speed (p50 {chosen['p50_ms']:.2f} ms), hard-label twin "
+        f"{twin['accuracy']:.3f}. Goal (>= 97%, <= 25%, >= 4x, above the twin): "
+        + ("**met**." if met else "not met: " + ", ".join(k for k, v in goal.items() if not v) + "."),
+        f"Stretch (98% at <= 15% of the parameters and >= 8x): {_closest_to_stretch(found)}",
+        "",
+    ]
+    return lines
+
+
 def markdown(results: dict[str, object]) -> str:
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     over = results.get("overheads")
@@ -917,6 +1047,8 @@ def markdown(results: dict[str, object]) -> str:
             + f"this run {qual['total_seconds']:.0f} s.",
             "",
         ]
+    if isinstance(results.get("search"), dict):
+        lines += _search_markdown(results["search"])  # type: ignore[arg-type]
     for key in ("modes", "lm-modes"):
         if isinstance(results.get(key), dict):
             lines += _modes_markdown(results[key])
@@ -994,6 +1126,7 @@ def main() -> None:
             "trigger",
             "lm",
             "lm-overheads",
+            "search",
         ),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
@@ -1012,7 +1145,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-modes"]
+    parts = args.only or ["overheads", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"]
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
@@ -1021,6 +1154,9 @@ def main() -> None:
         print(json.dumps(results["pipeline"], indent=2, default=float))
     if "quality" in parts:
         results["quality"] = quality(args.recipe.resolve(), args.reuse_teacher)
+    if "search" in parts:
+        results["search"] = search()
+        print(json.dumps(results["search"]["summary"], indent=2))
     for task, spec in modes_tasks(args.recipe.resolve()).items():  # modes, lm-modes (and their -stages, ...)
         mode_parts = (
             MODES_PARTS
@@ -1047,7 +1183,7 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "pipeline", "quality", "modes", "trigger", "lm", "lm-modes"):
+        for key in ("overheads", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))

@@ -162,6 +162,7 @@ class SearchResult:
     quality_name: str  # the validation metric the trials report (val_accuracy, val_perplexity)
     seconds: float = 0.0
     study: str = ""
+    teacher_score: float | None = None  # the teacher's validation metric, which the quality gate compares against
 
     @property
     def trials(self) -> list[dict[str, Any]]:
@@ -193,7 +194,7 @@ class SearchResult:
             trained = r.get("score") is not None
             score = f"{r['score']:.4f}" if trained else "—"
             bound = r.get("quality_problem") or ("met" if trained else "—")
-            state = r.get("state") or f"not trained: {'; '.join(r['problems'])}"
+            state = r.get("state") or untried(r)
             lines.append(
                 f"| {r['name']}{' (chosen)' if r['name'] == self.chosen else ''} | {r['params']:,} | "
                 f"{r['bytes'] / 1e6:.2f} | {r['p95_ms']:.2f} | {score} | {bound} | {state} | {r.get('steps', 0)} | "
@@ -215,6 +216,14 @@ class SearchResult:
     def load(cls, folder: Path) -> SearchResult | None:
         path = folder / SEARCH_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def untried(row: dict[str, Any]) -> str:
+    """Why an architecture has no trial: the gates it cannot meet, or the trial budget (search.trials) ran out
+    before it (the smaller ones go first)."""
+    if row["problems"]:
+        return f"not trained: {'; '.join(row['problems'])}"
+    return "not trained: beyond search.trials (the smaller ones go first)"
 
 
 def pareto_frontier(rows: list[dict[str, Any]], maximize: bool) -> set[str]:
@@ -281,7 +290,7 @@ def search(
     chosen = _choose(rows, task.maximize)
     for row in rows:
         row["chosen"] = row["name"] == chosen
-    result = SearchResult(chosen, rows, task.early_stopping, time.perf_counter() - started, study_name)
+    result = SearchResult(chosen, rows, task.early_stopping, time.perf_counter() - started, study_name, teacher_score)
     log(f"search: chose {chosen} of {len(rows)} architectures ({result.summary()})")
     return result
 

@@ -30,7 +30,10 @@ HEADLINE = (
     *(names.CANDIDATE, names.GATE, names.GATE_REASONS),
     *dict.fromkeys(names.tag(field) for task in TASKS.values() for field in task.gate_tags),
 )
-LEDGER: tuple[str, ...] = ("student_version", "student_alias", "run_id", "reasons", "error", "rerun_error")
+LEDGER: tuple[str, ...] = (
+    *("student_version", "student_alias", "run_id", "reasons", "error", "rerun_error"),
+    *("start", "search", "diagnosis", "remedies"),
+)
 
 
 def _ledger_line(
@@ -160,6 +163,8 @@ def _ledger_lines(versions: list[dict[str, Any]], student: str) -> list[str]:
                 else ""
             )
             why = line.get("error") or (line.get("reasons") if line["status"] == "rejected" else "")
+            if line["status"] == "rejected" and line.get("diagnosis"):
+                why = f"{why} (diagnosis: {line['diagnosis']})".strip()
             if line.get("rerun_error"):
                 why = f"{why} (a rerun failed: {line['rerun_error']})".strip()
             claim = f"[{line['claim']}]" if "claim" in line and line["status"] in ("claimed", "running") else ""

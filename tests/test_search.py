@@ -225,3 +225,10 @@ def test_impossible_quality_ends_rejected_with_a_diagnosis_and_each_fitting_reme
     assert [r.data.params["remedy"] for r in runs] == tried
     assert all(r.data.tags["distill.outcome"] == "rejected" for r in runs)
     assert "**Diagnosis:**" in parent.data.tags["mlflow.note.content"]
+    from distill_core.settings import load_settings
+    from distill_core.status import collect, render
+
+    state = collect(load_settings(env["home"]), env["teacher"], env["student"])
+    (line,) = state["teacher"]["versions"][0]["students"].values()
+    assert line["diagnosis"] == entry["diagnosis"] and line["remedies"] == entry["remedies"]
+    assert f"(diagnosis: {entry['diagnosis']})" in render(state)

@@ -83,3 +83,38 @@ def test_embedding_bag_hashes_stably():
     student = EmbeddingBagStudent(("neg", "pos"), buckets=1000, dim=8, ngrams=2)
     logits = student(**student.tokenize(["a fine film", "", "dull"]))
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+
+
+def test_width_pruning_keeps_the_heads_and_channels_the_teacher_uses_most(
+    registered_teacher, small_dataset, tracking_uri, monkeypatch
+):
+    """A student narrowed to half its heads and a quarter of its FFN channels by their activations in the teacher's
+    own forward pass computes closer to the full-width student than one keeping the weakest ones; a narrowed
+    student is a valid source for another (an assistant)."""
+    from distill_core import width
+
+    teacher = load_teacher(*registered_teacher, tracking_uri).module
+    texts = small_dataset.split("transfer")["text"].tolist()
+
+    def cut(**fields):  # noqa: ANN003, ANN202
+        cfg = StudentConfig(name="w", family="transformer", teacher_layers=[0, 5], prune_vocab=False, **fields)
+        return build_student(cfg, teacher, small_dataset.labels, texts, 64).eval()
+
+    def hidden(student) -> torch.Tensor:  # noqa: ANN001
+        with torch.no_grad():
+            return student.features(**student.tokenize(texts[:64])).hidden_states[-1]
+
+    full, strongest = hidden(cut()), cut(heads=6, ffn=384)
+    layer = strongest.encoder.encoder.layer[1]
+    assert layer.attention.self.query.out_features == 6 * 32 and layer.intermediate.dense.out_features == 384
+    monkeypatch.setattr(width, "strongest", lambda scores, keep: torch.sort(torch.argsort(scores)[:keep]).values)
+    weakest = cut(heads=6, ffn=384)
+    gap_strongest = (hidden(strongest) - full).norm() / full.norm()
+    gap_weakest = (hidden(weakest) - full).norm() / full.norm()
+    assert gap_strongest < 0.7 * gap_weakest, (gap_strongest, gap_weakest)
+    monkeypatch.undo()
+    from_it = build_student(
+        StudentConfig(name="x", family="transformer", teacher_layers=[1]), strongest, small_dataset.labels, texts, 64
+    )
+    assert from_it.encoder.encoder.layer[0].intermediate.dense.out_features == 384  # it keeps the narrowed width
+    assert torch.isfinite(from_it(**from_it.tokenize(texts[:4]))).all()

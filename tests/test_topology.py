@@ -192,6 +192,9 @@ def test_twenty_duplicate_deliveries_of_a_new_version_give_one_run(
     finished(stack, version)
 
 
+# 95-100 s; the watcher stays in CI through test_pipeline's (in process, the same pending_versions) and the
+# topology through the webhook tests; make test-all runs it (the deployment's retry of a run that died is here)
+@pytest.mark.slow
 def test_with_the_webhook_off_the_scheduled_watcher_queues_new_versions_and_retries_runs_that_died(
     stack: Stack, client: MlflowClient, webhook_off: None, small_dataset
 ) -> None:
