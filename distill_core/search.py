@@ -347,6 +347,8 @@ def _choose(rows: list[dict[str, Any]], maximize: bool) -> str:
     """The smallest completely trained architecture meeting the quality bound (ties: the better score); with none,
     the best completely trained one."""
     complete = [r for r in rows if r.get("state") == "COMPLETE"]
+    if not complete:  # the first trial is never pruned: only failed trials leave none
+        raise DistillError("the search has no completely trained architecture: its trials failed (see the log)")
     sign = -1 if maximize else 1
     meeting = [r for r in complete if r.get("quality_problem") is None]
     if meeting:
