@@ -241,8 +241,11 @@ KILL_POINTS = {
     "registration": lambda home, uri, student: _student_versions(uri, student) > 0,
     # born-again generation 2 (the candidate) checkpointed: generation 1, a finished stage, is behind it
     "a stage": lambda home, uri, student: list(home.glob("runs/*/tf/distilled/last.pt")),
+    # the search's second trial (architectures go smallest first, then by name) checkpointed: the first is finished
+    "a search": lambda home, uri, student: list(home.glob("runs/*/L1-e32/distilled/last.pt")),
 }
-STAGED = {"a stage": {"stages": {"generations": 2}}}
+SEARCH = {"transformer": {"teacher_layers": [[0], [1]], "embedding_dim": [32], "lr": 3e-4}, "min_steps": 10}
+STAGED = {"a stage": {"stages": {"generations": 2}}, "a search": {"students": [], "search": SEARCH}}
 
 
 @pytest.mark.parametrize(
@@ -252,6 +255,7 @@ STAGED = {"a stage": {"stages": {"generations": 2}}}
         "training",
         pytest.param("registration", marks=pytest.mark.slow),
         pytest.param("a stage", marks=pytest.mark.slow),  # test_modes kills a stage in process in make test
+        pytest.param("a search", marks=pytest.mark.slow),  # test_search kills a search in process in make test
     ],
 )
 def test_a_run_killed_while_it_works_reruns_to_one_student_and_leaves_nothing_that_looks_complete(
@@ -301,6 +305,9 @@ def test_a_run_killed_while_it_works_reruns_to_one_student_and_leaves_nothing_th
     assert (entry / "manifest.json").is_file()
     if moment == "training":
         assert "resumed from checkpoint at step" in rerun.stderr
+    if moment == "a search":  # the finished trial is not trained again; the one it died in resumes
+        assert "search: trial 1 (L1-e32) was cut short: trying it again" in rerun.stderr, rerun.stderr[-3000:]
+        assert "search: trial 0:" not in rerun.stderr and "resumed from checkpoint at step" in rerun.stderr
     if moment == "a stage":  # the finished generation is reused, the one it died in resumes from its checkpoint
         resumed = [line for line in rerun.stderr.splitlines() if "resumed from checkpoint at step" in line]
         assert len(resumed) == 2 and "(training had finished)" in resumed[0], resumed
