@@ -72,7 +72,7 @@ def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
     """What the recipe asks of the teacher (layers to copy, embedding sizes), checked before anything is claimed:
     of the first assistant when there are any (the recipe checked each later stage against the one before it)."""
     task = task_of(recipe)
-    for student in recipe.stages.assistants[:1] or recipe.students:
+    for student in recipe.stages.assistants[:1] or recipe.candidates:  # a search's architectures too
         task.check_fits(student, cut_from(teacher.module))
 
 

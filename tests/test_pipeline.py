@@ -390,20 +390,29 @@ def test_a_failed_rerun_keeps_the_outcome_and_points_at_the_data_docs_it_logged(
     assert not {"data_docs/gx", "data_docs/great_expectations.yml"} & logged  # the site only, not the GX project
 
 
+def _transformer(**fields):  # noqa: ANN003, ANN202
+    return {"students": [{"name": "tf", "family": "transformer", **fields}]}
+
+
 @pytest.mark.parametrize(
-    "student, problem",
+    "candidates, problem",
     [
-        ({"teacher_layers": [0, 9]}, r"teacher_layers \[0, 9\] out of range.*has layers 0..5"),
-        ({"teacher_layers": [0], "embedding_dim": 1024}, "embedding_dim 1024 is larger than"),
+        (_transformer(teacher_layers=[0, 9]), r"teacher_layers \[0, 9\] out of range.*has layers 0..5"),
+        (_transformer(teacher_layers=[0], embedding_dim=1024), "embedding_dim 1024 is larger than"),
+        (_transformer(teacher_layers=[0], ffn=4096), "ffn 4096 is more than the 1536 FFN channels"),
+        (  # a search's architectures are checked as listed students are
+            {"students": [], "search": {"transformer": {"teacher_layers": [[0]], "heads": [6, 16]}}},
+            "student 'L0-h16': heads 16 is more than the 12 heads it is cut from",
+        ),
     ],
 )
-def test_what_the_teacher_cannot_give_is_refused_before_the_claim(env, small_dataset, student, problem):
+def test_what_the_teacher_cannot_give_is_refused_before_the_claim(env, small_dataset, candidates, problem):
     """It used to be found after the claim, the dataset checks and the labeling (and a rerun turned a succeeded
     entry into failed); embedding_dim above the hidden size was silently ignored."""
     from distill_core.errors import RecipeError
 
     version = register_toy_teacher(env, small_dataset)
-    recipe = write_recipe(env, students=[{"name": "tf", "family": "transformer", **student}])
+    recipe = write_recipe(env, **candidates)
     with pytest.raises(RecipeError, match=problem):
         distill_teacher_version(env["teacher"], version, recipe, env["home"])
     assert ledger_of(env, version) == {}
