@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from distill_core.evaluate import ModelReport, Report
 from distill_core.recipe import GateConfig
@@ -23,6 +24,24 @@ class Verdict:
         return not self.reasons
 
 
+def size_and_latency(
+    params: int, size_bytes: int, p95_ms: float, teacher_params: int, gates: Any, latency: str = "p95 latency ms"
+) -> list[tuple[str, float, float | None]]:
+    """The gates that depend on a student's architecture alone, as (what, value, upper bound) — every task's gates
+    have them; a search checks them before training, the judges after."""
+    return [
+        (latency, p95_ms, gates.max_p95_ms),
+        ("parameter ratio", params / max(teacher_params, 1), gates.max_param_ratio),
+        ("size MB", size_bytes / 1e6, gates.max_size_mb),
+        ("parameters", params, gates.max_params),
+    ]
+
+
+def exceeded(bounds: list[tuple[str, float, float | None]]) -> list[str]:
+    """The reasons of the upper bounds a value exceeds."""
+    return [f"{what} {value:.4g} > {bound:.4g}" for what, value, bound in bounds if bound is not None and value > bound]
+
+
 def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, champion: Report | None) -> Verdict:
     """Check one evaluated student against the recipe's thresholds and, when there is one, the champion."""
     reasons = []
@@ -31,20 +50,13 @@ def judge(candidate: str, report: Report, teacher: Report, gates: GateConfig, ch
         if bound is not None and value < bound:
             reasons.append(f"{name} {value:.4f} < {bound:.4f}")
 
-    def at_most(name: str, value: float, bound: float | None) -> None:
-        if bound is not None and value > bound:
-            reasons.append(f"{name} {value:.4g} > {bound:.4g}")
-
     at_least("accuracy", report.accuracy, gates.min_accuracy)
     at_least("retention of teacher accuracy", report.accuracy / max(teacher.accuracy, 1e-9), gates.min_retention)
     at_least("agreement with teacher", report.agreement, gates.min_agreement)
     latency = "p95 latency ms"
     if report.under_load:  # the verdict stands, but a person should know the machine was busy
         latency += f" (measured under load: load average {report.load_average:.1f} on {os.cpu_count()} cores)"
-    at_most(latency, report.p95_ms, gates.max_p95_ms)
-    at_most("parameter ratio", report.params / max(teacher.params, 1), gates.max_param_ratio)
-    at_most("size MB", report.bytes / 1e6, gates.max_size_mb)
-    at_most("parameters", report.params, gates.max_params)
+    reasons += exceeded(size_and_latency(report.params, report.bytes, report.p95_ms, teacher.params, gates, latency))
     if champion is not None and report.accuracy < champion.accuracy - gates.max_regression:
         reasons.append(
             f"accuracy {report.accuracy:.4f} regresses from the champion's {champion.accuracy:.4f} "

@@ -33,6 +33,7 @@ import torch
 
 from distill_core.errors import DistillError
 from distill_core.files import write_json
+from distill_core.gates import exceeded, size_and_latency
 from distill_core.modules import TextModule
 from distill_core.recipe import Recipe, StudentConfig
 from distill_core.tasks import Task
@@ -71,17 +72,6 @@ def architecture_key(task: Task, cfg: StudentConfig, source: TextModule, data_di
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def size_and_latency_problems(arch: Architecture, gates: Any, teacher_params: int) -> list[str]:
-    """The gates' bounds that depend on the architecture alone, checked before any training."""
-    bounds = [
-        ("p95 latency ms", arch.p95_ms, gates.max_p95_ms),
-        ("parameter ratio", arch.params / max(teacher_params, 1), gates.max_param_ratio),
-        ("size MB", arch.bytes / 1e6, gates.max_size_mb),
-        ("parameters", arch.params, gates.max_params),
-    ]
-    return [f"{what} {value:.4g} > {bound:.4g}" for what, value, bound in bounds if bound is not None and value > bound]
-
-
 def measure(
     recipe: Recipe,
     task: Task,
@@ -114,7 +104,8 @@ def measure(
     measured = []
     for cfg in recipe.candidates:
         arch = Architecture(cfg, **cache[keys[cfg.name]])
-        arch.problems = size_and_latency_problems(arch, recipe.gates, teacher_params)
+        bounds = size_and_latency(arch.params, arch.bytes, arch.p95_ms, teacher_params, recipe.gates)
+        arch.problems = exceeded(bounds)
         measured.append(arch)
     return measured
 

@@ -259,12 +259,12 @@ class ClassificationTask(Task):
     def signal_score(self, signal: np.ndarray, targets: np.ndarray) -> float:
         return evaluate.accuracy(signal, targets)
 
-    def quality_problem(self, score: float, teacher_score: float, gates: GateConfig) -> str | None:
+    def quality_problem(self, score: float, teacher_score: float, gate_cfg: GateConfig) -> str | None:
         retention = score / max(teacher_score, 1e-9)
-        if gates.min_accuracy is not None and score < gates.min_accuracy:
-            return f"validation accuracy {score:.4f} < {gates.min_accuracy:.4f}"
-        if gates.min_retention is not None and retention < gates.min_retention:
-            return f"validation retention {retention:.1%} < {gates.min_retention:.1%} (teacher {teacher_score:.4f})"
+        if gate_cfg.min_accuracy is not None and score < gate_cfg.min_accuracy:
+            return f"validation accuracy {score:.4f} < {gate_cfg.min_accuracy:.4f}"
+        if gate_cfg.min_retention is not None and retention < gate_cfg.min_retention:
+            return f"validation retention {retention:.1%} < {gate_cfg.min_retention:.1%} (teacher {teacher_score:.4f})"
         return None
 
     def chance(self, targets: np.ndarray) -> float:
