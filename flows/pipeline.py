@@ -373,9 +373,10 @@ class Attempt:
 def _try_remedies(
     first: Attempt, settings: Settings, teacher: LoadedTeacher, champion: ModelReport | None, out_dir: Path
 ) -> Attempt:
-    """The recipe's remedies that fit the first attempt's diagnosis, in its order, each a nested run, until one
-    passes the gates or the budget is spent; the passing attempt, else the first. The first attempt's decision
-    records the ladder (its `attempts`), whichever is returned."""
+    """The recipe's remedies, each a nested run: at every step the first untried one (in the recipe's order) that
+    fits the diagnosis of the attempt before it, applied to the recipe, until one passes the gates, none fits or
+    the budget is spent. Returns the passing attempt, else the first; its decision records the ladder (`attempts`)
+    and the first attempt's diagnosis."""
     from distill_core import degradation
 
     logger = get_run_logger()
