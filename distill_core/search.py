@@ -72,6 +72,9 @@ def architecture_key(task: Task, cfg: StudentConfig, source: TextModule, data_di
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+MEASURE_GROUP = 8  # architectures built and timed side by side at once
+
+
 def measure(
     recipe: Recipe,
     task: Task,
@@ -83,7 +86,7 @@ def measure(
     teacher_params: int,
     log: Log = print,
 ) -> list[Architecture]:
-    """Every candidate architecture measured (size, and latency side by side with the others measured now), from
+    """Every candidate architecture measured (size, and latency side by side with its group of MEASURE_GROUP), from
     the cache where it holds one; each checked against the gates' size and latency bounds."""
     from distill_core.evaluate import size_of
 
@@ -92,15 +95,18 @@ def measure(
     todo = [cfg for cfg in recipe.candidates if keys[cfg.name] not in cache]
     if todo:
         log(f"search: measuring {len(todo)} architecture(s) before training ({len(keys) - len(todo)} cached)")
-        models = {cfg.name: build(cfg) for cfg in todo}
+    for start in range(0, len(todo), MEASURE_GROUP):  # a group's models in memory at once, not the whole space's
+        group = todo[start : start + MEASURE_GROUP]
+        models = {cfg.name: build(cfg) for cfg in group}
         speeds = task.measure_speed(models, inputs, recipe.evaluation)
-        for cfg in todo:
+        for cfg in group:
             size = size_of(models[cfg.name])
             cache[keys[cfg.name]] = {
                 "params": size["params"], "bytes": size["bytes"],
                 "p50_ms": speeds[cfg.name].p50_ms, "p95_ms": speeds[cfg.name].p95_ms,
             }  # fmt: skip
-        write_json(cache_file, cache)
+        del models
+        write_json(cache_file, cache)  # after each group: a measurement cut short keeps what it measured
     measured = []
     for cfg in recipe.candidates:
         arch = Architecture(cfg, **cache[keys[cfg.name]])

@@ -140,9 +140,10 @@ class StudentOutcome:
     train_score: float | None = None
     chance_score: float | None = None
     search: SearchResult | None = None  # the search that chose this candidate's architecture
-    # the distilled student's top-1 agreement with the teacher on (the first rows of) the transfer set it was
-    # taught on: below the recipe's capacity_agreement, it cannot fit what it is taught (filled by evaluate_all)
-    transfer_agreement: float | None = None
+    # measures the distilled student's top-1 agreement with the teacher on (the first rows of) the transfer set it
+    # was taught on: below the recipe's capacity_agreement, it cannot fit what it is taught. Set by evaluate_all and
+    # called only by a diagnosis (a student that passes never pays for it)
+    transfer_fit: Callable[[], float] | None = field(default=None, repr=False)
 
     def did_not_learn(self, task: Task) -> str | None:
         """Why the distilled student counts as not having learned, or None."""
@@ -155,7 +156,7 @@ class StudentOutcome:
         not_learned = self.did_not_learn(task)
         if not_learned is not None:
             return DID_NOT_LEARN, not_learned
-        agreement = self.transfer_agreement if self.transfer_agreement is not None else 1.0
+        agreement = self.transfer_fit() if self.transfer_fit is not None else 1.0
         if agreement < capacity_agreement:
             return CAPACITY_GAP, (
                 f"capacity gap: {self.config.name} agrees with the teacher on only {agreement:.3f} of the transfer "
@@ -404,7 +405,7 @@ def evaluate_all(
             outcome.against_members[name] = task.relative_to(vs, member_report)
         outcome.train_score = task.validate(outcome.distilled.student, train_texts, train_labels)
         outcome.chance_score = chance
-        outcome.transfer_agreement = task.agreement(outcome.distilled.student, transfer, transfer_signal)
+        outcome.transfer_fit = partial(task.agreement, outcome.distilled.student, transfer, transfer_signal)
     return reports
 
 

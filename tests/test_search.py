@@ -232,3 +232,37 @@ def test_impossible_quality_ends_rejected_with_a_diagnosis_and_each_fitting_reme
     (line,) = state["teacher"]["versions"][0]["students"].values()
     assert line["diagnosis"] == entry["diagnosis"] and line["remedies"] == entry["remedies"]
     assert f"(diagnosis: {entry['diagnosis']})" in render(state)
+
+
+def test_a_measurement_cut_short_keeps_the_groups_it_measured(
+    registered_teacher, tracking_uri, small_dataset, tmp_path, monkeypatch
+):
+    """Architectures are built and timed a group at a time, and the cache is written after each group: a
+    measurement that dies part way (here: out of memory building the third) keeps the first groups, and the next one
+    measures only the rest."""
+    from distill_core import search
+    from distill_core.ensemble import cut_from
+    from distill_core.tasks import task_of
+
+    monkeypatch.setattr(search, "MEASURE_GROUP", 2)
+    recipe, task = _recipe(), task_of(_recipe())
+    source = cut_from(load_teacher(*registered_teacher, tracking_uri).module)
+    transfer = task.examples(small_dataset, "transfer")[0]
+    built: list[str] = []
+
+    def build(cfg):  # noqa: ANN001, ANN202
+        if len(built) == 2 and fail:
+            raise MemoryError(f"no room for {cfg.name}")
+        built.append(cfg.name)
+        return task.build_student(cfg, source, small_dataset, transfer, recipe.soft_labels, lambda _: None)
+
+    cache, inputs, said = tmp_path / "architectures.json", task.examples(small_dataset, "test")[0], []
+    args = (recipe, task, build, source, small_dataset.digest, inputs, cache, 22_000_000)
+    fail = True
+    with pytest.raises(MemoryError):
+        search.measure(*args)
+    assert len(json.loads(cache.read_text())) == 2  # the first group, measured and kept
+    fail = False
+    measured = search.measure(*args, log=said.append)
+    assert len(measured) == len(recipe.candidates) and len(json.loads(cache.read_text())) == len(recipe.candidates)
+    assert f"({2} cached)" in said[0] and len(built) == len(recipe.candidates)
