@@ -245,7 +245,8 @@ def test_a_measurement_cut_short_keeps_the_groups_it_measured(
     from distill_core.tasks import task_of
 
     monkeypatch.setattr(search, "MEASURE_GROUP", 2)
-    recipe, task = _recipe(), task_of(_recipe())
+    recipe = _recipe()
+    task = task_of(recipe)
     source = cut_from(load_teacher(*registered_teacher, tracking_uri).module)
     transfer = task.examples(small_dataset, "transfer")[0]
     built: list[str] = []
@@ -265,4 +266,4 @@ def test_a_measurement_cut_short_keeps_the_groups_it_measured(
     fail = False
     measured = search.measure(*args, log=said.append)
     assert len(measured) == len(recipe.candidates) and len(json.loads(cache.read_text())) == len(recipe.candidates)
-    assert f"({2} cached)" in said[0] and len(built) == len(recipe.candidates)
+    assert "(2 cached)" in said[0] and len(built) == len(recipe.candidates)
