@@ -26,6 +26,8 @@ app.add_typer(stage_app, name="stage")
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", envvar="DISTILL_RECIPE", help="Recipe YAML file.")]
 TeacherOpt = Annotated[str, typer.Option("--teacher", "-t", help="Registered teacher as NAME/VERSION.")]
+EPHEMERAL_STARTUP_TIMEOUT_S = 120  # Prefect's default, 20 s, failed a CI run on a loaded machine
+
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="DISTILL_HOME (default ./.distill).")]
 
 
@@ -44,10 +46,12 @@ def _runs_flows_here(settings) -> None:  # noqa: ANN001 - Settings, imported laz
     as a child process, on a database under DISTILL_HOME/prefect (unless PREFECT_HOME says otherwise), so
     `PREFECT_HOME=<DISTILL_HOME>/prefect prefect server start` shows exactly these runs. SIGKILL runs no atexit
     handler, so ask the kernel to stop that child when this process dies (Linux PR_SET_PDEATHSIG): a killed
-    `distill run` leaves no server behind."""
+    `distill run` leaves no server behind. Prefect waits only 20 s for that server by default, which a busy
+    2-core machine can exceed on a database that already holds many runs; wait longer unless told otherwise."""
     if os.environ.get("PREFECT_API_URL"):
         return
     os.environ.setdefault("PREFECT_HOME", str(prefect_home(settings)))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     if not sys.platform.startswith("linux"):
         return
     import ctypes

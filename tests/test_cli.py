@@ -65,6 +65,24 @@ def test_bad_teacher_reference(tmp_path):
     assert out.returncode == 2 and "expected NAME/VERSION" in out.stderr
 
 
+def test_the_ephemeral_prefect_server_gets_time_to_start_on_a_busy_machine_unless_the_user_says(tmp_path):
+    """Prefect waits 20 s for the server the CLI starts; a CI run on a loaded machine took longer ('Timed out while
+    attempting to connect to ephemeral Prefect API server'). The CLI waits longer; a user's own setting wins."""
+    probe = (
+        "import flows.cli as cli\n"
+        "cli._runs_flows_here(cli._env(None))\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)\n"
+    )
+    name = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    for given, waits in ((None, 120), ("45", 45)):
+        env = {k: v for k, v in os.environ.items() if k not in (name, "PREFECT_API_URL")}
+        env |= {"DISTILL_HOME": str(tmp_path)} | ({name: given} if given else {})
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert int(out.stdout.split()[-1]) == waits
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     recipe = tmp_path / "tiny.yaml"
