@@ -47,11 +47,15 @@ def _runs_flows_here(settings) -> None:  # noqa: ANN001 - Settings, imported laz
     `PREFECT_HOME=<DISTILL_HOME>/prefect prefect server start` shows exactly these runs. SIGKILL runs no atexit
     handler, so ask the kernel to stop that child when this process dies (Linux PR_SET_PDEATHSIG): a killed
     `distill run` leaves no server behind. Prefect waits only 20 s for that server by default, which a busy
-    2-core machine can exceed on a database that already holds many runs; wait longer unless told otherwise."""
+    2-core machine can exceed on a database that already holds many runs; wait longer unless told otherwise.
+    Prefect reads its settings once, when first imported (a verb's flows import it before this runs)."""
     if os.environ.get("PREFECT_API_URL"):
         return
     os.environ.setdefault("PREFECT_HOME", str(prefect_home(settings)))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()  # Prefect read its settings when a verb imported it: read them again
     if not sys.platform.startswith("linux"):
         return
     import ctypes
