@@ -206,7 +206,7 @@ def _kill_recipe(tmp_path: Path, student: str, **sections: object) -> Path:
         "teacher": {"registered_name": "sentiment-teacher"},  # the session's MiniLM teacher: slow enough to hit
         "soft_labels": {"batch_size": 16, "shard_rows": 16},
         "students": [{"name": "tf", "family": "transformer", "teacher_layers": [0], "embedding_dim": 32, "lr": 3e-4}],
-        "train": {"epochs": 2, "batch_size": 16, "checkpoint_every": 5, "eval_every": 10},
+        "train": {"epochs": 1, "batch_size": 16, "checkpoint_every": 5, "eval_every": 10},
         "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
         "gates": {"min_retention": 0.1, "max_param_ratio": 10.0},
         **sections,
