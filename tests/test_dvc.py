@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from distill_core.errors import DatasetError
 from distill_core.recipe import load_recipe
 from distill_core.registry import CHAMPION, aliases, ledger_entry
+from distill_core.search import SearchResult
 from distill_core.settings import load_settings
 from distill_core.steps import open_dataset
 from flows.distill import distill_teacher_version, release_for_rerun
@@ -167,6 +168,21 @@ def test_exp_run_sweeps_a_param_in_the_git_repo(repo: Path) -> None:
         for exp in branch["revs"]
     ]
     assert 7 in experiments
+    git(repo, "checkout", "--", ".")  # back to the committed params, lock and metrics
+    dvc(repo, "checkout")
+
+
+@pytest.mark.slow  # 40 s; the search runs in CI through the flow and the stage verbs (make test-all runs it)
+def test_exp_run_with_a_search_trains_the_feasible_architectures_and_keeps_the_smallest(repo: Path) -> None:
+    space = "{embedding_bag: {buckets: [4096], dim: [8, 16], lr: 0.02}, trials: 2, min_steps: 5, reduction_factor: 2}"
+    out = dvc(repo, "exp", "run", "-n", "searched", "-S", f"search={space}", "-S", "students=[]")
+    assert stages_run(out.stdout) == ["train", "evaluate"], out.stdout[-3000:]
+    searched = SearchResult.load(repo / "artifacts/students")
+    assert searched is not None and searched.summary()["architectures"] == 2
+    assert [t["state"] for t in searched.trials] == ["COMPLETE", "COMPLETE"]
+    assert searched.chosen == min(searched.rows, key=lambda r: r["params"])["name"]  # both meet the gates here
+    metrics = json.loads((repo / "artifacts/evaluation/metrics.json").read_text())
+    assert set(metrics) == {"teacher", searched.chosen}
     git(repo, "checkout", "--", ".")  # back to the committed params, lock and metrics
     dvc(repo, "checkout")
 
