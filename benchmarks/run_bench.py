@@ -1,16 +1,18 @@
-"""`make bench`: the pipeline's overheads against bare torch loops, distillation quality on real data, how
-fast a teacher registration starts its flow run in the production topology, and causal-LM distillation of the
-packaged SmolLM2 (stored-signal size, labeling and training overheads, a quality table, peak memory); and the
-distillation modes of both tasks (assistant, born-again, warm start, ensemble) against the plain student.
+"""`make bench`: the pipeline's overheads against bare torch loops, whether the demo's better teacher gives a
+better student, distillation quality on real data, how fast a teacher registration starts its flow run in the
+production topology, and causal-LM distillation of the packaged SmolLM2 (stored-signal size, labeling and training
+overheads, a quality table, peak memory); and the distillation modes of both tasks (assistant, born-again, warm
+start, ensemble) against the plain student.
 
 Everything in one process and one run, medians of interleaved repetitions. Results go to
 benchmarks/results.json and benchmarks/results.md (the README quotes the latter). Time budgets, on 2 CPU cores:
-overheads 5 min, pipeline 5 min, quality 30 min, search 60 min (its teacher about 10 of them), modes 60 min (the
-classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min (lm-overheads,
-its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the first run only).
+overheads 5 min, demo 20 min, pipeline 5 min, quality 30 min, search 60 min (its teacher about 10 of them), modes
+60 min (the classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min
+(lm-overheads, its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the
+first run only).
 
-    python benchmarks/run_bench.py [--only overheads|pipeline|quality|search|modes|trigger|lm|lm-overheads|lm-modes ...]
-                                   [--recipe recipes/bench.yaml]
+    python benchmarks/run_bench.py [--only overheads|demo|pipeline|quality|search|modes|trigger|lm|lm-overheads
+                                           |lm-modes ...] [--recipe recipes/bench.yaml]
     (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
 
@@ -477,6 +479,7 @@ def pipeline() -> dict[str, object]:
     from distill_core import steps
     from distill_core.recipe import load_recipe
     from distill_core.settings import load_settings
+    from distill_core.tasks import task_of
     from flows.distill import distill_teacher_version, release_for_rerun
 
     recipe_path = ROOT / "recipes" / "demo.yaml"
@@ -488,7 +491,7 @@ def pipeline() -> dict[str, object]:
     settings = load_settings(home)
     dataset = steps.prepare(recipe, settings)
     name, version = steps.train_and_register_teacher(  # the demo's teacher v1; not part of the pipeline's time
-        recipe, settings, dataset, log=lambda _: None, trainable_layers=0, epochs=5, lr=1e-2, batch_size=64
+        recipe, settings, dataset, log=lambda _: None, **task_of(recipe).stand_in_versions(1)[1]
     )
     with prefect_test_harness(server_startup_timeout=120):
         runs = {}
@@ -995,6 +998,64 @@ def _search_markdown(found: dict[str, Any]) -> list[str]:
     return lines
 
 
+def paired_bootstrap(a: Any, b: Any, samples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of b - a over paired rows (1 where right, 0 where wrong) and its 95% percentile interval, by
+    resampling the rows."""
+    import numpy as np
+
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    rows = np.random.default_rng(seed).integers(0, len(diff), (samples, len(diff)))
+    low, high = np.percentile(diff[rows].mean(axis=1), [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def demo(recipe_path: Path = ROOT / "recipes" / "demo.yaml") -> dict[str, object]:
+    """`distill demo` end to end on a fresh home (in process), then the question its story asks: is teacher v2's
+    registered student better than v1's on the demo's test split? Paired bootstrap over the test rows."""
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from distill_core import steps
+    from distill_core.evaluate import predict
+    from distill_core.model_io import load_module
+    from distill_core.names import CANDIDATE
+    from distill_core.recipe import load_recipe
+    from distill_core.settings import load_settings
+    from flows.demo import continuous_demo
+
+    recipe = load_recipe(recipe_path)
+    home = HERE / ".work" / "demo"
+    shutil.rmtree(home, ignore_errors=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("DISTILL_STORE", None)
+    settings = load_settings(home)
+    with prefect_test_harness(server_startup_timeout=120):
+        started = time.perf_counter()
+        table = continuous_demo(recipe_path, settings, echo=print, log=lambda _: None)
+        wall = time.perf_counter() - started
+    test = steps.open_dataset(recipe, settings).split("test")
+    texts, truth = test["text"].tolist(), test["label"].to_numpy()
+    client, right, versions = MlflowClient(settings.tracking_uri), {}, {}
+    for kind, name in (("teacher", recipe.teacher.registered_name), ("student", recipe.student_registered_name)):
+        for version in ("1", "2"):
+            module = load_module(f"models:/{name}/{version}")
+            right[kind, version] = predict(module, texts).argmax(axis=1) == truth
+            tags = client.get_model_version(name, version).tags
+            versions[f"{kind} v{version}"] = {
+                "accuracy": float(right[kind, version].mean()),
+                **({"candidate": tags.get(CANDIDATE, "")} if kind == "student" else {}),
+            }
+    gains = {kind: paired_bootstrap(right[kind, "1"], right[kind, "2"]) for kind in ("teacher", "student")}
+    return {
+        "recipe": str(recipe_path.relative_to(ROOT)),
+        "wall_s": wall,
+        "test_rows": len(truth),
+        "versions": versions,
+        "gain": {kind: {"mean": m, "low": lo, "high": hi} for kind, (m, lo, hi) in gains.items()},
+        "table": table,
+    }
+
+
 def markdown(results: dict[str, object]) -> str:
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     over = results.get("overheads")
@@ -1029,6 +1090,29 @@ def markdown(results: dict[str, object]) -> str:
             f"{pipe['overhead_share']:.1%} of the run | ≤ 15% |",
             f"| rerun on the unchanged teacher (labels and students reused) | {rerun['wall_s']:.1f} s = "
             f"{pipe['rerun_share']:.1%} of the cold run | ≤ 20% |",
+            "",
+        ]
+    story = results.get("demo")
+    if isinstance(story, dict):
+        v, gain = story["versions"], story["gain"]
+
+        def points(g: dict[str, float]) -> str:
+            return f"{g['mean'] * 100:+.1f} points (95% interval {g['low'] * 100:+.1f} to {g['high'] * 100:+.1f})"
+
+        lines += [
+            f"## The demo's story ({story['recipe']}: `distill demo` in process, {story['wall_s']:.0f} s)",
+            "",
+            f"Does the better teacher give a better student? Accuracy on the demo's test split "
+            f"({story['test_rows']:,} reviews); the gain is v2 minus v1, paired bootstrap over those rows.",
+            "",
+            "| | v1 | v2 | gain |",
+            "|---|---|---|---|",
+            f"| teacher | {v['teacher v1']['accuracy']:.3f} | {v['teacher v2']['accuracy']:.3f} | "
+            f"{points(gain['teacher'])} |",
+            f"| registered student | {v['student v1']['accuracy']:.3f} ({v['student v1']['candidate']}) | "
+            f"{v['student v2']['accuracy']:.3f} ({v['student v2']['candidate']}) | {points(gain['student'])} |",
+            "",
+            story["table"].strip(),
             "",
         ]
     qual = results.get("quality")
@@ -1120,6 +1204,7 @@ def main() -> None:
         "--only",
         choices=(
             "overheads",
+            "demo",
             "pipeline",
             "quality",
             *(f"{task}{part}" for task in ("modes", "lm-modes") for part in ("", *(f"-{p}" for p in MODES_PARTS))),
@@ -1145,10 +1230,13 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"]
+    parts = args.only or ["overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"]
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
+    if "demo" in parts:
+        results["demo"] = demo()
+        print(json.dumps(results["demo"]["gain"], indent=2))
     if "pipeline" in parts:
         results["pipeline"] = pipeline()
         print(json.dumps(results["pipeline"], indent=2, default=float))
@@ -1183,7 +1271,7 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"):
+        for key in ("overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))
