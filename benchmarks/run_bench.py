@@ -52,6 +52,18 @@ REPEATS = 7
 STEPS = 10  # training steps per timed repetition
 
 
+def cold_home(name: str):  # noqa: ANN201 - (Path, Settings)
+    """An empty DISTILL_HOME for a section under benchmarks/.work, on the embedded default (a registry or store the
+    environment names would receive the section's runs)."""
+    from distill_core.settings import load_settings
+
+    home = HERE / ".work" / name
+    shutil.rmtree(home, ignore_errors=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("DISTILL_STORE", None)
+    return home, load_settings(home)
+
+
 def interleaved(a, b, repeats: int = REPEATS) -> tuple[list[float], list[float]]:
     """Time two callables alternately (a, b, a, b, ...) after one warm-up each; seconds per call."""
     a(), b()
@@ -199,15 +211,12 @@ def search(recipe_path: Path = ROOT / "recipes" / "bench-search.yaml") -> dict[s
     from distill_core.model_io import load_teacher
     from distill_core.recipe import load_recipe
     from distill_core.search import SearchResult
-    from distill_core.settings import load_settings
     from distill_core.tasks.classification import CLASSIFICATION
 
     recipe = load_recipe(recipe_path)
     for variable in ("MLFLOW_TRACKING_URI", "DISTILL_STORE", "DISTILL_LEDGER_URI", "DISTILL_SEARCH_URI"):
         os.environ.pop(variable, None)
-    home = HERE / ".work" / "search"
-    shutil.rmtree(home, ignore_errors=True)  # a cold search: new teacher, labels, measurements and study
-    settings = load_settings(home)
+    home, settings = cold_home("search")  # a cold search: new teacher, labels, measurements and study
     started = time.perf_counter()
     dataset = steps.prepare(recipe, settings)
     name, version = steps.train_and_register_teacher(recipe, settings, dataset, log=print)
@@ -478,17 +487,12 @@ def pipeline() -> dict[str, object]:
 
     from distill_core import steps
     from distill_core.recipe import load_recipe
-    from distill_core.settings import load_settings
     from distill_core.tasks import task_of
     from flows.distill import distill_teacher_version, release_for_rerun
 
     recipe_path = ROOT / "recipes" / "demo.yaml"
     recipe = load_recipe(recipe_path)
-    home = HERE / ".work" / "pipeline"
-    shutil.rmtree(home, ignore_errors=True)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("DISTILL_STORE", None)
-    settings = load_settings(home)
+    home, settings = cold_home("pipeline")
     dataset = steps.prepare(recipe, settings)
     name, version = steps.train_and_register_teacher(  # the demo's teacher v1; not part of the pipeline's time
         recipe, settings, dataset, log=lambda _: None, **task_of(recipe).stand_in_versions(1)[1]
@@ -658,17 +662,13 @@ def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml", quality: bool = Tr
     from distill_core.lm import load_smollm2
     from distill_core.losses import sparse_buckets
     from distill_core.recipe import load_recipe
-    from distill_core.settings import load_settings
     from distill_core.soft_labels import generate_soft_labels
     from distill_core.store import LocalStore
     from distill_core.tasks.causal_lm import CAUSAL_LM, StoredSparseSource, sparse_signal
     from distill_core.train import TransferSet, baseline_config, train_student
 
     recipe = load_recipe(recipe_path)
-    home = HERE / ".work" / "lm"
-    shutil.rmtree(home, ignore_errors=True)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    settings = load_settings(home)
+    home, settings = cold_home("lm")
     dataset = steps.prepare(recipe, settings)
     teacher = LoadedTeacher(load_smollm2(), "smollm2", "1", "bench")
     module = teacher.module
@@ -1020,15 +1020,10 @@ def demo(recipe_path: Path = ROOT / "recipes" / "demo.yaml") -> dict[str, object
     from distill_core.model_io import load_module
     from distill_core.names import CANDIDATE
     from distill_core.recipe import load_recipe
-    from distill_core.settings import load_settings
     from flows.demo import continuous_demo
 
     recipe = load_recipe(recipe_path)
-    home = HERE / ".work" / "demo"
-    shutil.rmtree(home, ignore_errors=True)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("DISTILL_STORE", None)
-    settings = load_settings(home)
+    _, settings = cold_home("demo")
     with prefect_test_harness(server_startup_timeout=120):
         started = time.perf_counter()
         table = continuous_demo(recipe_path, settings, echo=print, log=lambda _: None)
