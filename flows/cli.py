@@ -26,9 +26,8 @@ app.add_typer(stage_app, name="stage")
 
 RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", envvar="DISTILL_RECIPE", help="Recipe YAML file.")]
 TeacherOpt = Annotated[str, typer.Option("--teacher", "-t", help="Registered teacher as NAME/VERSION.")]
-EPHEMERAL_STARTUP_TIMEOUT_S = 120  # Prefect's default, 20 s, failed a CI run on a loaded machine
-
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="DISTILL_HOME (default ./.distill).")]
+EPHEMERAL_STARTUP_TIMEOUT_S = 120  # Prefect's default, 20 s, failed a CI run on a loaded machine
 
 
 def _env(home: Path | None):  # noqa: ANN202 - returns Settings; imported lazily to keep --help fast
