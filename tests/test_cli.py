@@ -65,9 +65,7 @@ def test_bad_teacher_reference(tmp_path):
     assert out.returncode == 2 and "expected NAME/VERSION" in out.stderr
 
 
-def test_the_ephemeral_prefect_server_gets_time_to_start_on_a_busy_machine_unless_the_user_says(
-    tmp_path, monkeypatch
-):
+def test_the_ephemeral_prefect_server_gets_time_to_start_on_a_busy_machine_unless_the_user_says(tmp_path, monkeypatch):
     """Prefect waits 20 s for the server the CLI starts; a CI run on a loaded machine took longer ('Timed out while
     attempting to connect to ephemeral Prefect API server'). The CLI waits longer; a user's own setting wins."""
     from prefect.context import refresh_global_settings_context
