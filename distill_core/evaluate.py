@@ -166,8 +166,10 @@ def measure_latency(
     }
 
 
-def size_of(model: nn.Module) -> dict[str, int]:
-    """Parameter count and serialized weight bytes."""
+def size_of(model: nn.Module | Any) -> dict[str, int]:
+    """Parameter count and serialized weight bytes (an exported student's: its file's)."""
+    if not isinstance(model, nn.Module):  # export.OnnxStudent
+        return {"params": int(model.params), "bytes": int(model.size_bytes())}
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return {"params": sum(p.numel() for p in model.parameters()), "bytes": buffer.getbuffer().nbytes}
@@ -274,6 +276,7 @@ FORMATS: dict[str, str] = {
     "kl_to_teacher": "{:.3f}",
     "ece": "{:.3f}",
     "params": "{:,}",
+    "bytes": "{:,}",  # the serialized weights (an exported student: its ONNX file)
     "compression": "{:.1f}x",  # the teacher's params / the student's
     "p50_ms": "{:.2f}",  # batch-1 latency (per generated token for a causal LM)
     "p95_ms": "{:.2f}",

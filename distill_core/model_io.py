@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.models.model import ModelInfo
@@ -24,7 +25,10 @@ from distill_core import names
 from distill_core.errors import DistillError, TeacherError, redact
 from distill_core.modules import LoadedTeacher, TextModule, check_module, content_digest, picklable, save_module
 from distill_core.tasks import CLASSIFICATION, Task
-from distill_core.tasks.classification import STUDENT_ARTIFACT
+from distill_core.tasks.classification import ONNX_ARTIFACT, STUDENT_ARTIFACT
+
+if TYPE_CHECKING:
+    from distill_core.deploy import Deployment
 
 TEACHER_ARTIFACT = "teacher"
 
@@ -35,11 +39,15 @@ class ServingError(DistillError):
 
 def pip_requirements() -> list[str]:
     """Exact pins of what unpickling and running a model needs (torch without its local tag, e.g. +cpu)."""
+    import onnxruntime
+    import tokenizers
     import transformers
 
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         f"transformers=={transformers.__version__}",
+        f"onnxruntime=={onnxruntime.__version__}",
+        f"tokenizers=={tokenizers.__version__}",
         f"pandas=={pd.__version__}",
         f"mlflow=={mlflow.__version__}",
     ]
@@ -108,14 +116,17 @@ def log_teacher(
     return registered_name, version
 
 
-def load_module(model_uri: str) -> TextModule:
-    """The torch module of a logged model: a teacher (pytorch flavour) or a student (its pyfunc's pickle)."""
+def load_module(model_uri: str, served: bool = False) -> TextModule:
+    """The torch module of a logged model: a teacher (pytorch flavour) or a student (its pyfunc's pickle); with
+    `served`, a student as its pyfunc serves it (its export, in the format its gates passed)."""
     info = mlflow.models.get_model_info(model_uri)
     if "pytorch" in info.flavors:
         module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     else:
         wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
         module = getattr(wrapped, "module", None)
+        if served and getattr(wrapped, "served", None) is not None:
+            return wrapped.served
         if not isinstance(module, nn.Module):
             raise TeacherError(
                 f"{model_uri} is a pyfunc model ({type(wrapped).__name__}) that holds no torch module: register "
@@ -163,9 +174,11 @@ def log_student(
     description: str | None = None,
     await_registration_for: int = 60,
     task: Task = CLASSIFICATION,
+    deployment: Deployment | None = None,
 ) -> LoggedStudent:
     """Log the student as its task's pyfunc model in the active run and, given a name, register it, then set the
-    version's description and tags (ours: distill.role, distill.labels, distill.content_digest)."""
+    version's description and tags (ours: distill.role, distill.labels, distill.content_digest). With a deployment,
+    its exported folder travels as the model's `onnx` artifact and the pyfunc serves the deploy format."""
     try:
         check_module(student, "student")
     except TeacherError as err:
@@ -180,10 +193,15 @@ def log_student(
     with tempfile.TemporaryDirectory(prefix="student-") as tmp:
         path = Path(tmp) / "student.pt"
         save_module(student, path)
+        artifacts, served = {STUDENT_ARTIFACT: str(path)}, None
+        if deployment is not None and deployment.folder is not None:
+            artifacts[ONNX_ARTIFACT] = str(deployment.folder)
+            served = {"format": deployment.format, "threads": deployment.threads}
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=task.python_model(),
-            artifacts={STUDENT_ARTIFACT: str(path)},
+            artifacts=artifacts,
+            model_config=served,
             signature=task.signature(student),
             input_example=task.input_example(student, input_texts),
             pip_requirements=pip_requirements(),
@@ -205,3 +223,55 @@ def log_student(
     if description is not None:
         MlflowClient().update_model_version(registered_model_name, version, description=description)
     return LoggedStudent(info, version)
+
+
+def export_registered(tracking_uri: str, ref: str, fmt: str, out: Path) -> Path:
+    """Write a registered student (`NAME@ALIAS` or `NAME/VERSION`) as a self-contained folder in one ONNX format
+    (model, tokenizer, labels in config.json, runtime.py, example.py). The version's own export when it has one (what
+    its gates measured); a version logged by an earlier release, which has none, is exported from its torch module
+    now, and refused if the export does not agree with it on the version's input example."""
+    from distill_core.export import ONNX_FORMATS, with_format
+
+    if fmt not in ONNX_FORMATS:
+        raise ServingError(f"--format {fmt!r}: the exported formats are {', '.join(ONNX_FORMATS)}")
+    if out.exists() and any(out.iterdir()):
+        raise ServingError(f"--out {out} is not empty: give a new or empty folder")
+    name, at, alias = ref.partition("@")
+    if not at:
+        name, _, alias = ref.rpartition("/")
+    if not name or not alias:
+        raise ServingError(f"expected NAME@ALIAS or NAME/VERSION such as sentiment-student@champion, got {ref!r}")
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
+    uri = f"models:/{name}/{version.version}"
+    with tempfile.TemporaryDirectory(prefix="distill-export-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        folder = local / "artifacts" / ONNX_ARTIFACT
+        if not (folder / "config.json").is_file():
+            student = load_module(uri)
+            folder = _export_now(student, local, Path(tmp) / "fresh", f"{name} v{version.version}")
+        return with_format(folder, out, fmt)
+
+
+def _export_now(student: TextModule, model_dir: Path, folder: Path, who: str) -> Path:
+    """Export a student logged without an export, checked against it on its logged input example."""
+    from distill_core.export import OnnxStudent, export
+    from distill_core.lm import CausalLM
+    from distill_core.tasks import CAUSAL_LM
+
+    example = mlflow.models.Model.load(str(model_dir)).load_input_example(str(model_dir))
+    if not isinstance(example, pd.DataFrame) or example.empty:
+        raise ServingError(f"{who} has no ONNX export and no input example to check one against")
+    texts = [str(t) for t in example.iloc[:, 0]]
+    export(student, folder, texts)
+    task: Task = CLASSIFICATION
+    inputs: list[Any] = texts
+    if isinstance(student, CausalLM):  # its next tokens over the examples, as one block
+        task, inputs = CAUSAL_LM, [np.array(student.tokenizer(" ".join(texts))["input_ids"], dtype=np.int64)]
+    agreement, diff = task.parity(student, OnnxStudent(folder, "onnx"), inputs)
+    if agreement < 1.0 or diff > 1e-3:
+        raise ServingError(
+            f"{who} was registered without an ONNX export, and exporting it now gives a model that disagrees with "
+            f"it on its input example (top-1 agreement {agreement:.3f}, max |logit difference| {diff:.3g})"
+        )
+    return folder

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from distill_core import names
 from distill_core.evaluate import ModelReport
+from distill_core.export import torch_threads
 from distill_core.gates import Verdict, choose
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_module, log_student
@@ -119,9 +120,10 @@ def evaluate_champion(
     version = aliases(client, recipe.student_registered_name).get(CHAMPION)
     if version is None:
         return None, None
-    module = load_module(f"models:/{recipe.student_registered_name}/{version}")
+    module = load_module(f"models:/{recipe.student_registered_name}/{version}", served=True)  # as it serves
     task, name = task_of(recipe), f"champion v{version}"
-    speeds = task.measure_speed({"teacher": teacher.module, name: module}, texts, recipe.evaluation)
+    with torch_threads(recipe.deploy.threads):  # as the candidates' deploy targets are measured
+        speeds = task.measure_speed({"teacher": teacher.module, name: module}, texts, recipe.evaluation)
     report = task.evaluate(name, module, texts, labels, teacher_signal, speeds[name])
     paired_teacher = dataclasses.replace(teacher_report, p50_ms=speeds["teacher"].p50_ms)  # type: ignore[type-var]
     return version, task.relative_to(report, paired_teacher)
@@ -143,6 +145,8 @@ def judge_all(
         not_learned = outcome.did_not_learn(task)
         if not_learned is not None:
             verdict.reasons.append(not_learned)
+        if outcome.deployment is not None and outcome.deployment.problem is not None:
+            verdict.reasons.append(outcome.deployment.problem)
         notes += task.notes(outcome.config.name, verdict.report)
         verdicts.append(verdict)
     decision = Decision(verdicts, choose(verdicts, task.quality), champion_version, champion_report, notes=notes)
@@ -173,9 +177,10 @@ def register_and_promote(
     decision = _register_and_promote(
         decision, outcome, recipe, lineage, input_texts, client, ledger, champion_now, candidate_run_id
     )
-    client.set_model_version_tag(
-        recipe.student_registered_name, decision.student_version, names.PROMOTION_REASON, decision.reason
-    )
+    if decision.student_version:  # else nothing was registered (an export that diverges)
+        client.set_model_version_tag(
+            recipe.student_registered_name, decision.student_version, names.PROMOTION_REASON, decision.reason
+        )
     return decision
 
 
@@ -193,6 +198,11 @@ def _register_and_promote(
     name, verdict, task = recipe.student_registered_name, decision.chosen, task_of(recipe)
     key = lineage.idempotency_key(verdict.candidate)
     existing = find_student_version(client, name, key)
+    deployment = outcome.deployment
+    if deployment is not None and deployment.problem is not None:  # what would serve is not what was measured
+        decision.student_version = ""
+        decision.reason = f"not registered: {deployment.problem}"
+        return decision
     if existing is not None:
         decision.student_version = str(existing.version)
         decision.notes.append(f"v{existing.version} was already registered for {key}")
@@ -205,6 +215,7 @@ def _register_and_promote(
             **names.gate_tags(verdict.reasons),
             **{names.tag(field): value for field, value in task.report_tags(report).items()},
             **({names.CANDIDATE_RUN_ID: candidate_run_id} if candidate_run_id else {}),
+            **({names.tag(field): value for field, value in deployment.tags().items()} if deployment else {}),
         }
         description = (
             f"Student '{verdict.candidate}' distilled from {lineage.teacher_name} v{lineage.teacher_version}: "
@@ -219,6 +230,7 @@ def _register_and_promote(
             tags=tags,
             description=description,
             task=task,
+            deployment=deployment,
         )
         decision.student_version = str(version)
         describe_student_model(client, recipe)

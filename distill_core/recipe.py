@@ -193,6 +193,26 @@ class GateConfig(_Strict):
     max_regression: float = Field(default=0.01, ge=0, le=1)  # accuracy the champion may lead by
 
 
+DEPLOY_FORMATS = ("torch", "onnx", "onnx-int8")  # the pickled torch module, its ONNX export, that quantised to int8
+
+
+class DeployConfig(_Strict):
+    """Where a student runs: the artifact its latency and size gates measure, and the one its pyfunc serves. Every
+    candidate is exported to ONNX (fp32 and int8) and checked against its torch self whatever the format."""
+
+    format: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    threads: int | None = Field(default=None, ge=1, le=256)  # intra-op threads measured (and served) with
+    export: bool = True  # false: no ONNX export (a custom student the exporter cannot take); format must be torch
+    min_parity: float = Field(default=0.999, ge=0, le=1)  # ONNX fp32 top-1 agreement with the torch student
+    max_logit_diff: float = Field(default=1e-3, gt=0)  # and the largest |logit difference| between the two
+
+    @model_validator(mode="after")
+    def _exported(self) -> DeployConfig:
+        if self.format != "torch" and not self.export:
+            raise ValueError(f"deploy.format {self.format} needs the ONNX export: drop export: false")
+        return self
+
+
 class ChecksConfig(_Strict):
     """Data checks (Great Expectations) that stop a run before training."""
 
@@ -404,7 +424,7 @@ class DegradationConfig(_Strict):
 
 # Sections added after the first release: a recipe that leaves one at its default hashes as it did before it was
 # added, so its registered students, checkpoints and idempotency keys stay its own.
-ADDED_SECTIONS = ("stages", "warm_start", "teachers", "qualify", "search", "on_degradation")
+ADDED_SECTIONS = ("stages", "warm_start", "teachers", "qualify", "search", "on_degradation", "deploy")
 
 
 class BaseRecipe(_Strict):
@@ -425,6 +445,7 @@ class BaseRecipe(_Strict):
     qualify: QualifyConfig | None = None  # set: only the teacher versions it names are distilled
     search: SearchConfig | None = None  # set: the candidate is the smallest of a searched space meeting the gates
     on_degradation: DegradationConfig = Field(default_factory=DegradationConfig)  # why a run failed, what it tries
+    deploy: DeployConfig = Field(default_factory=DeployConfig)  # the artifact the gates measure and the pyfunc serves
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the recipe file's folder: relative paths start here
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from distill_core import search
 from distill_core.data import PreparedDataset, prepared_once
+from distill_core.deploy import Deployment, deploy_candidate
 from distill_core.ensemble import cut_from, load_ensemble, members_of, resolve
 from distill_core.errors import DistillError, RecipeError
 from distill_core.evaluate import ModelReport, comparison_table
@@ -140,6 +141,7 @@ class StudentOutcome:
     train_score: float | None = None
     chance_score: float | None = None
     search: SearchResult | None = None  # the search that chose this candidate's architecture
+    deployment: Deployment | None = None  # its export, parity and formats measured (None: deploy.export false)
     # measures the distilled student's top-1 agreement with the teacher on (the first rows of) the transfer set it
     # was taught on: below the recipe's capacity_agreement, it cannot fit what it is taught. Set by evaluate_all and
     # called only by a diagnosis (a student that passes never pays for it)
@@ -174,6 +176,7 @@ class StudentOutcome:
         return [(kind, result) for kind, result in pairs if result is not None]
 
 
+EXPORT = "export"  # a run folder's exported candidates, one folder each
 DID_NOT_LEARN, CAPACITY_GAP, DATA_GAP = "did_not_learn", "capacity_gap", "data_gap"  # the diagnoses
 TRANSFER_CHECK_ROWS = 1000  # transfer rows a student's fit is measured on (the capacity-gap diagnosis)
 
@@ -357,9 +360,11 @@ def evaluate_all(
     labels: SoftLabels,
     teacher: LoadedTeacher,
     outcomes: list[StudentOutcome],
+    export_dir: Path | None = None,
 ) -> list[ModelReport]:
     """The teacher, then each candidate's stages (assistants once), the distilled student and its hard-label twin,
-    on the test split."""
+    on the test split. Given an export_dir (and deploy.export), each distilled candidate is exported there too and
+    its report becomes its deploy target's (deploy.Deployment)."""
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
     teacher_signal = labels.signal["test"]
@@ -398,8 +403,15 @@ def evaluate_all(
         twin = measured.get(Kind.HARD_LABEL)
         for kind, value in measured.items():
             outcome.reports[kind] = task.relative_to(value, teacher_report, twin)
-            reports.append(outcome.reports[kind])
         student = display_name(outcome.config.name, Kind.DISTILLED)
+        if export_dir is not None and recipe.deploy.export:
+            outcome.deployment = deploy_candidate(
+                recipe, task, student, outcome.distilled.student, outcome.reports[Kind.DISTILLED],
+                (teacher_name, teacher.module, teacher_report), (texts, y, teacher_signal),
+                export_dir / outcome.config.name, twin,
+            )  # fmt: skip
+            outcome.reports[Kind.DISTILLED] = outcome.deployment.target()
+        reports += [outcome.reports[kind] for kind in measured]
         for name, (own, member_report) in against.items():
             vs = task.evaluate(student, models[student], texts, y, own, speeds[student])
             outcome.against_members[name] = task.relative_to(vs, member_report)
@@ -421,6 +433,11 @@ def members_table(task: Task, outcomes: list[StudentOutcome]) -> str:
     return "Against each member of the ensemble:\n\n" + comparison_table(
         rows, ("name", "agreement", task.against_teacher)
     )
+
+
+def deployment_tables(task: Task, outcomes: list[StudentOutcome]) -> str:
+    """Each candidate's formats side by side (empty without exports)."""
+    return "\n\n".join(o.deployment.table(task) for o in outcomes if o.deployment is not None)
 
 
 def _training_meta(result: TrainResult) -> dict[str, Any]:
@@ -523,8 +540,8 @@ def write_report(
     first, as evaluate_all returns them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = comparison_table(reports, task_of(recipe).columns)
-    members = members_table(task_of(recipe), outcomes)
-    (out_dir / "report.md").write_text(table + (f"\n\n{members}" if members else "") + "\n")
+    extra = [members_table(task_of(recipe), outcomes), deployment_tables(task_of(recipe), outcomes)]
+    (out_dir / "report.md").write_text("\n\n".join([table, *filter(None, extra)]) + "\n")
     pd.DataFrame([r.as_dict() for r in reports]).to_csv(out_dir / "models.csv", index=False, float_format="%.6g")
     write_json(out_dir / "metrics.json", headline_metrics(task_of(recipe), reports[0], outcomes))
     write_json(out_dir / "report.json", {**meta, "reports": [r.as_dict() for r in reports]})
@@ -573,5 +590,5 @@ def distill_and_evaluate(
         log(start)
     outcomes = distill_all(recipe, dataset, labels, teacher, out, log, warm, settings)
     save_students(out, outcomes)
-    reports = evaluate_all(recipe, dataset, labels, teacher, outcomes)
+    reports = evaluate_all(recipe, dataset, labels, teacher, outcomes, out / EXPORT)
     return reports, write_report(recipe, out, reports, outcomes, lineage_meta(recipe, dataset, labels, teacher))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,11 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from distill_core import width
+from distill_core.edge_runtime import hashed_ngrams  # one home: the exported bag's runtime tokenizes the same way
 from distill_core.errors import RecipeError
 from distill_core.modules import Batch, TextClassifier, TextModule, load_minilm, minilm_path
 from distill_core.recipe import StudentConfig
-
-_WORD = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 
 
 class TransformerStudent(TextClassifier):
@@ -173,13 +170,6 @@ def build_transformer_student(
     if isinstance(teacher, TextClassifier):
         student.head.load_state_dict(teacher.head.state_dict())
     return student
-
-
-def hashed_ngrams(text: str, ngrams: int, buckets: int) -> list[int]:
-    """Stable bucket ids of a text's word n-grams (crc32, not Python's salted hash)."""
-    words = _WORD.findall(text.lower())
-    grams = [" ".join(words[i : i + n]) for n in range(1, ngrams + 1) for i in range(len(words) - n + 1)]
-    return [zlib.crc32(g.encode()) % buckets for g in grams] or [0]
 
 
 class EmbeddingBagStudent(TextModule):

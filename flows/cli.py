@@ -560,6 +560,23 @@ def rollback(name: str, home: HomeOpt = None) -> None:
     typer.echo(f"{name}: champion is back to v{target}")
 
 
+@app.command("export")
+def export_student(
+    ref: Annotated[str, typer.Argument(metavar="NAME@ALIAS", help="A student version: NAME@ALIAS or NAME/VERSION.")],
+    out: Annotated[Path, typer.Option("--out", help="A new or empty folder for the exported student.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (fp32) or onnx-int8.")] = "onnx-int8",
+    home: HomeOpt = None,
+) -> None:
+    """Write a registered student as a self-contained ONNX folder: the model, its tokenizer and labels, runtime.py and
+    example.py, which need onnxruntime, numpy and tokenizers only (no torch)."""
+    from distill_core.model_io import export_registered
+
+    folder = export_registered(_env(home).tracking_uri, ref, fmt, out)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    typer.echo(f"{ref} ({fmt}) -> {folder}: {files}")
+    typer.echo(f"run it: pip install onnxruntime numpy tokenizers && python {folder / 'example.py'} 'your text'")
+
+
 @app.command()
 def ui(home: HomeOpt = None, port: int = 5000) -> None:
     """The MLflow UI on the embedded store; prints the pages to open first."""

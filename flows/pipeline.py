@@ -201,6 +201,13 @@ def _candidate_run(
         )
         for path, figure in figures.items():
             mlflow.log_figure(figure, path)
+        if outcome.deployment is not None:  # every format's measurements, and the table that compares them
+            for fmt, report in outcome.deployment.reports.items():
+                numbers = {k: v for k, v in report.as_dict().items() if isinstance(v, int | float)}
+                mlflow.log_metrics({f"deploy.{fmt}.{k}": float(v) for k, v in numbers.items()})
+            parity = {"parity": outcome.deployment.parity, "max_logit_diff": outcome.deployment.max_logit_diff}
+            mlflow.log_metrics({f"deploy.onnx.{k}": v for k, v in parity.items()})
+            mlflow.log_text(outcome.deployment.table(task_of(recipe)) + "\n", "deployment.md")
         yield run.info.run_id
 
 
@@ -409,10 +416,9 @@ def _try_remedies(
                                "recipe_hash": variant.recipe_hash()})  # fmt: skip
             dataset = steps.open_dataset(variant, settings)
             labels = steps.label(variant, settings, dataset, teacher)
-            outcomes = steps.distill_all(
-                variant, dataset, labels, teacher, out_dir / "remedies" / remedy, logger.info, settings=settings
-            )
-            reports = steps.evaluate_all(variant, dataset, labels, teacher, outcomes)
+            where = out_dir / "remedies" / remedy
+            outcomes = steps.distill_all(variant, dataset, labels, teacher, where, logger.info, settings=settings)
+            reports = steps.evaluate_all(variant, dataset, labels, teacher, outcomes, where / steps.EXPORT)
             decision = judge_all(variant, outcomes, reports[0], first.decision.champion_before, champion)
             mlflow.log_metrics(_report_metrics(names.Kind.DISTILLED, decision.chosen.report))
             mlflow.set_tags({names.OUTCOME: decision.status, names.CHOSEN_CANDIDATE: decision.chosen.candidate,
@@ -491,7 +497,7 @@ def distill_and_promote(
     task = task_of(recipe)
     texts, y = task.examples(dataset, "test")
     with _timed(timings, "evaluate"):
-        reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes)
+        reports = steps.evaluate_all(recipe, dataset, labels, teacher, outcomes, out_dir / steps.EXPORT)
 
         def champion_now() -> tuple[str | None, ModelReport | None]:
             return evaluate_champion(
@@ -534,8 +540,8 @@ def distill_and_promote(
         _log_search(recipe, outcomes[0].search, who)
         decision.searched = outcomes[0].search.summary()
     table = comparison_table(reports, task.columns)
-    members = steps.members_table(task, outcomes)
-    table += f"\n\n{members}" if members else ""
+    extra = [steps.members_table(task, outcomes), steps.deployment_tables(task, outcomes)]
+    table = "\n\n".join([table, *filter(None, extra)])
     lineage = Lineage(
         teacher_name=teacher_name,
         teacher_version=teacher_version,

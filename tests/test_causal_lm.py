@@ -279,6 +279,7 @@ def test_an_lm_teacher_version_yields_a_promoted_student_that_generates_in_a_fre
         "train": {"epochs": 1, "batch_size": 8, "eval_every": 10, "lr": 3e-3},
         "evaluation": {"latency_samples": 20},
         "gates": {"max_perplexity_ratio": 3.0, "max_param_ratio": 0.5},
+        "deploy": {"format": "onnx", "threads": 1},  # gated, registered and served as its ONNX export
     }
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -289,6 +290,10 @@ def test_an_lm_teacher_version_yields_a_promoted_student_that_generates_in_a_fre
     for field in ("perplexity", "teacher_perplexity", "perplexity_ratio", "gap_closed", "agreement", "params"):
         assert tags[f"distill.{field}"], field
     assert float(tags["distill.perplexity_ratio"]) < 3.0 and tags["distill.soft_labels_key"]
+    assert tags["distill.deploy_format"] == "onnx" and tags["distill.deploy_threads"] == "1"
+    assert float(tags["distill.onnx_parity"]) >= 0.999 and float(tags["distill.onnx_max_logit_diff"]) <= 1e-3
+    candidate = MlflowClient(tracking_uri).get_run(tags[names.CANDIDATE_RUN_ID]).data.metrics
+    assert float(tags["distill.p95_ms"]) == candidate["deploy.onnx.p95_ms"]  # the gate read the ONNX model's
     assert student.description.startswith("Student 'lm-2L' distilled") and "perplexity" in student.description
     parent = MlflowClient(tracking_uri).get_run(tags["distill.run_id"])  # the decision, in the LM's own words
     assert tags[names.PROMOTION_REASON] == result["reason"] and "perplexity" in result["reason"]
@@ -304,13 +309,15 @@ def test_an_lm_teacher_version_yields_a_promoted_student_that_generates_in_a_fre
         "out = model.predict(pd.DataFrame({'prompt': ['The with statement', 'def f(x):']}),"
         " params={'max_new_tokens': 5})\n"
         "print(json.dumps({'texts': out['text'].tolist(), 'inputs': model.metadata.get_input_schema().input_names(),"
-        " 'params': [p.name for p in model.metadata.get_params_schema().params]}))\n"
+        " 'params': [p.name for p in model.metadata.get_params_schema().params],"
+        " 'served': type(model.unwrap_python_model().served).__name__}))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     served = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(served["texts"]) == 2 and all(isinstance(t, str) for t in served["texts"])
     assert served["inputs"] == ["prompt"] and served["params"] == ["max_new_tokens"]
+    assert served["served"] == "OnnxStudent"  # what serves is what the gates measured
 
 
 def test_the_packaged_smollm2_gguf_teacher_loads_and_labels_a_few_blocks(lm_dataset, tmp_path):

@@ -665,3 +665,46 @@ def test_ensemble_members_resolve_to_registered_versions_and_one_that_names_noth
         members({"name": t}, {"name": t, "version": 7})
     with pytest.raises(RegistryError, match=f"teachers.1: {t} has no alias 'staging'"):
         members({"name": t}, {"name": t, "version": "staging"})
+
+
+def test_an_export_that_diverges_beyond_the_recipes_tolerance_is_not_registered_and_the_ledger_says_why(
+    env, small_dataset
+):
+    """A real export, held to a tolerance tighter than float rounding: what would serve is not what was measured."""
+    version = register_toy_teacher(env, small_dataset)
+    recipe = write_recipe(env, students=[BAG_STUDENTS[0]], deploy={"max_logit_diff": 1e-12})
+    result = distill_teacher_version(env["teacher"], version, recipe, env["home"])
+
+    assert result["status"] == "rejected" and result["student_version"] == "" and result["alias"] is None
+    assert versions(env, env["student"]) == []  # nothing registered
+    ledger = ledger_of(env, version)
+    assert ledger["status"] == "rejected" and ledger["student_version"] == ""
+    assert "the ONNX export of bag-small (distilled) diverges from the torch student" in ledger["reasons"]
+    assert "deploy.max_logit_diff 1e-12" in ledger["reasons"] and result["reason"].startswith("not registered")
+
+
+def test_the_gates_read_the_deploy_targets_size_and_the_version_serves_that_artifact(env, small_dataset):
+    """bag-large is 0.52 MB as float32 weights and 0.14 MB as int8: a 0.3 MB size gate passes only the int8 export."""
+    version = register_toy_teacher(env, small_dataset)
+    gates = {"max_size_mb": 0.3, "max_param_ratio": 100.0}
+    as_torch = write_recipe(env, students=[BAG_STUDENTS[1]], gates=gates)
+    result = distill_teacher_version(env["teacher"], version, as_torch, env["home"])
+    assert result["status"] == "rejected" and "size MB 0.5" in ledger_of(env, version)["reasons"]
+
+    student = f"{env['student']}-int8"
+    as_int8 = write_recipe(env, [BAG_STUDENTS[1]], "t8", gates=gates, deploy={"format": "onnx-int8", "threads": 1},
+                           student_registered_name=student)  # fmt: skip
+    result = distill_teacher_version(env["teacher"], version, as_int8, env["home"])
+    assert result["status"] == "succeeded" and result["alias"] == CHAMPION, result["reason"]
+    client = MlflowClient(env["tracking_uri"])
+    tags = client.get_model_version_by_alias(student, CHAMPION).tags
+    assert tags["distill.deploy_format"] == "onnx-int8" and float(tags["distill.onnx_parity"]) == 1.0
+    measured = client.get_run(tags["distill.candidate_run_id"]).data.metrics
+    assert float(tags["distill.p95_ms"]) == measured["deploy.onnx-int8.p95_ms"]  # latency of the int8 model
+    assert measured["deploy.onnx-int8.bytes"] * 3 < measured["deploy.onnx.bytes"]
+    served = mlflow.pyfunc.load_model(f"models:/{student}@champion")
+    assert type(served.unwrap_python_model().served).__name__ == "OnnxStudent"
+    texts = small_dataset.split("test")["text"].tolist()
+    module = served.unwrap_python_model().module  # the torch student beside its export
+    as_torch = [small_dataset.labels[i] for i in module(**module.tokenize(texts)).argmax(1)]
+    assert (served.predict(pd.DataFrame({"text": texts}))["label"] == as_torch).mean() >= 0.95

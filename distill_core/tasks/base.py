@@ -180,6 +180,11 @@ class Task(ABC):
         """The share of top-1 predictions (next tokens) the model shares with the teacher's stored signal."""
 
     @abstractmethod
+    def parity(self, model: TextModule, exported: Any, inputs: Sequence[Any]) -> tuple[float, float]:
+        """How closely an export (export.OnnxStudent) follows its torch model on these inputs: the share of top-1
+        outputs (next tokens) they share, and the largest |logit difference|."""
+
+    @abstractmethod
     def signal_score(self, signal: Any, targets: np.ndarray) -> float:
         """The early-stopping metric of the teacher itself on a split, read from its stored signal there."""
 

@@ -50,7 +50,7 @@ from distill_core.recipe import (
 )
 from distill_core.signals import HeadSignal, SignalSource, SparseSignal
 from distill_core.tasks.base import Task, TaskBatch
-from distill_core.tasks.classification import STUDENT_ARTIFACT
+from distill_core.tasks.classification import STUDENT_ARTIFACT, served_module
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -205,7 +205,10 @@ def _kl_to_stored(log_q: Tensor, signal: dict[str, np.ndarray]) -> Tensor:
 
 
 def _decode_times(model: CausalLM, prompt: Tensor, new_tokens: int) -> list[float]:
-    """Milliseconds of each greedy decoding step after the prompt, with the key-value cache (batch 1)."""
+    """Milliseconds of each greedy decoding step after the prompt, with the key-value cache (batch 1); an exported
+    student times its own loop (no cache)."""
+    if not isinstance(model, CausalLM):  # export.OnnxStudent
+        return list(model.decode_times(prompt, new_tokens))
     past, ids, times = None, prompt, []
     for step in range(new_tokens + 1):
         start = time.perf_counter()
@@ -272,6 +275,7 @@ class CausalLMModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         self.module: CausalLM = read_module(context.artifacts[STUDENT_ARTIFACT]).eval()  # type: ignore[assignment]
+        self.served = served_module(context, self.module)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row per prompt: `text`, the continuation (max_new_tokens, default 32, greedy)."""
@@ -279,7 +283,7 @@ class CausalLMModel(PythonModel):
         if not 1 <= new_tokens <= 4096:
             raise MlflowException.invalid_parameter_value(f"max_new_tokens must be in 1..4096, got {new_tokens}")
         prompts = _prompts(model_input)
-        texts = [self.module.generate([prompt], new_tokens)[0] for prompt in prompts]  # batch 1: no padding effects
+        texts = [self.served.generate([prompt], new_tokens)[0] for prompt in prompts]  # batch 1: no padding effects
         return pd.DataFrame({TEXT_COLUMN: texts})
 
 
@@ -446,6 +450,17 @@ class CausalLMTask(Task):
 
     def agreement(self, model: TextModule, inputs: Sequence[Any], signal: dict[str, np.ndarray]) -> float:
         return next_token_stats(model, np.stack(list(inputs)), signal)["agreement"]
+
+    @torch.inference_mode()
+    def parity(self, model: TextModule, exported: Any, inputs: Sequence[Any]) -> tuple[float, float]:
+        blocks, same, count, diff = np.stack(list(inputs)), 0, 0, 0.0
+        for start in range(0, len(blocks), EVAL_BATCH):
+            chunk = torch.as_tensor(blocks[start : start + EVAL_BATCH, :-1], dtype=torch.long)
+            mine, theirs = model(chunk).float(), exported(chunk).float()
+            same += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
+            count += mine.shape[0] * mine.shape[1]
+            diff = max(diff, float((mine - theirs).abs().max()))
+        return same / max(count, 1), diff
 
     def signal_score(self, signal: dict[str, np.ndarray], targets: np.ndarray) -> float:
         return math.exp(-float(np.mean(signal["target_logprob"])))

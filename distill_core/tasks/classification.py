@@ -46,6 +46,22 @@ if TYPE_CHECKING:
     from distill_core.soft_labels import SoftLabels
 
 STUDENT_ARTIFACT = "student"  # the pickled module inside a logged student (model_io writes it)
+ONNX_ARTIFACT = "onnx"  # its exported folder (distill_core.export), when it has one
+
+
+def served_module(context: Any, module: TextModule) -> Any:
+    """What a student's pyfunc serves: its export in the format its gates passed (the model config's `format`,
+    with its `threads`), else the torch module (a version logged by earlier releases has no model config)."""
+    config = getattr(context, "model_config", None) or {}
+    fmt = config.get("format", "torch")
+    if fmt == "torch" or ONNX_ARTIFACT not in context.artifacts:
+        return module
+    from distill_core.export import OnnxStudent
+
+    params = sum(p.numel() for p in module.parameters())
+    return OnnxStudent(Path(context.artifacts[ONNX_ARTIFACT]), fmt, config.get("threads"), params)
+
+
 TEXT_COLUMN = "text"
 PREDICT_BATCH_SIZE = 256
 
@@ -93,15 +109,16 @@ class TextClassifierModel(PythonModel):
     def load_context(self, context: Any) -> None:
         module = read_module(context.artifacts[STUDENT_ARTIFACT])
         self.module: TextModule = module.eval()
+        self.served = served_module(context, self.module)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One row per text: `label` (str), `probability` of that label, and `p_<label>` for every label."""
         texts = _texts(model_input)
-        labels = self.module.labels
+        labels, served = self.module.labels, getattr(self, "served", self.module)
         probs = np.zeros((len(texts), len(labels)), dtype=np.float64)
         with torch.inference_mode():
             for batch in length_batches(texts, PREDICT_BATCH_SIZE):
-                logits = self.module(**self.module.tokenize([texts[i] for i in batch]))
+                logits = served(**served.tokenize([texts[i] for i in batch]))
                 probs[batch] = torch.softmax(logits.double(), dim=-1).numpy()
         best = probs.argmax(axis=1)
         frame = pd.DataFrame({"label": [labels[i] for i in best], "probability": probs[np.arange(len(texts)), best]})
@@ -255,6 +272,10 @@ class ClassificationTask(Task):
 
     def agreement(self, model: TextModule, inputs: Sequence[Any], signal: np.ndarray) -> float:
         return evaluate.agreement(evaluate.predict(model, list(inputs)), signal)
+
+    def parity(self, model: TextModule, exported: Any, inputs: Sequence[Any]) -> tuple[float, float]:
+        mine, theirs = evaluate.predict(model, list(inputs)), evaluate.predict(exported, list(inputs))
+        return evaluate.agreement(theirs, mine), float(np.abs(mine - theirs).max(initial=0.0))
 
     def signal_score(self, signal: np.ndarray, targets: np.ndarray) -> float:
         return evaluate.accuracy(signal, targets)
