@@ -9,10 +9,11 @@ benchmarks/results.json and benchmarks/results.md (the README quotes the latter)
 overheads 5 min, demo 20 min, pipeline 5 min, quality 30 min, search 60 min (its teacher about 10 of them), modes
 60 min (the classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min
 (lm-overheads, its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the
-first run only).
+first run only), export 30 min (the demo's classifier students and the LM demo's student, trained for it, as torch
+fp32, ONNX fp32 and ONNX int8).
 
     python benchmarks/run_bench.py [--only overheads|demo|pipeline|quality|search|modes|trigger|lm|lm-overheads
-                                           |lm-modes ...] [--recipe recipes/bench.yaml]
+                                           |lm-modes|export ...] [--recipe recipes/bench.yaml]
     (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
 
@@ -1051,6 +1052,118 @@ def demo(recipe_path: Path = ROOT / "recipes" / "demo.yaml") -> dict[str, object
     }
 
 
+EXPORT_SAMPLES = 300  # batch-1 latency samples per model (the LM: a tenth as many prompts of 16 tokens each)
+
+
+def export(recipes: tuple[Path, ...] = (ROOT / "recipes" / "demo.yaml", ROOT / "recipes" / "lm-demo.yaml")) -> dict:
+    """The demo's classifier students and the LM demo's student as they would ship: torch fp32 against ONNX fp32 and
+    ONNX int8 (onnxruntime dynamic quantisation), each model at batch 1 on one thread, interleaved with the others
+    and the teacher (deploy.deploy_candidate, the pipeline's own path): size, p50/p95 latency, quality, agreement
+    with the teacher, parity with the torch student. Teachers: the classifier demo's v2 (MiniLM fine-tuned), the LM
+    demo's v1 (SmolLM2 as packaged)."""
+    from distill_core import steps
+    from distill_core.model_io import load_teacher
+    from distill_core.recipe import load_recipe
+    from distill_core.tasks import task_of
+
+    out: dict[str, Any] = {}
+    for path in recipes:
+        started = time.perf_counter()
+        recipe = load_recipe(path)
+        task = task_of(recipe)
+        evaluation = recipe.evaluation.model_copy(
+            update={"latency_samples": EXPORT_SAMPLES, "hard_label_baseline": False}
+        )
+        recipe = recipe.model_copy(
+            update={"evaluation": evaluation, "deploy": recipe.deploy.model_copy(update={"threads": 1})}
+        )
+        home, settings = cold_home(f"export-{recipe.name}")
+        dataset = steps.prepare(recipe, settings)
+        overrides = task.stand_in_versions(2 if task.name == "classification" else 1)[1]
+        name, version = steps.train_and_register_teacher(recipe, settings, dataset, print, **overrides)
+        teacher = load_teacher(name, version, settings.tracking_uri)
+        labels = steps.label(recipe, settings, dataset, teacher)
+        outcomes = steps.distill_all(recipe, dataset, labels, teacher, home / "run", print, settings=settings)
+        measured = time.perf_counter()
+        steps.evaluate_all(recipe, dataset, labels, teacher, outcomes, home / "run" / steps.EXPORT)
+        students = {}
+        for outcome in outcomes:
+            deployment = outcome.deployment
+            assert deployment is not None and deployment.folder is not None, outcome.config.name
+            config = json.loads((deployment.folder / "config.json").read_text())
+            students[outcome.config.name] = {
+                "params": int(deployment.target().params),
+                "parity": deployment.parity,
+                "max_logit_diff": deployment.max_logit_diff,
+                "export_s": config["export_seconds"],
+                "problem": deployment.problem,
+                "formats": {
+                    fmt: {
+                        "bytes": r.bytes,
+                        "p50_ms": r.p50_ms,
+                        "p95_ms": r.p95_ms,
+                        "quality": task.quality(r),
+                        "agreement": r.agreement,
+                        "under_load": r.under_load,
+                    }  # type: ignore[attr-defined]
+                    for fmt, r in deployment.reports.items()
+                },  # fmt: skip
+                "table": deployment.table(task),
+            }
+        out[task.name] = {
+            "recipe": str(path.relative_to(ROOT)),
+            "quality_name": task.quality_name,
+            "students": students,
+            "measure_s": time.perf_counter() - measured,
+            "wall_s": time.perf_counter() - started,
+        }
+        print(json.dumps({k: {f: v["formats"] for f, v in s.items()} for k, s in [(task.name, students)]}, indent=2))
+    return out
+
+
+def _export_markdown(part: dict[str, Any]) -> list[str]:
+    """The export section: each student's formats side by side, then int8 against torch fp32 and the goal."""
+    lines = [
+        "## Edge export: torch fp32 against ONNX fp32 and ONNX int8 (batch 1, one thread, interleaved)",
+        "",
+        "Goal: ONNX int8 at least 1.5x faster than torch fp32 at batch 1 and at least 3x smaller, for at most 0.5 "
+        "points of accuracy (2% of perplexity).",
+        "",
+        "| student | format | size MB | p50 ms | p95 ms | quality | agreement with teacher |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for task, measured in part.items():
+        if not isinstance(measured, dict) or "students" not in measured:
+            continue
+        for name, s in measured["students"].items():
+            formats = s["formats"]
+            for fmt, f in formats.items():
+                lines.append(
+                    f"| {name} | {fmt} | {f['bytes'] / 1e6:.2f} | {f['p50_ms']:.3f} | {f['p95_ms']:.3f} | "
+                    f"{measured['quality_name']} {abs(f['quality']):.4g} | {f['agreement']:.3f} |"
+                )
+            torch_fp32, int8 = formats["torch"], formats["onnx-int8"]
+            faster, smaller = torch_fp32["p50_ms"] / int8["p50_ms"], torch_fp32["bytes"] / int8["bytes"]
+            if task == "classification":
+                change = f"accuracy {100 * (int8['quality'] - torch_fp32['quality']):+.2f} points"
+                kept = torch_fp32["quality"] - int8["quality"] <= 0.005
+            else:  # quality is -perplexity
+                ratio = int8["quality"] / torch_fp32["quality"]
+                change, kept = f"perplexity {100 * (ratio - 1):+.2f}%", ratio <= 1.02
+            met = faster >= 1.5 and smaller >= 3 and kept
+            verdicts.append(
+                f"- **{name}**: int8 is {faster:.2f}x faster than torch fp32 (ONNX fp32 "
+                f"{torch_fp32['p50_ms'] / formats['onnx']['p50_ms']:.2f}x), {smaller:.2f}x smaller, {change}; "
+                f"{'meets' if met else 'misses'} the goal. fp32 parity with torch {s['parity']:.4%} of top-1 outputs, "
+                f"max |logit difference| {s['max_logit_diff']:.2g}; export {s['export_s']:.1f} s."
+            )
+    times = ", ".join(
+        f"{t} {m['wall_s'] / 60:.1f} min" for t, m in part.items() if isinstance(m, dict) and "wall_s" in m
+    )
+    return [*lines, "", *verdicts, "", f"Section time (train, label, export, measure): {times}.", ""]
+
+
 def markdown(results: dict[str, object]) -> str:
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     over = results.get("overheads")
@@ -1172,6 +1285,9 @@ def markdown(results: dict[str, object]) -> str:
             + ".",
             "",
         ]
+    exported = results.get("export")
+    if isinstance(exported, dict):
+        lines += _export_markdown(exported)
     trig = results.get("trigger")
     if isinstance(trig, dict) and "webhook" in trig:
         hook, watch = trig["webhook"], trig["watcher"]
@@ -1207,6 +1323,7 @@ def main() -> None:
             "lm",
             "lm-overheads",
             "search",
+            "export",
         ),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
@@ -1225,7 +1342,9 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "python": sys.version.split()[0],
     }
-    parts = args.only or ["overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"]
+    parts = args.only or [
+        "overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes", "export"
+    ]  # fmt: skip
     if "overheads" in parts:
         results["overheads"] = overheads()
         print(json.dumps(results["overheads"], indent=2))
@@ -1256,6 +1375,8 @@ def main() -> None:
             json.loads((HERE / "results.json").read_text()).get("lm", {}) if (HERE / "results.json").exists() else {}
         )
         results["lm"] = {**old_lm, **lm(quality=False)}
+    if "export" in parts:
+        results["export"] = export()
     if "trigger" in parts:
         measured = trigger()
         if "skipped" in measured:  # no PostgreSQL here: keep the previous numbers
@@ -1266,7 +1387,18 @@ def main() -> None:
     previous = HERE / "results.json"
     if previous.exists():  # keep the part not rerun
         old = json.loads(previous.read_text())
-        for key in ("overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes"):
+        for key in (
+            "overheads",
+            "demo",
+            "pipeline",
+            "quality",
+            "search",
+            "modes",
+            "trigger",
+            "lm",
+            "lm-modes",
+            "export",
+        ):
             if key not in results and key in old:
                 results[key] = old[key]
     previous.write_text(json.dumps(results, indent=2, default=float))

@@ -122,6 +122,8 @@ def demo(recipe: RecipeOpt = DEFAULT_RECIPE, home: HomeOpt = None) -> None:
         " and the registry, at\n"
         + "".join(f"      {url}   {what}\n" for what, url in mlflow_pages(settings, LOCAL_UI))
         + _prefect_ui_hint(settings)
+        + f"  distill export {load_recipe_names(recipe)[1]}@champion --out edge --home {settings.home}"
+        "   the champion as ONNX int8, runnable without torch\n"
         + f"  distill rollback {load_recipe_names(recipe)[1]} --home {settings.home}   put the previous champion back"
     )
 
@@ -294,14 +296,15 @@ def stage_evaluate(
     recipe: RecipeOpt = DEFAULT_RECIPE,
     home: HomeOpt = None,
 ) -> None:
-    """The teacher, each distilled student and its hard-label twin on the test split: the comparison table."""
+    """The teacher, each distilled student and its hard-label twin on the test split: the comparison table; each
+    candidate's ONNX export under OUT/export (deploy.export)."""
     from distill_core import steps
 
     settings, rcp = _env(home), _recipe(recipe)
     loaded, dataset = _stage_teacher(rcp, settings, teacher), steps.open_dataset(rcp, settings)
     soft = _stage_labels(rcp, settings, labels)
     outcomes = steps.load_students(students, rcp)
-    reports = steps.evaluate_all(rcp, dataset, soft, loaded, outcomes)
+    reports = steps.evaluate_all(rcp, dataset, soft, loaded, outcomes, out / steps.EXPORT)
     steps.write_report(rcp, out, reports, outcomes, steps.lineage_meta(rcp, dataset, soft, loaded))
     typer.echo((out / "report.md").read_text())
 

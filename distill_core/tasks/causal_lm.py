@@ -283,7 +283,8 @@ class CausalLMModel(PythonModel):
         if not 1 <= new_tokens <= 4096:
             raise MlflowException.invalid_parameter_value(f"max_new_tokens must be in 1..4096, got {new_tokens}")
         prompts = _prompts(model_input)
-        texts = [self.served.generate([prompt], new_tokens)[0] for prompt in prompts]  # batch 1: no padding effects
+        served = getattr(self, "served", self.module)  # what load_context chose (a model set by hand: its module)
+        texts = [served.generate([prompt], new_tokens)[0] for prompt in prompts]  # batch 1: no padding effects
         return pd.DataFrame({TEXT_COLUMN: texts})
 
 
