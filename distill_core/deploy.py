@@ -35,7 +35,8 @@ class Deployment:
     problem: str | None = None  # why the export cannot ship; the candidate is then not registered
 
     def target(self) -> ModelReport:
-        return self.reports[self.format]
+        """The deploy format's report (an export that failed has the torch one alone)."""
+        return self.reports.get(self.format, self.reports[TORCH])
 
     def tags(self) -> dict[str, str]:
         """What a registered student version says of its export (distill.<field>)."""

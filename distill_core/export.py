@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distill_core import edge_runtime
 from distill_core.errors import DistillError
-from distill_core.modules import TextClassifier, TextModule, content_digest
+from distill_core.modules import TextClassifier, TextModule, content_digest, tokenizer_definition
 
 ONNX_FORMATS = tuple(edge_runtime.FILES)  # onnx, onnx-int8
 OPSET = 18
@@ -76,14 +76,11 @@ class _LMGraph(nn.Module):
 
 
 def _backend(tokenizer: Any) -> Any:
-    """A transformers tokenizer's `tokenizers` definition, without the padding and truncation of its last call."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    """A transformers tokenizer's `tokenizers` definition, for the folder's tokenizer.json."""
+    definition = tokenizer_definition(tokenizer)
+    if definition is None:
         raise ExportError(f"{type(tokenizer).__name__} is not a fast tokenizer: the export needs its tokenizer.json")
-    backend = copy.deepcopy(backend)
-    backend.no_padding()
-    backend.no_truncation()
-    return backend
+    return definition
 
 
 def graph_of(student: TextModule, examples: Sequence[str]) -> tuple[nn.Module, dict[str, Tensor], dict[str, Any]]:

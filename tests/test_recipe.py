@@ -90,3 +90,15 @@ PINNED_HASHES = {
 @pytest.mark.parametrize("path", sorted(PINNED_HASHES))
 def test_the_shipped_recipes_keep_their_hash(path):
     assert load_recipe(DEMO.parents[1] / path).recipe_hash() == PINNED_HASHES[path]
+
+
+def test_the_deploy_section_at_its_default_keeps_the_hash_and_a_target_needs_the_export():
+    assert parse_recipe({**MINIMAL, "deploy": {"format": "torch"}}).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    assert (
+        parse_recipe({**MINIMAL, "deploy": {"format": "onnx-int8"}}).recipe_hash()
+        != parse_recipe(MINIMAL).recipe_hash()
+    )
+    with pytest.raises(RecipeError, match="deploy.format onnx needs the ONNX export: drop export: false"):
+        parse_recipe({**MINIMAL, "deploy": {"format": "onnx", "export": False}})
+    with pytest.raises(RecipeError, match="deploy.format.*'torch', 'onnx' or 'onnx-int8'"):
+        parse_recipe({**MINIMAL, "deploy": {"format": "tflite"}})
