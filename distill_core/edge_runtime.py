@@ -41,6 +41,8 @@ def session(path: str | Path, threads: int | None = None) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    # no busy-waiting between calls: spinning threads would take the cores from whatever is measured beside it
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -106,15 +108,16 @@ class Classifier(Exported):
 
 
 class Generator(Exported):
-    """Token ids in, next-token logits at every position out; greedy generation without a key-value cache (each
-    step reads the whole sequence again)."""
+    """Token ids and the positions to predict after in, next-token logits there out; greedy generation without a
+    key-value cache (each step reads the whole sequence again, and asks for the last position's logits only)."""
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """One prompt's token ids (generation is batch 1)."""
         return {"input_ids": np.array([self.tokenizer.encode(texts[0]).ids], np.int64)}
 
     def next_token(self, ids: np.ndarray) -> int:
         """The greedy next token after `ids` ([1, T])."""
-        return int(self(input_ids=ids)[0, -1].argmax())
+        return int(self(input_ids=ids, positions=np.array([ids.shape[1] - 1], np.int64))[0, -1].argmax())
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """The greedy continuation of the prompt (the new text only), stopping at the end-of-text token."""

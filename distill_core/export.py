@@ -3,11 +3,12 @@
 Each student family exports as a graph of its own: a transformer classifier takes `input_ids` and
 `attention_mask` (a pruned vocabulary's id map inside the graph), the n-gram bag takes padded bucket `ids` and their
 `mask` (Gather and a masked mean: no EmbeddingBag operator), a causal LM takes `input_ids` and gives next-token
-logits at every position (generation reads the whole sequence each step: no key-value cache). torch.onnx's dynamo
+logits at the `positions` asked for (generation reads the whole sequence each step, no key-value cache, and asks
+for the last position only). torch.onnx's dynamo
 exporter writes it with dynamic batch and sequence axes, traced at batch 2 (a dimension of size 1 cannot be dynamic)
 and on a copy of the student (exporting a transformers model changes the original's attention code). onnxruntime's
 dynamic quantization makes the int8 variant: MatMul and Gather weights (embeddings included) stored as int8,
-activations quantised per call.
+activations quantised per call (a tied output layer gets its own int8 copy of the embedding: `_untied`).
 
 `OnnxStudent` shows an export to the pipeline as a torch student looks (tokenize, call, eval), so each task's own
 metrics and the one latency function measure both alike.
@@ -71,8 +72,10 @@ class _LMGraph(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.student(input_ids)
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        # the output layer only where asked: generating, the last position (at this vocabulary the output layer is
+        # most of the work, and every position of a cacheless step would pay it); measuring, every position
+        return self.student.head(self.student.hidden(input_ids)[:, positions])
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -109,7 +112,7 @@ def graph_of(student: TextModule, examples: Sequence[str]) -> tuple[nn.Module, d
         ids = torch.randint(0, student.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
         config = {"task": "causal_lm", "inputs": "tokens", "eos_token_ids": eos_ids,
                   "tokenizer": _backend(student.tokenizer)}  # fmt: skip
-        return _LMGraph(student), {"input_ids": ids}, config
+        return _LMGraph(student), {"input_ids": ids, "positions": torch.tensor([1, 4, 7])}, config
     raise ExportError(
         f"{type(student).__name__} has no ONNX graph here: the exported families are the transformer and n-gram bag "
         "classifiers and causal LMs (set deploy.export: false to skip the export)"
@@ -147,14 +150,16 @@ def export(student: TextModule, folder: Path, examples: Sequence[str]) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     start = time.perf_counter()
-    axes = {name: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")} for name in inputs}
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    axes = {name: {0: torch.export.Dim(name)} if x.ndim == 1 else {0: batch, 1: seq} for name, x in inputs.items()}
     fp32, int8 = partial / edge_runtime.FILES["onnx"], partial / edge_runtime.FILES["onnx-int8"]
     try:
         with _quiet():
             torch.onnx.export(graph, (), str(fp32), kwargs=inputs, input_names=list(inputs), output_names=["logits"],
                               dynamic_shapes=axes, dynamo=True, external_data=False, opset_version=OPSET,
                               verbose=False)  # fmt: skip
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(_untied(fp32, partial / "untied.onnx")), str(int8), weight_type=QuantType.QInt8)
+            (partial / "untied.onnx").unlink()
     except Exception as err:  # the exporter's errors are many kinds; each names the operator or guard that failed
         shutil.rmtree(partial, ignore_errors=True)
         raise ExportError(f"{type(student).__name__} did not export to ONNX: {type(err).__name__}: {err}") from err
@@ -176,6 +181,27 @@ def export(student: TextModule, folder: Path, examples: Sequence[str]) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def _untied(fp32: Path, out: Path) -> Path:
+    """The graph with each weight it reads through a Transpose stored transposed: a causal LM's output layer reads
+    its tied embedding so, and the quantizer, which quantises only a MatMul whose weight is stored, would otherwise
+    keep that MatMul in float and dequantise the whole int8 embedding matrix for it on every call. The int8 model
+    then holds the embedding twice (as the Gather's and the output layer's int8 weights); the fp32 one, once."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32))
+    stored = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type == "Transpose" and node.input[0] in stored:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            weight = numpy_helper.to_array(stored[node.input[0]])
+            transposed = np.ascontiguousarray(weight.transpose(perm))
+            model.graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+            model.graph.node.remove(node)
+    onnx.save(model, str(out))
+    return out
 
 
 def with_format(folder: Path, out: Path, fmt: str) -> Path:
@@ -212,6 +238,8 @@ class OnnxStudent:
     def __call__(self, input_ids: Any = None, **inputs: Any) -> Tensor:
         if input_ids is not None:
             inputs["input_ids"] = input_ids
+        if isinstance(self.runtime, edge_runtime.Generator):  # next-token logits at every position
+            inputs.setdefault("positions", np.arange(inputs["input_ids"].shape[1]))
         feed = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in inputs.items()}
         feed = {k: v.astype(np.float32 if k == "mask" else np.int64) for k, v in feed.items()}
         return torch.from_numpy(self.runtime(**feed))

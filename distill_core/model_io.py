@@ -234,7 +234,7 @@ def export_registered(tracking_uri: str, ref: str, fmt: str, out: Path) -> Path:
 
     if fmt not in ONNX_FORMATS:
         raise ServingError(f"--format {fmt!r}: the exported formats are {', '.join(ONNX_FORMATS)}")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ServingError(f"--out {out} is not empty: give a new or empty folder")
     name, at, alias = ref.partition("@")
     if not at:
