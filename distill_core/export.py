@@ -7,8 +7,9 @@ logits at the `positions` asked for (generation reads the whole sequence each st
 for the last position only). torch.onnx's dynamo
 exporter writes it with dynamic batch and sequence axes, traced at batch 2 (a dimension of size 1 cannot be dynamic)
 and on a copy of the student (exporting a transformers model changes the original's attention code). onnxruntime's
-dynamic quantization makes the int8 variant: MatMul and Gather weights (embeddings included) stored as int8,
-activations quantised per call (a tied output layer gets its own int8 copy of the embedding: `_untied`).
+dynamic quantization makes the int8 variant: MatMul and Gather weights (embeddings included) stored as int8, a
+scale per output channel, activations quantised per call (a tied output layer gets its own int8 copy of the
+embedding: `_untied`).
 
 `OnnxStudent` shows an export to the pipeline as a torch student looks (tokenize, call, eval), so each task's own
 metrics and the one latency function measure both alike.
@@ -158,7 +159,9 @@ def export(student: TextModule, folder: Path, examples: Sequence[str]) -> Path:
             torch.onnx.export(graph, (), str(fp32), kwargs=inputs, input_names=list(inputs), output_names=["logits"],
                               dynamic_shapes=axes, dynamo=True, external_data=False, opset_version=OPSET,
                               verbose=False)  # fmt: skip
-            quantize_dynamic(str(_untied(fp32, partial / "untied.onnx")), str(int8), weight_type=QuantType.QInt8)
+            # per channel: on the LM demo's student, perplexity +2.2% over fp32 against +5.3% per tensor, 7% slower
+            untied = _untied(fp32, partial / "untied.onnx")
+            quantize_dynamic(str(untied), str(int8), weight_type=QuantType.QInt8, per_channel=True)
             (partial / "untied.onnx").unlink()
     except Exception as err:  # the exporter's errors are many kinds; each names the operator or guard that failed
         shutil.rmtree(partial, ignore_errors=True)

@@ -59,7 +59,7 @@ def transformer_student(registered_teacher, small_dataset, tracking_uri):
 
 
 @pytest.mark.parametrize("family", ["embedding_bag", "transformer"])
-def test_a_classifier_exports_with_parity_and_an_int8_variant_a_quarter_the_size(
+def test_a_classifier_exports_with_parity_and_an_int8_variant_under_a_third_the_size(
     family, small_dataset, transformer_student, tmp_path
 ):
     student = trained_bag(small_dataset) if family == "embedding_bag" else transformer_student
