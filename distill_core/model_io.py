@@ -241,6 +241,7 @@ def export_registered(tracking_uri: str, ref: str, fmt: str, out: Path) -> Path:
         name, _, alias = ref.rpartition("/")
     if not name or not alias:
         raise ServingError(f"expected NAME@ALIAS or NAME/VERSION such as sentiment-student@champion, got {ref!r}")
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve against the process's registry, not a client's
     client = MlflowClient(tracking_uri)
     version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, alias)
     uri = f"models:/{name}/{version.version}"

@@ -123,21 +123,30 @@ def _no_torch(tmp_path: Path) -> dict[str, str]:
 
 
 def test_distill_export_writes_a_folder_that_runs_in_a_fresh_process_without_torch(
-    small_dataset, tracking_uri, tmp_path, monkeypatch
+    small_dataset, tracking_uri, tmp_path
 ):
-    _experiment(tracking_uri, tmp_path)
+    """As after `make demo`: the student is in DISTILL_HOME's registry, named by --home, no MLFLOW_TRACKING_URI."""
+    home = tmp_path / "home"
+    home_uri = f"sqlite:///{home / 'mlflow.db'}"  # DISTILL_HOME's registry (distill_core.settings)
+    home.mkdir()
+    _experiment(home_uri, tmp_path)
     name = f"edge-{uuid.uuid4().hex[:6]}"
     bag, texts = trained_bag(small_dataset), small_dataset.split("test")["text"].tolist()[:4]
-    _register(name, bag, texts, None)  # v1: as an earlier release logged it, without an export
-    _register(name, bag, texts, export(bag, tmp_path / "export", texts))  # v2: with its export (champion)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    try:
+        _register(name, bag, texts, None)  # v1: as an earlier release logged it, without an export
+        _register(name, bag, texts, export(bag, tmp_path / "export", texts))  # v2: with its export (champion)
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)  # the session's, for the tests after this one
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DISTILL_HOME")}
 
     for ref, out in ((f"{name}@champion", tmp_path / "v2"), (f"{name}/1", tmp_path / "v1")):
         done = subprocess.run(
             [sys.executable, "-c", "from flows.cli import main; main()", "export", ref, "--format", "onnx-int8",
-             "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+             "--out", str(out), "--home", str(home)], capture_output=True, text=True, env=env, cwd=tmp_path,
+            timeout=300,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
+        assert not (tmp_path / "mlflow.db").exists()  # the model was read from --home's registry, not a default one
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "example.py", "model.int8.onnx", "runtime.py"]
         assert len((out / "example.py").read_text().splitlines()) <= 20
         ran = subprocess.run(
@@ -149,9 +158,10 @@ def test_distill_export_writes_a_folder_that_runs_in_a_fresh_process_without_tor
         assert said == expected  # int8 agrees with the torch student on these
 
     with pytest.raises(ServingError, match="is not empty"):  # nothing of the earlier export is overwritten
-        export_registered(tracking_uri, f"{name}@champion", "onnx", tmp_path / "v2")
+        export_registered(home_uri, f"{name}@champion", "onnx", tmp_path / "v2")
     with pytest.raises(ServingError, match="the exported formats are onnx, onnx-int8"):
-        export_registered(tracking_uri, f"{name}@champion", "tflite", tmp_path / "v3")
+        export_registered(home_uri, f"{name}@champion", "tflite", tmp_path / "v3")
+    mlflow.set_tracking_uri(tracking_uri)
 
 
 def _pings(port: int, proc: subprocess.Popen, log: Path) -> bool:
