@@ -244,7 +244,7 @@ class OnnxStudent:
         if isinstance(self.runtime, edge_runtime.Generator):  # next-token logits at every position
             inputs.setdefault("positions", np.arange(inputs["input_ids"].shape[1]))
         feed = {k: v.numpy() if isinstance(v, Tensor) else v for k, v in inputs.items()}
-        feed = {k: v.astype(np.float32 if k == "mask" else np.int64) for k, v in feed.items()}
+        feed = {k: v.astype(np.float32 if k == "mask" else np.int64, copy=False) for k, v in feed.items()}
         return torch.from_numpy(self.runtime(**feed))
 
     def size_bytes(self) -> int:
