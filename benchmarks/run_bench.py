@@ -10,16 +10,17 @@ overheads 5 min, demo 20 min, pipeline 5 min, quality 30 min, search 60 min (its
 60 min (the classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min
 (lm-overheads, its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the
 first run only), export 30 min (the demo's classifier students and the LM demo's student, trained for it, as torch
-fp32, ONNX fp32 and ONNX int8).
+fp32, ONNX fp32 and ONNX int8), scale 15 min (labeling on Dask against one process).
 
     python benchmarks/run_bench.py [--only overheads|demo|pipeline|quality|search|modes|trigger|lm|lm-overheads
-                                           |lm-modes|export ...] [--recipe recipes/bench.yaml]
+                                           |lm-modes|export|scale ...] [--recipe recipes/bench.yaml]
     (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -685,7 +686,7 @@ def lm(recipe_path: Path = ROOT / "recipes" / "lm-demo.yaml", quality: bool = Tr
         for start in range(0, len(few), cfg.batch_size):
             module(torch.as_tensor(few[start : start + cfg.batch_size, :-1]))
 
-    t_ours, t_bare = interleaved(lambda: sparse_signal(module, few, cfg, slice(0, len(few))), bare_forward, 5)
+    t_ours, t_bare = interleaved(lambda: sparse_signal(module, few, cfg), bare_forward, 5)
     tokens = few[:, :-1].size
     out["labeling"] = {
         "tokens": tokens,
@@ -1121,6 +1122,98 @@ def export(recipes: tuple[Path, ...] = (ROOT / "recipes" / "demo.yaml", ROOT / "
     return out
 
 
+SCALE_ROWS, SCALE_SHARD, SCALE_REPEATS = 3072, 128, 3  # rows labeled per run, rows per shard, interleaved runs
+
+
+def scale() -> dict[str, Any]:
+    """Labeling throughput on Dask (distill_core.sharding, the pipeline's own path) against one process: a running
+    LocalCluster of 2 workers of one thread, one of 1 worker of one thread, and this process at 1 and at 2 threads,
+    interleaved, each run relabeling the same rows (MiniLM teacher, one thread per labeling process). The overhead
+    per shard is the 1-worker run's time beyond this process's at one thread, per shard; from it and the measured
+    per-shard cost, an estimate of rows/s at more workers (the model is in the results)."""
+    import dataclasses
+
+    from distributed import LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+
+    from distill_core.sharding import shard_runner
+    from distill_core.soft_labels import generate_soft_labels
+    from distill_core.store import LocalStore
+
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    home, settings = cold_home("scale")
+    data = prepare_dataset(DataConfig(max_rows=SCALE_ROWS * 3, augment_copies=0), home / "data")
+    encoder, tokenizer = load_minilm()
+    teacher = TextClassifier(encoder, tokenizer, data.labels).eval()
+    loaded = LoadedTeacher(teacher, "scale-teacher", "bench", content_digest(teacher))
+    rows = {s: len(data.split(s)) for s in ("transfer", "validation", "test")}
+    cfg = SoftLabelConfig(batch_size=64, max_length=64, shard_rows=SCALE_SHARD, threads=1)
+    shards = sum(-(-n // SCALE_SHARD) for n in rows.values())
+    times: dict[str, list[float]] = {"dask_2x1": [], "dask_1x1": [], "process_1": [], "process_2": []}
+    with prefect_test_harness(server_startup_timeout=120), contextlib.ExitStack() as clusters:
+        runners = {}
+        for name, workers in (("dask_2x1", 2), ("dask_1x1", 1)):
+            cluster = clusters.enter_context(
+                LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0", processes=True)
+            )
+            at = dataclasses.replace(settings, dask=cluster.scheduler_address)
+            runners[name] = shard_runner(at, loaded, cfg, "classification", str(home / name))
+        for repeat in range(SCALE_REPEATS + 1):  # the first round warms every path up and is not counted
+            for name in times:
+                store = LocalStore(home / name)
+                run_cfg = cfg if name != "process_2" else cfg.model_copy(update={"threads": 2})
+                begin = time.perf_counter()
+                labels = generate_soft_labels(loaded, data, run_cfg, store, force=True, runner=runners.get(name))
+                if repeat:
+                    times[name].append(time.perf_counter() - begin)
+                assert labels.manifest["rows"] == rows
+    total = sum(rows.values())
+    median = {name: statistics.median(t) for name, t in times.items()}
+    per_shard = median["process_1"] / shards  # labeling alone, one thread
+    overhead = (median["dask_1x1"] - median["process_1"]) / shards  # scheduling, transfer, the store, per shard
+    # The model: W workers label the shards in parallel, each shard costing its labeling plus its overhead, and the
+    # overhead is paid in series (the scheduler and Prefect's API see every task): seconds per shard is
+    # max((per_shard + overhead) / W, overhead), so rows/s = shard_rows / that.
+    estimate = {workers: SCALE_SHARD / max((per_shard + overhead) / workers, overhead) for workers in (8, 32, 128)}
+    return {
+        "rows": total,
+        "shards": shards,
+        "shard_rows": SCALE_SHARD,
+        "rows_per_s": {name: total / t for name, t in median.items()},
+        "seconds": median,
+        "speedup_2_workers": median["dask_1x1"] / median["dask_2x1"],
+        "vs_process_2_threads": median["process_2"] / median["dask_2x1"],
+        "per_shard_s": per_shard,
+        "overhead_per_shard_s": overhead,
+        "estimate_rows_per_s": estimate,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _scale_markdown(part: dict[str, Any]) -> list[str]:
+    r, estimate = part["rows_per_s"], part["estimate_rows_per_s"]
+    return [
+        f"## Scale-out: soft labels on Dask ({part['rows']} rows, {part['shards']} shards of {part['shard_rows']}, "
+        f"MiniLM teacher, medians of {SCALE_REPEATS} interleaved runs)",
+        "",
+        "| labeling | rows/s | seconds |",
+        "|---|---|---|",
+        f"| Dask, 2 workers × 1 thread | {r['dask_2x1']:.0f} | {part['seconds']['dask_2x1']:.1f} |",
+        f"| Dask, 1 worker × 1 thread | {r['dask_1x1']:.0f} | {part['seconds']['dask_1x1']:.1f} |",
+        f"| one process, 1 thread | {r['process_1']:.0f} | {part['seconds']['process_1']:.1f} |",
+        f"| one process, 2 threads | {r['process_2']:.0f} | {part['seconds']['process_2']:.1f} |",
+        "",
+        f"2 workers against 1: **{part['speedup_2_workers']:.2f}×** (goal ≥ 1.7×); against one process on both "
+        f"cores: {part['vs_process_2_threads']:.2f}×. Overhead per shard (scheduling, the task run, the store): "
+        f"{part['overhead_per_shard_s'] * 1000:.0f} ms against {part['per_shard_s'] * 1000:.0f} ms of labeling. "
+        f"Estimated, with seconds per shard = max((labeling + overhead) / workers, overhead): "
+        + ", ".join(f"{w} workers {v:,.0f} rows/s" for w, v in estimate.items())
+        + ".",
+        "",
+    ]
+
+
 def _export_markdown(part: dict[str, Any]) -> list[str]:
     """The export section: each student's formats side by side, then int8 against torch fp32 and the goal."""
     lines = [
@@ -1324,6 +1417,7 @@ def main() -> None:
             "lm-overheads",
             "search",
             "export",
+            "scale",
         ),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
@@ -1343,7 +1437,7 @@ def main() -> None:
         "python": sys.version.split()[0],
     }
     parts = args.only or [
-        "overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes", "export"
+        "overheads", "demo", "pipeline", "quality", "search", "modes", "trigger", "lm", "lm-modes", "export", "scale"
     ]  # fmt: skip
     if "overheads" in parts:
         results["overheads"] = overheads()
@@ -1377,6 +1471,9 @@ def main() -> None:
         results["lm"] = {**old_lm, **lm(quality=False)}
     if "export" in parts:
         results["export"] = export()
+    if "scale" in parts:
+        results["scale"] = scale()
+        print(json.dumps(results["scale"], indent=2, default=float))
     if "trigger" in parts:
         measured = trigger()
         if "skipped" in measured:  # no PostgreSQL here: keep the previous numbers
@@ -1398,6 +1495,7 @@ def main() -> None:
             "lm",
             "lm-modes",
             "export",
+            "scale",
         ):
             if key not in results and key in old:
                 results[key] = old[key]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from distill_core.evaluate import ModelReport, comparison_table, readable
-from distill_core.export import ONNX_FORMATS, ExportError, OnnxStudent, export, torch_threads
-from distill_core.modules import TextModule
+from distill_core.export import ONNX_FORMATS, ExportError, OnnxStudent, export
+from distill_core.modules import TextModule, torch_threads
 from distill_core.recipe import Recipe
 from distill_core.tasks import Task
 

@@ -265,15 +265,3 @@ class OnnxStudent:
             if step:
                 times.append((time.perf_counter() - start) * 1000)
         return times
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `threads` for a measurement (None: as they are)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

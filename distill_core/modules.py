@@ -8,10 +8,11 @@ that maps a batch to logits follow the contract.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,3 +224,15 @@ def check_module(module: Any, role: str = "teacher") -> None:
             else "Students are TextModules: build them with distill_core.students"
         )
         raise TeacherError(f"{type(module).__name__} is not a {role}: it lacks {missing}. {how}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for a measurement or a labeling (None: as they are)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -12,11 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from distill_core import names
 from distill_core.evaluate import ModelReport
-from distill_core.export import torch_threads
 from distill_core.gates import Verdict, choose
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_module, log_student
-from distill_core.modules import LoadedTeacher
+from distill_core.modules import LoadedTeacher, torch_threads
 from distill_core.recipe import Recipe
 from distill_core.registry import (
     CHALLENGER,

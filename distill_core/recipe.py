@@ -69,11 +69,15 @@ class TeacherConfig(BaseTeacherConfig):
 
 class SoftLabelConfig(_Strict):
     """How teacher outputs are made and stored. max_length changes what the teacher sees, so it is part of the
-    soft-label key; batch_size and shard_rows change only speed and the shards' layout, and are not."""
+    soft-label key; batch_size and shard_rows change only speed and the shards' layout, and are not. threads, when
+    set, is (soft_labels.soft_label_key)."""
+
+    ADDED_FIELDS = ("threads",)
 
     batch_size: int = Field(default=64, ge=1, le=8192)
     max_length: int = Field(default=64, ge=8, le=512)
     shard_rows: int = Field(default=4096, ge=16)
+    threads: int | None = Field(default=None, ge=1, le=256)  # torch threads per labeling process; None: as they are
 
 
 class LossTerm(_Strict):
@@ -595,6 +599,8 @@ class LMSignalConfig(_Strict):
     from the teacher's distribution with their counts (unbiased: Anshumann et al. 2025). Every field but
     batch_size and shard_rows changes what is stored, so it is part of the soft-label key."""
 
+    ADDED_FIELDS = ("threads",)
+
     kind: Literal["top_k", "sampled"] = "top_k"
     k: int = Field(default=32, ge=1, le=4096)  # top_k: entries kept; sampled: at most this many distinct tokens
     draws: int = Field(default=50, ge=1, le=100_000)  # sampled: draws per position
@@ -603,6 +609,7 @@ class LMSignalConfig(_Strict):
     seed: int = 0  # sampled: the draws' seed
     batch_size: int = Field(default=8, ge=1, le=4096)  # blocks per teacher forward
     shard_rows: int = Field(default=256, ge=1)  # blocks per stored shard
+    threads: int | None = Field(default=None, ge=1, le=256)  # torch threads per labeling process; None: as they are
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> LMSignalConfig:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill_core.errors import StoreError
+from distill_core.errors import DistillError, StoreError
 
 # What S3-compatible servers (MinIO, Ceph, moto) need from every boto3 client in the process, MLflow's
 # and DVC's included: no default CRC checksums (boto3 >= 1.36, boto3#4392) and path-style addressing.
@@ -33,6 +33,8 @@ class Settings:
     artifacts_uri: str | None = None  # MLflow artifact root for the experiments we create; None: MLflow decides
     dvc_remote: str | None = None  # DVC remote for the prepared data; None: the repository's own config
     search_uri: str | None = None  # the student search's Optuna storage; None: the ledger's database
+    dask: str | None = None  # soft labels on Dask: "local" (a temporary cluster) or a scheduler's address
+    dask_workers: int | None = None  # the temporary cluster's processes; None: one per core at the thread count
 
     @property
     def search_storage(self) -> str:
@@ -72,8 +74,8 @@ class Settings:
 
 
 def load_settings(home: str | Path | None = None) -> Settings:
-    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_S3 and its overrides, DISTILL_LEDGER_URI, DISTILL_SEARCH_URI;
-    else defaults."""
+    """Read DISTILL_HOME, MLFLOW_TRACKING_URI, DISTILL_S3 and its overrides, DISTILL_LEDGER_URI, DISTILL_SEARCH_URI,
+    DISTILL_DASK, DISTILL_DASK_ADDRESS and DISTILL_DASK_WORKERS; else defaults."""
     root = Path(home or os.environ.get("DISTILL_HOME") or ".distill").resolve()
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     ledger = os.environ.get("DISTILL_LEDGER_URI") or f"sqlite:///{root / 'ledger.db'}"
@@ -93,8 +95,32 @@ def load_settings(home: str | Path | None = None) -> Settings:
         artifacts_uri=pick("DISTILL_ARTIFACTS", "mlflow"),
         dvc_remote=pick("DISTILL_DVC_REMOTE", "dvc"),
         search_uri=os.environ.get("DISTILL_SEARCH_URI") or None,
+        dask=_dask(),
+        dask_workers=_positive("DISTILL_DASK_WORKERS"),
     )
     if settings.s3_locations():
         for name, value in S3_COMPATIBLE_DEFAULTS.items():
             os.environ.setdefault(name, value)
     return settings
+
+
+def _dask() -> str | None:
+    """Where soft labels are made: DISTILL_DASK_ADDRESS (a running scheduler), DISTILL_DASK=local (a temporary
+    cluster), else None (this process)."""
+    address, mode = os.environ.get("DISTILL_DASK_ADDRESS", ""), os.environ.get("DISTILL_DASK", "")
+    if address:
+        if "://" not in address:
+            raise DistillError(f"DISTILL_DASK_ADDRESS={address!r} must be a scheduler address like tcp://host:8786")
+        return address
+    if mode not in ("", "local"):
+        raise DistillError(f"DISTILL_DASK={mode!r}: set it to 'local', or DISTILL_DASK_ADDRESS to a scheduler")
+    return mode or None
+
+
+def _positive(variable: str) -> int | None:
+    value = os.environ.get(variable, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise DistillError(f"{variable}={value!r} must be a whole number of at least 1")
+    return int(value)

@@ -1,7 +1,8 @@
 """Soft labels: batched teacher inference, written as checksummed shards plus a manifest under a content key.
 
-Each task makes its own signal (Task.teacher_signal), shard by shard; this module streams each shard to the store
-as it comes and reads them back. A shard is one array (.npy: a classifier's logits) or several named ones (.npz:
+Each task labels one shard at a time (Task.label_shard); this module cuts the splits into shards, labels them here
+or on a Dask cluster (a ShardRunner: distill_core.sharding), streams each to the store as it comes and reads them
+back. A shard is one array (.npy: a classifier's logits) or several named ones (.npz:
 a causal LM's sparse ids, log-probabilities and tail). The key hashes the task, the teacher identity (name,
 version, weight digest), the dataset digest and the signal settings that change what is stored (Task.signal_key;
 not batch or shard sizes), so any such change makes new labels and a rerun with the same key reuses the stored
@@ -14,14 +15,16 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
-from distill_core.modules import LoadedTeacher
+from distill_core.modules import LoadedTeacher, torch_threads
 from distill_core.store import ArtifactStore
 from distill_core.tasks import task_named
 
@@ -38,6 +41,9 @@ def soft_label_key(teacher_identity: str, dataset_digest: str, cfg: Any, task: s
         "dataset": dataset_digest,
         "task": task,
         **task_named(task).signal_key(cfg),
+        # a fixed labeling thread count makes the bytes repeatable (a Dask worker's equal a single process's); when
+        # unset the key is as earlier releases wrote it and values may differ across thread counts in the last bits
+        **({"threads": cfg.threads} if cfg.threads is not None else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -51,6 +57,10 @@ class SoftLabels:
     signal: dict[str, Arrays]
     manifest: dict[str, Any]
     reused: bool
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _shard_bytes(arrays: Arrays) -> tuple[str, bytes]:
@@ -86,6 +96,65 @@ def _concatenate(chunks: list[Arrays]) -> Arrays:
     return np.concatenate(chunks)  # type: ignore[arg-type]
 
 
+class Shard(NamedTuple):
+    """Rows [start, stop) of one split: the unit of labeling, on one process or one Dask worker. Its bounds are
+    multiples of shard_rows, so a shard's batches (and bytes) are the same wherever it is labeled."""
+
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.split}-{self.start:09d}"  # by first row: a leftover of another shard_rows is never taken
+
+
+class ShardJob(NamedTuple):
+    """A shard and its inputs, as sent to a worker."""
+
+    shard: Shard
+    inputs: list[Any]
+
+
+def plan_shards(task: str, dataset: PreparedDataset, cfg: Any, splits: tuple[str, ...]) -> list[ShardJob]:
+    """Every split cut into shards of cfg.shard_rows rows, in order; an empty split is one empty shard."""
+    labeler, jobs = task_named(task), []
+    for split in splits:
+        inputs = list(labeler.examples(dataset, split)[0])
+        for start in range(0, max(len(inputs), 1), cfg.shard_rows):
+            stop = min(start + cfg.shard_rows, len(inputs))
+            jobs.append(ShardJob(Shard(split, start, stop), inputs[start:stop]))
+    return jobs
+
+
+def label_shard(
+    teacher: LoadedTeacher, job: ShardJob, cfg: Any, task: str, store: ArtifactStore | None, key: str
+) -> tuple[dict[str, Any], Arrays]:
+    """Label one shard at the recipe's thread count and (with a store) write it under the key, atomically: a
+    shard file is whole or absent. Returns its manifest record and its arrays."""
+    with torch_threads(cfg.threads):
+        arrays = task_named(task).label_shard(teacher, job.inputs, job.shard.start, cfg)
+    if row_count(arrays) != len(job.inputs):
+        raise SoftLabelError(
+            f"teacher {teacher.identity} gave {row_count(arrays)} rows for {len(job.inputs)} inputs of shard "
+            f"{job.shard.stem}"
+        )
+    suffix, data = _shard_bytes(arrays)
+    record = _record(job.shard, f"{job.shard.stem}.{suffix}", data)
+    if store is not None:
+        store.write_bytes(f"soft_labels/{key}/{record['file']}", data)
+    return record, arrays
+
+
+def _record(shard: Shard, file: str, data: bytes) -> dict[str, Any]:
+    return {"file": file, "split": shard.split, "rows": shard.stop - shard.start, "sha256": sha256(data)}
+
+
+# Labels the jobs it is given (shards still missing from the entry) and returns each one's record, in any order,
+# having written each shard to the store; `generate_soft_labels` labels in this process when it is given none.
+ShardRunner = Callable[[list[ShardJob], str], list[dict[str, Any]]]
+
+
 def generate_soft_labels(
     teacher: LoadedTeacher,
     dataset: PreparedDataset,
@@ -94,36 +163,48 @@ def generate_soft_labels(
     task: str = "classification",
     force: bool = False,
     splits: tuple[str, ...] = LABELED_SPLITS,
+    runner: ShardRunner | None = None,
 ) -> SoftLabels:
     """Label every split with the teacher, or reuse a complete entry with the same key. With no store the signal
-    is only made (a stage of the run's own: its model is checkpointed, so its signal is made again on resume)."""
+    is only made (a stage of the run's own: its model is checkpointed, so its signal is made again on resume).
+
+    Shards are written as they come and the manifest last, so an interrupted run leaves an entry that is never
+    read; the next run with the same key keeps the shards it finds (each is whole: writes are atomic) and labels
+    only the missing ones. `runner` labels the missing shards elsewhere (a Dask cluster: distill_core.sharding)."""
     if store is not None and tuple(splits) != LABELED_SPLITS:
         raise ValueError(f"a stored entry holds every split {LABELED_SPLITS}, not {splits}")
+    if runner is not None and store is None:
+        raise ValueError("shards labeled elsewhere come back through the store: give one")
     labeler = task_named(task)
     key = soft_label_key(teacher.identity, dataset.digest, cfg, task)
     prefix = f"soft_labels/{key}"
     if store is not None and not force and store.exists(f"{prefix}/manifest.json"):
         return load_soft_labels(store, key, reused=True)
     labeler.check_teacher(teacher, dataset)
-    if store is not None:
-        store.delete_prefix(prefix + "/")  # leftovers of an interrupted run
+    if store is not None and force:
+        store.delete_prefix(prefix + "/")
     started = time.perf_counter()
-    shards: list[dict[str, Any]] = []
-    signal: dict[str, Arrays] = {}
-    for split in splits:  # fewer only unstored (a store entry has every split)
-        inputs, _ = labeler.examples(dataset, split)
-        chunks = []
-        for shard_index, chunk in enumerate(labeler.teacher_signal(teacher, inputs, cfg, f"soft labels ({split})")):
-            chunks.append(chunk)
-            if store is None:
-                continue
-            suffix, data = _shard_bytes(chunk)
-            name = f"{split}-{shard_index:05d}.{suffix}"
-            store.write_bytes(f"{prefix}/{name}", data)  # each shard as it comes: a split is never held twice
-            shards.append(
-                {"file": name, "split": split, "rows": row_count(chunk), "sha256": hashlib.sha256(data).hexdigest()}
-            )
-        signal[split] = _concatenate(chunks)
+    jobs = plan_shards(task, dataset, cfg, splits)
+    records: dict[str, dict[str, Any]] = {}  # by shard stem
+    arrays: dict[str, Arrays] = {}
+    leftovers = {} if store is None else {k.rsplit("/", 1)[-1].split(".")[0]: k for k in store.list(prefix + "/")}
+    for job in jobs:  # an interrupted run's shards of this key: each is whole (writes are atomic)
+        if job.shard.stem in leftovers:
+            data = store.read_bytes(leftovers[job.shard.stem])  # type: ignore[union-attr]
+            found = _read_shard(data, leftovers[job.shard.stem])
+            if row_count(found) == len(job.inputs):
+                records[job.shard.stem] = _record(job.shard, leftovers[job.shard.stem].rsplit("/", 1)[-1], data)
+                arrays[job.shard.stem] = found
+    missing = [job for job in jobs if job.shard.stem not in records]
+    if runner is not None and missing:
+        records.update((r["file"].split(".")[0], r) for r in runner(missing, key))
+    else:
+        for job in tqdm(missing, desc=f"soft labels ({teacher.name})", unit="shard", leave=False):
+            records[job.shard.stem], arrays[job.shard.stem] = label_shard(teacher, job, cfg, task, store, key)
+    unlabeled = [job.shard.stem for job in missing if job.shard.stem not in records]
+    if unlabeled:
+        raise SoftLabelError(f"shards {unlabeled} of soft labels {key} were not labeled; the entry is incomplete")
+    shards = [records[job.shard.stem] for job in jobs]
     manifest = {
         "format": FORMAT_VERSION,
         "key": key,
@@ -136,27 +217,40 @@ def generate_soft_labels(
         "dataset_digest": dataset.digest,
         "labels": list(dataset.labels),
         "settings": cfg.model_dump(),
-        "rows": {split: row_count(v) for split, v in signal.items()},
+        "rows": {split: sum(r["rows"] for r in shards if r["split"] == split) for split in splits},
         "shards": shards,
+        "reused_shards": len(jobs) - len(missing),
         "seconds": round(time.perf_counter() - started, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if store is not None and len(arrays) < len(jobs):  # labeled elsewhere: read back and checked, then complete
+        labels = _read_entry(store, manifest)
+    else:
+        signal = {
+            split: _concatenate([arrays[j.shard.stem] for j in jobs if j.shard.split == split]) for split in splits
+        }
+        labels = SoftLabels(key, signal, manifest, reused=False)
     if store is not None:
-        store.write_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
-    return SoftLabels(key, signal, manifest, reused=False)
+        store.write_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())  # last
+    return labels
 
 
 def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> SoftLabels:
     """Read a complete entry, checking every shard's checksum and row count against the manifest."""
-    prefix = f"soft_labels/{key}"
     try:
-        manifest = json.loads(store.read_bytes(f"{prefix}/manifest.json"))
+        manifest = json.loads(store.read_bytes(f"soft_labels/{key}/manifest.json"))
     except StoreError as err:
         raise SoftLabelError(f"no complete soft labels under key {key} in {store.describe()}: {err}") from None
+    return _read_entry(store, manifest, reused)
+
+
+def _read_entry(store: ArtifactStore, manifest: dict[str, Any], reused: bool = False) -> SoftLabels:
+    key = manifest["key"]
+    prefix = f"soft_labels/{key}"
     parts: dict[str, list[Arrays]] = {split: [] for split in manifest["rows"]}
     for shard in manifest["shards"]:
         data = store.read_bytes(f"{prefix}/{shard['file']}")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256(data)
         if digest != shard["sha256"]:
             raise SoftLabelError(
                 f"soft-label shard {prefix}/{shard['file']} in {store.describe()} is corrupt: sha256 {digest[:12]}… "

@@ -33,6 +33,7 @@ from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.search import SearchResult
 from distill_core.settings import Settings
+from distill_core.sharding import shard_runner
 from distill_core.soft_labels import SoftLabels, generate_soft_labels, take
 from distill_core.stages import STAGES, Stage, as_teacher, signal_of
 from distill_core.store import open_store
@@ -119,10 +120,11 @@ def warm_start(
 def label(
     recipe: Recipe, settings: Settings, dataset: PreparedDataset, teacher: LoadedTeacher, force: bool = False
 ) -> SoftLabels:
-    """Soft labels for every split, from the store when an entry with the same key exists."""
-    return generate_soft_labels(
-        teacher, dataset, recipe.soft_labels, open_store(settings.store_uri), recipe.task, force=force
-    )
+    """Soft labels for every split, from the store when an entry with the same key exists; the missing shards are
+    labeled on the Dask cluster the settings name, else in this process."""
+    store = open_store(settings.store_uri)
+    runner = shard_runner(settings, teacher, recipe.soft_labels, recipe.task, store.uri)
+    return generate_soft_labels(teacher, dataset, recipe.soft_labels, store, recipe.task, force=force, runner=runner)
 
 
 @dataclass

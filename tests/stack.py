@@ -167,7 +167,7 @@ class Stack:
         self.databases = [f"{self.prefix}_{name}" for name in ("mlflow", "prefect", "distill")]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
-        self.ports = {name: str(free_port()) for name in ("s3", "mlflow", "prefect", "receiver")}
+        self.ports = {name: str(free_port()) for name in ("s3", "mlflow", "prefect", "receiver", "dask", "dask-http")}
         self.s3_url = f"http://127.0.0.1:{self.ports['s3']}"
         self.mlflow_url = f"http://127.0.0.1:{self.ports['mlflow']}"
         self.prefect_api = f"http://127.0.0.1:{self.ports['prefect']}/api"
@@ -199,6 +199,7 @@ class Stack:
             "DISTILL_RECIPE": str(recipe),
             "DISTILL_HOME": str(root / "distill-home"),
             "DISTILL_WEBHOOK_SECRET": secret,
+            "DISTILL_DASK_ADDRESS": f"tcp://127.0.0.1:{self.ports['dask']}",  # soft labels on the Dask worker
             "HF_HUB_OFFLINE": "1",
             "PYTHONPATH": str(REPO / "tests"),  # the test teachers' classes, which the flow unpickles
         }
@@ -320,6 +321,15 @@ class Stack:
         self._cli(prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file), env=env)
         self._cli(prefect, "deployment", "schedule", "create", WATCH_DEPLOYMENT, "--interval", str(self.watch_interval),
                   "--replace", "-y", env=env)  # fmt: skip
+        # The Dask scheduler and one labeling worker process (one thread), with the pipeline's variables (the
+        # scheduler unpickles the tasks, so it needs the same code: the test teachers' classes here).
+        dask = str(BIN / "dask")
+        dashboard = f"127.0.0.1:{self.ports['dask-http']}"
+        self._spawn("dask-scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", self.ports["dask"],
+                                       "--dashboard-address", dashboard], self.distill_env)  # fmt: skip
+        self._wait_healthy("dask-scheduler", f"http://127.0.0.1:{self.ports['dask-http']}/health", 60)
+        self._spawn("dask-worker", [dask, "worker", self.distill_env["DISTILL_DASK_ADDRESS"], "--nworkers", "1",
+                                    "--nthreads", "1", "--no-dashboard"], self.distill_env)  # fmt: skip
         worker_env = {**self.distill_env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
         self._spawn("worker", [prefect, "worker", "start", "--pool", "distill", "--limit", "2"], worker_env)
         receiver_argv = [str(BIN / "distill"), "serve", "--port", self.ports["receiver"], "--interval", "0",
@@ -368,6 +378,22 @@ class Stack:
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC,
                 limit=200,
             )
+
+    def labeling_task_runs(self, parent: Any) -> list[Any]:
+        """The label-shard task runs of the label-shards flow runs inside a flow run (the soft labels on Dask)."""
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+
+        with self._prefect() as client:
+            subflows = [
+                r
+                for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["label-shards"])))
+                if r.parent_task_run_id is not None
+                and client.read_task_run(r.parent_task_run_id).flow_run_id == parent.id
+            ]
+            if not subflows:
+                return []
+            ids = FlowRunFilterId(any_=[r.id for r in subflows])
+            return client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
 
     def runs_for(self, teacher_version: str) -> list[Any]:
         """The distill-teacher-version runs of one teacher version, oldest first."""

@@ -108,12 +108,12 @@ def test_top_k_signal_streams_to_shards_and_a_corrupt_shard_is_refused_by_name(l
     mass = np.exp(transfer["logprobs"].astype(np.float64)).sum(-1) + transfer["tail"]
     assert np.allclose(mass, 1.0, atol=5e-3)
     shards = [s["file"] for s in labels.manifest["shards"] if s["split"] == "transfer"]
-    assert shards == ["transfer-00000.npz", "transfer-00001.npz", "transfer-00002.npz"]  # 160 blocks, 64 a shard
+    assert shards == ["transfer-000000000.npz", "transfer-000000064.npz", "transfer-000000128.npz"]  # 64 blocks each
     stored = sum(transfer[name].nbytes for name in ("ids", "logprobs", "tail")) / transfer["tail"].size
     assert stored / (4 * 49152) < 0.01  # bytes per token against dense fp32 logits
-    path = tmp_path / "store" / "soft_labels" / labels.key / "transfer-00001.npz"
+    path = tmp_path / "store" / "soft_labels" / labels.key / "transfer-000000064.npz"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(SoftLabelError, match=r"transfer-00001\.npz .* is corrupt"):
+    with pytest.raises(SoftLabelError, match=r"transfer-000000064\.npz .* is corrupt"):
         load_soft_labels(store, labels.key)
 
 

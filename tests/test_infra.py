@@ -43,7 +43,7 @@ def test_the_compose_file_validates_as_the_readme_says() -> None:
 def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3() -> None:
     services = compose_config("--env-file", str(INFRA / ".env.example"))["services"]
     assert set(services) == {"postgres", "minio", "minio-buckets", "mlflow", "prefect-server", "deploy",
-                             "prefect-worker", "receiver"}  # fmt: skip
+                             "prefect-worker", "receiver", "dask-scheduler", "dask-worker"}  # fmt: skip
     mlflow_cmd = services["mlflow"]["command"]  # docker-compose 1.29 keeps a string command a string
     assert "postgresql://distill:change-me@postgres:5432/mlflow" in mlflow_cmd  # the .env file's password
     assert "--artifacts-destination s3://mlflow-artifacts" in mlflow_cmd
@@ -57,6 +57,12 @@ def test_the_compose_topology_has_every_part_wired_to_postgres_and_s3() -> None:
     )
     receiver = services["receiver"]
     assert "--deployment auto" in receiver["command"]
+    # soft labels on Dask: the flow runs send shards to the scheduler, whose workers reach MLflow, S3 and Prefect
+    assert services["prefect-worker"]["environment"]["DISTILL_DASK_ADDRESS"] == "tcp://dask-scheduler:8786"
+    assert "tcp://dask-scheduler:8786" in services["dask-worker"]["command"]
+    assert "--nthreads 1" in services["dask-worker"]["command"]
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "DISTILL_STORE", "AWS_ENDPOINT_URL"):
+        assert services["dask-worker"]["environment"][name] == services["prefect-worker"]["environment"][name]
 
 
 def test_compose_and_the_tested_topology_configure_the_pipeline_alike(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from toy_models import BagTeacher, WordHashTokenizer
 from distill_core.errors import SoftLabelError, TeacherError
 from distill_core.model_io import load_teacher, log_teacher
 from distill_core.modules import LoadedTeacher, WrappedTeacher, content_digest
-from distill_core.recipe import SoftLabelConfig
+from distill_core.recipe import LMSignalConfig, SoftLabelConfig
 from distill_core.soft_labels import generate_soft_labels, load_soft_labels, soft_label_key
 from distill_core.store import LocalStore, open_store
 from distill_core.students import hashed_ngrams
@@ -55,26 +55,45 @@ def test_key_follows_teacher_data_and_settings(small_dataset):
     )
 
 
+def test_a_fixed_thread_count_joins_the_key_and_unset_it_is_the_key_earlier_releases_made():
+    # the keys release 333b982 gave these settings: entries it stored are found again
+    assert soft_label_key("t/1@abc", "d1", CFG, "classification") == "b27dd4e23621dc1c5ee78c13"
+    sampled = LMSignalConfig(kind="sampled", k=8)
+    assert soft_label_key("t/1@abc", "d1", sampled, "causal_lm") == "1d48ff37f6837433c3f3feb4"
+    one, two = (CFG.model_copy(update={"threads": n}) for n in (1, 2))
+    keys = {soft_label_key("t/1@abc", "d1", c, "classification") for c in (CFG, one, two)}
+    assert len(keys) == 3
+
+
 def test_corrupt_shard_is_refused_by_name(registered_teacher, small_dataset, tracking_uri, tmp_path):
     teacher = load_teacher(*registered_teacher, tracking_uri)
     labels = generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path))
-    shard = tmp_path / "soft_labels" / labels.key / "transfer-00001.npy"
+    shard = tmp_path / "soft_labels" / labels.key / "transfer-000000100.npy"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(SoftLabelError, match=f"soft_labels/{labels.key}/transfer-00001.npy .* is corrupt"):
+    with pytest.raises(SoftLabelError, match=f"soft_labels/{labels.key}/transfer-000000100.npy .* is corrupt"):
         load_soft_labels(LocalStore(tmp_path), labels.key)
 
 
-def test_interrupted_entry_without_manifest_is_not_reused(registered_teacher, small_dataset, tracking_uri, tmp_path):
+def test_interrupted_entry_is_not_read_and_a_rerun_labels_only_the_missing_shards(
+    registered_teacher, small_dataset, tracking_uri, tmp_path
+):
     teacher, calls = _counted(load_teacher(*registered_teacher, tracking_uri))
     store = LocalStore(tmp_path)
-    key = generate_soft_labels(teacher, small_dataset, CFG, store).key
-    (tmp_path / "soft_labels" / key / "manifest.json").unlink()  # as if killed before the manifest
+    whole = generate_soft_labels(teacher, small_dataset, CFG, store)
+    entry = tmp_path / "soft_labels" / whole.key
+    (entry / "manifest.json").unlink()  # as if killed after some shards, before the manifest
+    (entry / "transfer-000000200.npy").unlink()
+    with pytest.raises(SoftLabelError, match=f"no complete soft labels under key {whole.key}"):
+        load_soft_labels(store, whole.key)
     calls.clear()
     again = generate_soft_labels(teacher, small_dataset, CFG, store)
-    assert not again.reused and calls
-    assert (tmp_path / "soft_labels" / key / "manifest.json").exists()
+    assert not again.reused and len(calls) == -(-100 // CFG.batch_size)  # one shard's batches, no more
+    assert again.manifest["reused_shards"] == len(again.manifest["shards"]) - 1
+    for split, signal in whole.signal.items():
+        np.testing.assert_array_equal(again.signal[split], signal)
+    assert load_soft_labels(store, whole.key).manifest["shards"] == whole.manifest["shards"]
 
 
 def _bad_teacher(tracking_uri, **kwargs) -> LoadedTeacher:
@@ -91,9 +110,10 @@ def test_nan_teacher_names_the_rows_and_stores_nothing(small_dataset, tracking_u
         generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path))
     poisoned = hashed_ngrams(word, 1, 512)[0]
     bad_rows = [i for i, t in enumerate(texts) if poisoned in hashed_ngrams(t, 1, 512)]
-    assert f"in soft labels (transfer) for {len(bad_rows)} of {len(texts)} rows" in str(err.value)
     first_bad = bad_rows[0]
-    assert f"(first: row {first_bad}," in str(err.value)
+    shard = first_bad // CFG.shard_rows * CFG.shard_rows  # the first shard with a bad row stops the labeling
+    in_shard = [r for r in bad_rows if shard <= r < shard + CFG.shard_rows]
+    assert f"for {len(in_shard)} of {CFG.shard_rows} rows from row {shard} (first: row {first_bad}," in str(err.value)
     assert not list(tmp_path.rglob("manifest.json"))
 
 

@@ -169,6 +169,11 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     assert any(key.endswith("MLmodel") for key in model_files)
     labels = [o["Key"] for o in s3.list_objects_v2(Bucket="distill", Prefix="soft-labels/").get("Contents", [])]
     assert any(key.endswith("manifest.json") for key in labels), labels
+    # ... labeled shard by shard on the Dask worker, which loaded the teacher from the MLflow server once
+    shards = [key for key in labels if key.endswith(".npy")]
+    labeled = stack.labeling_task_runs(run)
+    assert len(labeled) == len(shards) and {t.state.type.value for t in labeled} == {"COMPLETED"}
+    assert stack.log("dask-worker", tail=100_000).count("Starting Worker plugin distill-teacher-") == 1
     mlflow.set_tracking_uri(stack.mlflow_url)
     served = mlflow.pyfunc.load_model(f"models:/{student}@{CHAMPION}")
     prediction = served.predict(pd.DataFrame({"text": ["a warm, funny and moving film", "a tedious mess"]}))

@@ -1,5 +1,7 @@
 """Plain torch modules that stand in for a team's own teacher (the bring-your-own path)."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -40,6 +42,22 @@ class BagTeacher(nn.Module):
                 rows[r] = bool((ids[bounds[r] : bounds[r + 1]] == poisoned).any())
             logits = torch.where(rows[:, None], torch.full_like(logits, float("nan")), logits)
         return logits
+
+
+class KillingTeacher(BagTeacher):
+    """A teacher whose process dies (as in an out-of-memory kill or a lost node) on a batch that holds `text`, for as
+    long as the file `switch` exists."""
+
+    def __init__(self, text: str, switch: str):
+        super().__init__()
+        self.ids, self.switch = hashed_ngrams(text, 1, self.bag.num_embeddings), switch
+
+    def forward(self, ids, offsets):
+        bounds = [*offsets.tolist(), len(ids)]
+        rows = [ids[bounds[r] : bounds[r + 1]].tolist() for r in range(len(offsets))]
+        if os.path.exists(self.switch) and self.ids in rows:
+            os._exit(137)
+        return super().forward(ids, offsets)
 
 
 def register_toy_teacher(

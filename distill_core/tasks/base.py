@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -118,9 +118,10 @@ class Task(ABC):
         """The soft-label settings that change what is stored (they go into the soft-label key)."""
 
     @abstractmethod
-    def teacher_signal(self, teacher: LoadedTeacher, texts: Sequence[Any], cfg: Any, desc: str) -> Iterator[Arrays]:
-        """The signal the soft-label store keeps for these inputs, shard by shard (at most cfg.shard_rows rows
-        each, in order, at least one); bad teacher output is refused by row."""
+    def label_shard(self, teacher: LoadedTeacher, inputs: Sequence[Any], start: int, cfg: Any) -> Arrays:
+        """The signal the soft-label store keeps for one shard: `inputs` are the split's rows from `start` on (at
+        most cfg.shard_rows), labeled in batches of cfg.batch_size that depend on the shard alone, so a shard
+        labeled on any worker is the same bytes; bad teacher output is refused by row (counted in the split)."""
 
     @abstractmethod
     def stored_source(self, signal: Any, cfg: Any) -> SignalSource:

@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,7 +30,6 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from distill_core import checks, gates, lm, lm_data, width
 from distill_core.data import SPLITS, PreparedDataset
@@ -101,23 +100,26 @@ def _check_vocab(teacher: CausalLM, dataset: PreparedDataset) -> None:
 
 
 @torch.inference_mode()
-def sparse_signal(teacher: CausalLM, blocks: np.ndarray, cfg: LMSignalConfig, rows: slice) -> dict[str, np.ndarray]:
-    """The stored signal of `blocks[rows]`, batch by batch: only `[batch, T, vocab]` is ever held, never more."""
-    chunk = torch.as_tensor(blocks[rows], dtype=torch.long)
+def sparse_signal(
+    teacher: CausalLM, blocks: np.ndarray, cfg: LMSignalConfig, first_row: int = 0
+) -> dict[str, np.ndarray]:
+    """The stored signal of `blocks`, the split's rows from `first_row` on (the sampled draws are seeded by it),
+    batch by batch: only `[batch, T, vocab]` is ever held, never more."""
+    chunk = torch.as_tensor(blocks, dtype=torch.long)
     inputs, targets = chunk[:, :-1], chunk[:, 1:]
     n, t, k = len(chunk), inputs.shape[1], cfg.k
     ids = np.zeros((n, t, k), dtype=np.int32)
     logprobs = np.zeros((n, t, k), dtype=np.float16)
     extra = np.zeros((n, t, k), dtype=np.float16) if cfg.kind == "sampled" else np.zeros((n, t), dtype=np.float32)
     top1, target = np.zeros((n, t), dtype=np.int32), np.zeros((n, t), dtype=np.float32)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rows.start)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_row)
     for start in range(0, n, cfg.batch_size):
         part = slice(start, start + cfg.batch_size)
         logits = teacher(inputs[part]).float()
         lse = torch.logsumexp(logits, dim=-1)  # log-probabilities are logits - lse: never materialised whole
         bad = ~torch.isfinite(lse).all(dim=-1)  # a NaN or infinite logit makes its position's lse so
         if bad.any():
-            where = [rows.start + start + int(i) for i in torch.nonzero(bad).flatten()[:5]]
+            where = [first_row + start + int(i) for i in torch.nonzero(bad).flatten()[:5]]
             raise SoftLabelError(
                 f"the teacher returned NaN or infinite logits for {int(bad.sum())} block(s) (first rows {where}); "
                 "nothing was stored"
@@ -419,14 +421,12 @@ class CausalLMTask(Task):
             parts.update(draws=cfg.draws, seed=cfg.seed)
         return parts
 
-    def teacher_signal(
-        self, teacher: LoadedTeacher, inputs: Sequence[Any], cfg: LMSignalConfig, desc: str
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def label_shard(
+        self, teacher: LoadedTeacher, inputs: Sequence[Any], start: int, cfg: LMSignalConfig
+    ) -> dict[str, np.ndarray]:
         module = teacher.module.eval()
         assert isinstance(module, CausalLM)
-        blocks = np.stack(list(inputs))
-        for start in tqdm(range(0, len(blocks), cfg.shard_rows), desc=desc, unit="shard", leave=False):
-            yield sparse_signal(module, blocks, cfg, slice(start, start + cfg.shard_rows))
+        return sparse_signal(module, np.stack(list(inputs)), cfg, start)
 
     def stored_source(self, signal: Any, cfg: LMSignalConfig) -> SignalSource:
         return StoredSparseSource(signal, cfg)

@@ -8,7 +8,7 @@ student serves (a pyfunc: a `text` column in, label and probabilities out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +20,6 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from distill_core import checks, data, evaluate, gates, plots, students
 from distill_core.data import PreparedDataset
@@ -134,22 +133,21 @@ def check_logits_shape(logits: Tensor, rows: int, classes: int, who: str) -> Non
 
 
 @torch.inference_mode()
-def teacher_logits(
-    teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, desc: str = "soft labels"
-) -> np.ndarray:
-    """Teacher logits for every text, in order, with a progress bar; NaN rows are refused by number."""
+def teacher_logits(teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfig, first_row: int = 0) -> np.ndarray:
+    """Teacher logits for every text, in order (batched by length); NaN rows are refused by number, counted from
+    `first_row`."""
     module = teacher.module.eval()
     classes = len(module.labels)
     out = np.zeros((len(texts), classes), dtype=np.float32)
-    for batch in tqdm(length_batches(texts, cfg.batch_size), desc=desc, unit="batch", leave=False):
+    for batch in length_batches(texts, cfg.batch_size):
         logits = module(**module.tokenize([texts[i] for i in batch], cfg.max_length))
         check_logits_shape(logits, len(batch), classes, f"teacher {teacher.identity}")
         out[batch] = logits.float().numpy()
     bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
     if len(bad):
         raise SoftLabelError(
-            f"teacher {teacher.identity} returned NaN or infinite logits in {desc} for {len(bad)} of {len(texts)} "
-            f"rows (first: row {bad[0]}, text {texts[bad[0]][:60]!r}); nothing was stored"
+            f"teacher {teacher.identity} returned NaN or infinite logits for {len(bad)} of {len(texts)} rows from "
+            f"row {first_row} (first: row {first_row + bad[0]}, text {texts[bad[0]][:60]!r}); nothing was stored"
         )
     return out
 
@@ -218,12 +216,8 @@ class ClassificationTask(Task):
     def signal_key(self, cfg: SoftLabelConfig) -> dict[str, Any]:
         return {"max_length": cfg.max_length}
 
-    def teacher_signal(
-        self, teacher: LoadedTeacher, texts: Sequence[Any], cfg: SoftLabelConfig, desc: str
-    ) -> Iterator[np.ndarray]:
-        out = teacher_logits(teacher, list(texts), cfg, desc)  # by length, for less padding: all, then in shards
-        for start in range(0, max(len(out), 1), cfg.shard_rows):
-            yield out[start : start + cfg.shard_rows]
+    def label_shard(self, teacher: LoadedTeacher, texts: Sequence[Any], start: int, cfg: SoftLabelConfig) -> np.ndarray:
+        return teacher_logits(teacher, list(texts), cfg, first_row=start)  # sorted by length within the shard
 
     def stored_source(self, signal: np.ndarray, cfg: SoftLabelConfig) -> SignalSource:
         return StoredSource(torch.tensor(signal))

@@ -1,0 +1,188 @@
+"""Soft labels sharded over a Dask cluster: one Prefect task per shard, on prefect-dask's DaskTaskRunner.
+
+`DISTILL_DASK=local` labels on a temporary LocalCluster (DISTILL_DASK_WORKERS processes, by default one per core
+at the recipe's thread count), `DISTILL_DASK_ADDRESS=tcp://host:8786` on a running scheduler; with neither the
+labeling stays in this process (soft_labels.generate_soft_labels). Every worker loads the teacher once, through a
+worker plugin: the one piece of process state the pipeline keeps, dropped when the labeling ends. Each task
+labels one shard and writes it to the store (a folder every worker sees, or S3); the flow writes the manifest
+once every shard's record is in, so a failed or killed worker leaves an entry that is never read, and the next
+run labels only the shards it lacks. A killed worker's task is rescheduled by Dask on another worker first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from distributed import Worker, WorkerPlugin, get_worker
+
+from distill_core.errors import DistillError, SoftLabelError, TeacherError
+from distill_core.modules import LoadedTeacher
+from distill_core.settings import Settings
+from distill_core.soft_labels import ShardJob, ShardRunner, label_shard
+from distill_core.store import open_store
+
+TeacherLoader = Callable[[], LoadedTeacher]
+PLUGIN_TIMEOUT_S = 600.0  # loading a large teacher from the registry on a fresh worker
+
+
+class TeacherPlugin(WorkerPlugin):
+    """Loads the teacher on each worker when the worker joins (or now, for those already there), at the labeling
+    thread count, and checks that it is the teacher the run labels with."""
+
+    def __init__(self, load: TeacherLoader, identity: str, threads: int) -> None:
+        self.load, self.identity, self.threads = load, identity, threads
+        self.name = "distill-teacher-" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+        self.teacher: LoadedTeacher | None = None
+        self.failed: str | None = None
+
+    def setup(self, worker: Worker) -> None:
+        torch.set_num_threads(self.threads)
+        try:
+            teacher = self.load()
+            if teacher.identity != self.identity:
+                raise TeacherError(f"worker {worker.address} loaded teacher {teacher.identity}, not {self.identity}")
+        except Exception as err:
+            self.failed = f"{type(err).__name__}: {err}"
+            raise
+        self.teacher = teacher
+
+    def teardown(self, worker: Worker) -> None:
+        self.teacher = None
+
+
+def _unpickled(data: bytes, name: str, version: str, digest: str) -> LoadedTeacher:
+    module = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return LoadedTeacher(module.eval(), name, version, digest)
+
+
+def teacher_loader(teacher: LoadedTeacher, tracking_uri: str) -> TeacherLoader:
+    """How a worker gets the teacher: a registered version from the registry (its weights never pass through the
+    scheduler), any other (an ensemble, a stage of the run's own) as its pickled module."""
+    if teacher.version.isdigit():
+        from distill_core.model_io import load_teacher
+
+        return partial(load_teacher, teacher.name, teacher.version, tracking_uri)
+    buffer = io.BytesIO()
+    torch.save(teacher.module, buffer)
+    return partial(_unpickled, buffer.getvalue(), teacher.name, teacher.version, teacher.content_digest)
+
+
+def task_runner(settings: Settings, threads: int) -> Any:
+    """The DaskTaskRunner the settings ask for: a temporary LocalCluster, or a running scheduler."""
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask != "local":
+        return DaskTaskRunner(address=settings.dask)
+    workers = settings.dask_workers or max(1, (os.cpu_count() or 1) // threads)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,  # one shard at a time per process: the teacher's threads are torch's
+            "processes": True,
+            "dashboard_address": ":0",
+            "env": {"PREFECT_API_URL": _api_url()},  # the workers report to this process's Prefect API
+        }
+    )
+
+
+def _configured_api() -> str | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def _api_url() -> str:
+    """The Prefect API this process reports to (PREFECT_API_URL), else its ephemeral server (started now if it is
+    not yet): a worker left to itself would start an ephemeral server of its own."""
+    url = _configured_api()
+    if url:
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses in ephemeral mode
+    server.start()
+    return server.api_url
+
+
+def shard_runner(settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str, store_uri: str) -> ShardRunner | None:
+    """Label shards on the Dask cluster the settings name, or None when they name none (this process labels)."""
+    if settings.dask is None:
+        return None
+    if settings.dask != "local" and not _configured_api():
+        raise DistillError(
+            f"DISTILL_DASK_ADDRESS={settings.dask} needs a Prefect server that this process and the workers reach: "
+            "set PREFECT_API_URL here and on the workers (`prefect server start`)"
+        )
+    return partial(_label_on_dask, settings, teacher, cfg, task, store_uri)
+
+
+def _worker_teacher(name: str, timeout_s: float = PLUGIN_TIMEOUT_S) -> LoadedTeacher:
+    """This worker's teacher. A worker that joins (or is restarted) takes tasks before its plugins are set up
+    (distributed registers it running first), so wait for the plugin's teacher, or its failure."""
+    worker, deadline = get_worker(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        plugin = worker.plugins.get(name)
+        if isinstance(plugin, TeacherPlugin) and plugin.failed:
+            raise TeacherError(f"the teacher did not load on worker {worker.address}: {plugin.failed}")
+        if isinstance(plugin, TeacherPlugin) and plugin.teacher is not None:
+            return plugin.teacher
+        time.sleep(0.05)
+    raise TeacherError(f"the teacher was not loaded on worker {worker.address} within {timeout_s:.0f} s")
+
+
+def _label_shard_worker(job: ShardJob, cfg: Any, task: str, store_uri: str, key: str, plugin: str) -> dict[str, Any]:
+    record, _ = label_shard(_worker_teacher(plugin), job, cfg, task, open_store(store_uri), key)
+    return record
+
+
+def _label_on_dask(
+    settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str, store_uri: str, jobs: list[ShardJob], key: str
+) -> list[dict[str, Any]]:
+    from prefect import flow
+    from prefect import task as prefect_task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.context import TaskRunContext, get_run_context
+
+    threads = cfg.threads or 1
+    plugin = TeacherPlugin(teacher_loader(teacher, settings.tracking_uri), teacher.identity, threads)
+    label_task = prefect_task(  # type: ignore[call-overload]  # NO_CACHE is a CachePolicy the stubs do not see
+        _label_shard_worker, name="label-shard", cache_policy=NO_CACHE, task_run_name="label {job.shard.stem}"
+    )
+
+    @flow(name="label-shards", task_runner=task_runner(settings, threads), validate_parameters=False)
+    def label_shards() -> tuple[list[dict[str, Any]], list[str]]:
+        client = get_run_context().task_runner.client  # type: ignore[union-attr]
+        client.register_plugin(plugin)
+        try:
+            futures = [label_task.submit(job, cfg, task, store_uri, key, plugin.name) for job in jobs]
+            records, failed = [], []
+            for job, future in zip(jobs, futures, strict=True):
+                try:
+                    records.append(future.result())
+                except Exception as err:  # the task's own error, or KilledWorker once Dask's allowed failures are
+                    failed.append(f"{job.shard.stem} ({type(err).__name__}: {str(err)[:200]})")  # spent
+            return records, failed
+        finally:
+            client.unregister_worker_plugin(plugin.name)
+
+    # Called from a task of the run's flow (the soft-label step), the labeling flow would carry that task's context
+    # into every shard's task, and with it the task's parameters (the teacher's weights among them): run it as a
+    # subflow of the run's flow instead.
+    outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
+    try:
+        records, failed = label_shards()
+    finally:
+        TaskRunContext.__var__.reset(outside)
+    if failed:
+        raise SoftLabelError(
+            f"{len(failed)} of {len(jobs)} shards of soft labels {key} failed: {'; '.join(failed[:3])}. The "
+            f"{len(records)} labeled are stored; a rerun labels only the missing ones"
+        )
+    return records

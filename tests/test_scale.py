@@ -1,0 +1,153 @@
+"""Scale-out: soft labels sharded over a real Dask cluster (prefect-dask's DaskTaskRunner on a LocalCluster of two
+worker processes), equal byte for byte to one process's, and a killed worker's shard relabeled alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dask
+import numpy as np
+import pytest
+from lm_models import trained_tiny_lm
+from prefect import flow, task
+from toy_models import KillingTeacher, WordHashTokenizer
+
+from distill_core.errors import DistillError, SoftLabelError
+from distill_core.lm_data import blocks_of, prepare_lm_dataset
+from distill_core.model_io import load_teacher
+from distill_core.modules import LoadedTeacher, WrappedTeacher, content_digest
+from distill_core.recipe import LMDataConfig, LMSignalConfig, SoftLabelConfig
+from distill_core.settings import Settings
+from distill_core.sharding import shard_runner
+from distill_core.soft_labels import generate_soft_labels, load_soft_labels
+from distill_core.store import LocalStore
+
+CFG = SoftLabelConfig(batch_size=32, max_length=64, shard_rows=64, threads=1)
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """One Prefect API for the module's runs; the workers report their task runs to it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _settings(tmp_path, tracking_uri: str) -> Settings:
+    home = tmp_path / "home"
+    return Settings(
+        home=home,
+        tracking_uri=tracking_uri,
+        store_uri=str(home / "store"),
+        ledger_uri=f"sqlite:///{home / 'ledger.db'}",
+        dask="local",
+        dask_workers=2,
+    )
+
+
+def _same_entry(one: LocalStore, other: LocalStore, key: str) -> None:
+    """Both entries complete, with the same shard files holding the same bytes."""
+    mine, theirs = load_soft_labels(one, key).manifest, load_soft_labels(other, key).manifest
+    assert [s["file"] for s in mine["shards"]] == [s["file"] for s in theirs["shards"]]
+    for shard in mine["shards"]:
+        name = f"soft_labels/{key}/{shard['file']}"
+        assert one.read_bytes(name) == other.read_bytes(name), shard["file"]
+
+
+def _label(settings, teacher, dataset, cfg, task="classification"):
+    store = LocalStore(settings.store_uri)
+    return generate_soft_labels(
+        teacher, dataset, cfg, store, task, runner=shard_runner(settings, teacher, cfg, task, store.uri)
+    )
+
+
+def test_dask_sharded_classifier_labels_equal_one_process_byte_for_byte(
+    prefect_server, registered_teacher, small_dataset, tracking_uri, tmp_path
+):
+    teacher = load_teacher(*registered_teacher, tracking_uri)  # the workers load it from the registry
+    settings = _settings(tmp_path, tracking_uri)
+
+    @task
+    def label_task():  # as in the pipeline: the labeling flow runs inside a task of the run's flow
+        return _label(settings, teacher, small_dataset, CFG)
+
+    sharded = flow(name="run")(lambda: label_task())()
+    assert sharded.manifest["reused_shards"] == 0 and len(sharded.manifest["shards"]) > 4
+    alone = generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path / "alone"))
+    assert alone.key == sharded.key
+    _same_entry(LocalStore(settings.store_uri), LocalStore(tmp_path / "alone"), sharded.key)
+    for split in alone.signal:
+        np.testing.assert_array_equal(sharded.signal[split], alone.signal[split])
+
+
+def test_dask_sharded_lm_signals_equal_one_process_byte_for_byte(prefect_server, tracking_uri, tmp_path):
+    dataset = prepare_lm_dataset(
+        LMDataConfig(max_documents=40, block_size=32, train_blocks=96, eval_blocks=16), tmp_path / "lm-data"
+    )
+    module = trained_tiny_lm(blocks_of(dataset, "train"), steps=20)
+    teacher = LoadedTeacher(module, "tiny-lm", "trained-here", content_digest(module))  # sent to the workers pickled
+    cfg = LMSignalConfig(kind="sampled", k=8, draws=20, shard_rows=32, batch_size=8, threads=1)
+    settings = _settings(tmp_path, tracking_uri)
+    sharded = _label(settings, teacher, dataset, cfg, "causal_lm")
+    generate_soft_labels(teacher, dataset, cfg, LocalStore(tmp_path / "alone"), "causal_lm")
+    _same_entry(LocalStore(settings.store_uri), LocalStore(tmp_path / "alone"), sharded.key)
+    assert set(sharded.signal["transfer"]) == {"ids", "logprobs", "weights", "top1", "target_logprob"}
+
+
+def test_a_worker_killed_mid_shard_leaves_no_complete_entry_and_a_rerun_labels_only_the_missing_shards(
+    prefect_server, small_dataset, tracking_uri, tmp_path
+):
+    texts = small_dataset.split("transfer")["text"].tolist()
+    fatal = texts[100]  # a review of the second shard
+    switch = tmp_path / "kill-switch"
+    switch.touch()
+    module = WrappedTeacher(KillingTeacher(fatal, str(switch)), WordHashTokenizer(), labels=small_dataset.labels)
+    teacher = LoadedTeacher(module, "killing-teacher", "here", content_digest(module))
+    settings = _settings(tmp_path, tracking_uri)
+    store = LocalStore(settings.store_uri)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), pytest.raises(SoftLabelError) as err:
+        _label(settings, teacher, small_dataset, CFG)
+    killed = f"transfer-{100 // CFG.shard_rows * CFG.shard_rows:09d}"
+    failed = int(str(err.value).split(" of ")[0])  # the killed worker's shard, and any others queued on it
+    assert killed in str(err.value) and "KilledWorker" in str(err.value)
+    stored = [k.rsplit("/", 1)[-1] for k in store.list("soft_labels/")]
+    assert "manifest.json" not in stored  # nothing that looks complete
+    assert not [k for k in stored if k.startswith(killed)]  # no part of the killed shard
+    total = len(stored) + failed
+
+    switch.unlink()
+    again = _label(settings, teacher, small_dataset, CFG)
+    assert len(again.manifest["shards"]) == total
+    assert again.manifest["reused_shards"] == len(stored)  # only the failed shards were labeled again
+    generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path / "alone"))
+    _same_entry(store, LocalStore(tmp_path / "alone"), again.key)
+
+
+def test_a_remote_scheduler_without_a_prefect_server_is_refused_before_any_work(tracking_uri, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = dataclasses.replace(_settings(tmp_path, tracking_uri), dask="tcp://127.0.0.1:8786")
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(DistillError, match="needs a Prefect server .* set PREFECT_API_URL"),
+    ):
+        shard_runner(settings, None, CFG, "classification", "store")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("variables", "error"),
+    [
+        ({"DISTILL_DASK": "yes"}, "DISTILL_DASK='yes': set it to 'local'"),
+        ({"DISTILL_DASK_ADDRESS": "host:8786"}, "must be a scheduler address like tcp://host:8786"),
+        ({"DISTILL_DASK": "local", "DISTILL_DASK_WORKERS": "0"}, "DISTILL_DASK_WORKERS='0' must be a whole number"),
+    ],
+)
+def test_bad_dask_settings_are_refused_by_name(variables, error, tmp_path, monkeypatch):
+    from distill_core.settings import load_settings
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistillError, match=error):
+        load_settings(tmp_path)
