@@ -4,9 +4,10 @@
 at the recipe's thread count), `DISTILL_DASK_ADDRESS=tcp://host:8786` on a running scheduler; with neither the
 labeling stays in this process (soft_labels.generate_soft_labels). Every worker loads the teacher once, through a
 worker plugin: the one piece of process state the pipeline keeps, dropped when the labeling ends. Each task
-labels one shard and writes it to the store (a folder every worker sees, or S3); the flow writes the manifest
-once every shard's record is in, so a failed or killed worker leaves an entry that is never read, and the next
-run labels only the shards it lacks. A killed worker's task is rescheduled by Dask on another worker first.
+labels one shard and writes it to the store (a folder every worker sees, or S3); the run writes the manifest
+once every shard's record is in and read back, so a failed or killed worker leaves an entry that is never read,
+and the next run labels only the shards it lacks. A killed worker's task is rescheduled by Dask on another worker
+first.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import hashlib
 import io
 import os
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from distributed import Worker, WorkerPlugin, get_worker
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext, get_run_context
+from prefect_dask import DaskTaskRunner
 
 from distill_core.errors import DistillError, SoftLabelError, TeacherError
 from distill_core.modules import LoadedTeacher
@@ -74,10 +81,8 @@ def teacher_loader(teacher: LoadedTeacher, tracking_uri: str) -> TeacherLoader:
     return partial(_unpickled, buffer.getvalue(), teacher.name, teacher.version, teacher.content_digest)
 
 
-def task_runner(settings: Settings, threads: int) -> Any:
+def task_runner(settings: Settings, threads: int) -> DaskTaskRunner:
     """The DaskTaskRunner the settings ask for: a temporary LocalCluster, or a running scheduler."""
-    from prefect_dask import DaskTaskRunner
-
     if settings.dask != "local":
         return DaskTaskRunner(address=settings.dask)
     workers = settings.dask_workers or max(1, (os.cpu_count() or 1) // threads)
@@ -137,49 +142,72 @@ def _worker_teacher(name: str, timeout_s: float = PLUGIN_TIMEOUT_S) -> LoadedTea
     raise TeacherError(f"the teacher was not loaded on worker {worker.address} within {timeout_s:.0f} s")
 
 
-def _label_shard_worker(job: ShardJob, cfg: Any, task: str, store_uri: str, key: str, plugin: str) -> dict[str, Any]:
+def _label_shard(job: ShardJob, cfg: Any, task: str, store_uri: str, key: str, plugin: str) -> dict[str, Any]:
+    """One shard, labeled with this worker's teacher and written to the store; its manifest record."""
     record, _ = label_shard(_worker_teacher(plugin), job, cfg, task, open_store(store_uri), key)
     return record
+
+
+@dataclass
+class _Labeling:
+    plugin: TeacherPlugin
+    jobs: list[ShardJob]
+    cfg: Any
+    task: str
+    store_uri: str
+    key: str
+
+
+# The labeling flow's inputs, by run, in the process that runs it. As flow parameters Prefect would store them with
+# the flow run and, like a closure's, pickle them into every task it sends to the cluster (the teacher included).
+_LABELINGS: dict[str, _Labeling] = {}
+
+
+def _label_shards(labeling: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Label the shards on the flow's DaskTaskRunner: the teacher plugin registered for the run, one task per
+    shard; the records of the shards labeled and a line for each that failed."""
+    work = _LABELINGS[labeling]
+    client = get_run_context().task_runner.client  # type: ignore[union-attr]
+    client.register_plugin(work.plugin)
+    try:
+        futures = [
+            label_shard_task.submit(job, work.cfg, work.task, work.store_uri, work.key, work.plugin.name)
+            for job in work.jobs
+        ]
+        records, failed = [], []
+        for job, future in zip(work.jobs, futures, strict=True):
+            try:
+                records.append(future.result())
+            except Exception as err:  # the task's own error, or KilledWorker once Dask's allowed failures are spent
+                failed.append(f"{job.shard.stem} ({type(err).__name__}: {str(err)[:200]})")
+        return records, failed
+    finally:
+        client.unregister_worker_plugin(work.plugin.name)
+
+
+# Prefect pickles a task's and a flow's function into every task it sends to the cluster. Decorated in place, a
+# function is not found under its own name (the name holds the Task or Flow), so cloudpickle would copy it by value
+# with the globals it reads (_LABELINGS: the teacher); kept under its name, it travels as a reference.
+label_shard_task = task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label {job.shard.stem}")(_label_shard)
+label_shards = flow(name="label-shards", validate_parameters=False)(_label_shards)
 
 
 def _label_on_dask(
     settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str, store_uri: str, jobs: list[ShardJob], key: str
 ) -> list[dict[str, Any]]:
-    from prefect import flow
-    from prefect import task as prefect_task
-    from prefect.cache_policies import NO_CACHE
-    from prefect.context import TaskRunContext, get_run_context
-
     threads = cfg.threads or 1
     plugin = TeacherPlugin(teacher_loader(teacher, settings.tracking_uri), teacher.identity, threads)
-    label_task = prefect_task(  # type: ignore[call-overload]  # NO_CACHE is a CachePolicy the stubs do not see
-        _label_shard_worker, name="label-shard", cache_policy=NO_CACHE, task_run_name="label {job.shard.stem}"
-    )
-
-    @flow(name="label-shards", task_runner=task_runner(settings, threads), validate_parameters=False)
-    def label_shards() -> tuple[list[dict[str, Any]], list[str]]:
-        client = get_run_context().task_runner.client  # type: ignore[union-attr]
-        client.register_plugin(plugin)
-        try:
-            futures = [label_task.submit(job, cfg, task, store_uri, key, plugin.name) for job in jobs]
-            records, failed = [], []
-            for job, future in zip(jobs, futures, strict=True):
-                try:
-                    records.append(future.result())
-                except Exception as err:  # the task's own error, or KilledWorker once Dask's allowed failures are
-                    failed.append(f"{job.shard.stem} ({type(err).__name__}: {str(err)[:200]})")  # spent
-            return records, failed
-        finally:
-            client.unregister_worker_plugin(plugin.name)
-
+    run = uuid.uuid4().hex
+    _LABELINGS[run] = _Labeling(plugin, jobs, cfg, task, store_uri, key)
     # Called from a task of the run's flow (the soft-label step), the labeling flow would carry that task's context
     # into every shard's task, and with it the task's parameters (the teacher's weights among them): run it as a
     # subflow of the run's flow instead.
     outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
     try:
-        records, failed = label_shards()
+        records, failed = label_shards.with_options(task_runner=task_runner(settings, threads))(run)  # type: ignore[arg-type]
     finally:
         TaskRunContext.__var__.reset(outside)
+        del _LABELINGS[run]
     if failed:
         raise SoftLabelError(
             f"{len(failed)} of {len(jobs)} shards of soft labels {key} failed: {'; '.join(failed[:3])}. The "
