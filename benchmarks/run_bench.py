@@ -10,10 +10,11 @@ overheads 5 min, demo 20 min, pipeline 5 min, quality 30 min, search 60 min (its
 60 min (the classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min
 (lm-overheads, its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the
 first run only), export 30 min (the demo's classifier students and the LM demo's student, trained for it, as torch
-fp32, ONNX fp32 and ONNX int8), scale 15 min (labeling on Dask against one process).
+fp32, ONNX fp32 and ONNX int8), scale 15 min (labeling on Dask against one process, then DDP training; scale-ddp:
+the training part alone, 3 min).
 
     python benchmarks/run_bench.py [--only overheads|demo|pipeline|quality|search|modes|trigger|lm|lm-overheads
-                                           |lm-modes|export|scale ...] [--recipe recipes/bench.yaml]
+                                           |lm-modes|export|scale|scale-ddp ...] [--recipe recipes/bench.yaml]
     (modes and lm-modes also run by part: modes-stages, modes-warm, modes-ensemble, lm-modes-stages, ...)
 """
 
@@ -1185,6 +1186,62 @@ def scale() -> dict[str, Any]:
         "overhead_per_shard_s": overhead,
         "estimate_rows_per_s": estimate,
         "wall_s": time.perf_counter() - started,
+        "ddp": scale_ddp(),
+    }
+
+
+DDP_STEPS, DDP_REPEATS = 60, 3
+
+
+def scale_ddp() -> dict[str, Any]:
+    """Step time of one candidate's training (MiniLM's last layer as the student, batch 64, stored logits) in one
+    process at 2 threads and at 1, against torchrun with 2 processes of 1 thread (train.distributed: the
+    pipeline's own path), interleaved; the loop's own seconds (rank 0's, without torchrun's start) and the wall."""
+    from distill_core.recipe import DistributedConfig
+    from distill_core.train import TransferSet, train_student
+
+    torch.manual_seed(0)
+    home, _ = cold_home("scale-ddp")
+    data = prepare_dataset(DataConfig(max_rows=SCALE_ROWS, augment_copies=0), home / "data")
+    encoder, tokenizer = load_minilm()
+    teacher = TextClassifier(encoder, tokenizer, data.labels).eval()
+    frame, val = data.split("transfer"), data.split("validation")
+    texts = frame["text"].tolist()
+    signal = teacher_logits(LoadedTeacher(teacher, "t", "bench", ""), texts, SoftLabelConfig())
+    transfer = TransferSet(texts, frame["label"].to_numpy(), signal)
+    student_cfg = StudentConfig(name="minilm-1L", family="transformer", teacher_layers=[5])
+    cfg = TrainConfig(
+        losses=[LossTerm(function="forward_kl")], batch_size=64, max_steps=DDP_STEPS, eval_every=10**6, patience=100
+    )
+    layouts = {
+        "process_2_threads": (cfg, 2),
+        "process_1_thread": (cfg, 1),
+        "ddp_2x1": (cfg.model_copy(update={"distributed": DistributedConfig(nproc=2)}), 1),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    wall: dict[str, list[float]] = {name: [] for name in layouts}
+    for repeat in range(DDP_REPEATS + 1):  # the first round warms up and is not counted
+        for name, (run_cfg, threads) in layouts.items():
+            torch.manual_seed(0)
+            student = build_student(student_cfg, teacher, data.labels, texts, 64, log=lambda _: None)
+            torch.set_num_threads(threads)
+            begin = time.perf_counter()
+            result = train_student(
+                student, student_cfg, run_cfg, transfer, (val["text"].tolist(), val["label"].to_numpy()),
+                home / f"{name}-{repeat}", fingerprint=name, log=lambda _: None,
+            )  # fmt: skip
+            torch.set_num_threads(2)
+            if repeat:
+                seconds[name].append(result.seconds / result.steps)
+                wall[name].append(time.perf_counter() - begin)
+    step_ms = {name: statistics.median(v) * 1000 for name, v in seconds.items()}
+    return {
+        "steps": DDP_STEPS,
+        "batch": 64,
+        "step_ms": step_ms,
+        "wall_s": {name: statistics.median(v) for name, v in wall.items()},
+        "speedup_vs_1_thread": step_ms["process_1_thread"] / step_ms["ddp_2x1"],
+        "speedup_vs_2_threads": step_ms["process_2_threads"] / step_ms["ddp_2x1"],
     }
 
 
@@ -1221,6 +1278,27 @@ def _scale_markdown(part: dict[str, Any]) -> list[str]:
             f"{w} workers {estimate['serial'][w]:,.0f}–{estimate['parallel'][w]:,.0f}" for w in estimate["parallel"]
         )
         + ".",
+        "",
+        *_ddp_markdown(part.get("ddp")),
+    ]
+
+
+def _ddp_markdown(ddp: dict[str, Any] | None) -> list[str]:
+    if not ddp:
+        return []
+    ms, wall = ddp["step_ms"], ddp["wall_s"]
+    return [
+        f"### Data-parallel training (torchrun, gloo; MiniLM-1L student, batch {ddp['batch']}, {ddp['steps']} steps, "
+        f"medians of {DDP_REPEATS} interleaved runs)",
+        "",
+        "| training | ms per step | wall, s |",
+        "|---|---|---|",
+        f"| one process, 2 threads | {ms['process_2_threads']:.0f} | {wall['process_2_threads']:.1f} |",
+        f"| one process, 1 thread | {ms['process_1_thread']:.0f} | {wall['process_1_thread']:.1f} |",
+        f"| 2 processes × 1 thread (DDP) | {ms['ddp_2x1']:.0f} | {wall['ddp_2x1']:.1f} |",
+        "",
+        f"DDP against one process at 1 thread: {ddp['speedup_vs_1_thread']:.2f}×; at 2 threads: "
+        f"{ddp['speedup_vs_2_threads']:.2f}× (wall includes torchrun's start).",
         "",
     ]
 
@@ -1416,6 +1494,10 @@ def markdown(results: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def previous_results() -> str:
+    return (HERE / "results.json").read_text() if (HERE / "results.json").exists() else "{}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -1432,6 +1514,7 @@ def main() -> None:
             "search",
             "export",
             "scale",
+            "scale-ddp",
         ),
         action="append",
         help="run only these parts (repeatable); the others keep their previous results",
@@ -1488,6 +1571,10 @@ def main() -> None:
     if "scale" in parts:
         results["scale"] = scale()
         print(json.dumps(results["scale"], indent=2, default=float))
+    elif "scale-ddp" in parts:  # the training part alone (about 3 minutes)
+        old_scale = json.loads(previous_results()).get("scale", {})
+        results["scale"] = {**old_scale, "ddp": scale_ddp()}
+        print(json.dumps(results["scale"]["ddp"], indent=2, default=float))
     if "trigger" in parts:
         measured = trigger()
         if "skipped" in measured:  # no PostgreSQL here: keep the previous numbers

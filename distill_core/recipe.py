@@ -145,8 +145,17 @@ def _default_losses() -> list[LossTerm]:
     return [LossTerm(function="forward_kl", weight=0.5, temperature=2.0), LossTerm(function="ce", weight=0.5)]
 
 
+class DistributedConfig(_Strict):
+    """Data-parallel training of each candidate with torchrun: `nproc` processes on this machine (gloo, on the
+    CPU), each a share of every batch, gradients averaged by DistributedDataParallel."""
+
+    nproc: int = Field(default=2, ge=1, le=256)
+
+
 class TrainConfig(_Strict):
     """The distillation loop."""
+
+    ADDED_FIELDS = ("distributed",)
 
     mode: Literal["offline", "online"] = "offline"  # offline: stored soft labels; online: teacher in the loop
     losses: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
@@ -159,6 +168,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=200, ge=1)  # steps
     eval_every: int = Field(default=200, ge=1)  # steps; also at the end of every epoch
     patience: int = Field(default=3, ge=1)  # evaluations without improvement before stopping early
+    distributed: DistributedConfig | None = None  # None: one process
 
     def family_lr(self, family: str) -> float:
         """The lr a student family trains at when neither it nor the recipe sets one."""
@@ -171,6 +181,11 @@ class TrainConfig(_Strict):
             raise ValueError(f"loss terms {needs_online} need the teacher in the loop: set train.mode: online")
         if all(t.weight == 0 for t in self.losses):
             raise ValueError("every loss term has weight 0: give at least one term a positive weight")
+        if self.distributed is not None and self.mode == "online":
+            raise ValueError(
+                "train.distributed trains from the stored soft labels: the teacher in the loop (mode: online) is "
+                "not sharded across processes; use mode: offline or drop train.distributed"
+            )
         return self
 
 
@@ -527,6 +542,9 @@ class BaseRecipe(_Strict):
     def recipe_hash(self) -> str:
         """A stable hash of every setting: equal recipes hash equal whatever their YAML layout."""
         settings = _without_added_defaults(self, self.model_dump(mode="json"))
+        # how many processes train a candidate changes no result (up to float rounding): not the recipe's identity,
+        # so a checkpoint resumes at another world size and a student's idempotency key stays the same
+        settings["train"].pop("distributed", None)
         for later in ADDED_SECTIONS:  # at their default they leave the hash as earlier releases made it
             if getattr(self, later) == type(self).model_fields[later].get_default(call_default_factory=True):
                 settings.pop(later)

@@ -9,6 +9,7 @@ the mean over all of them, as one large batch would give (not a mean of means: T
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from distill_core.losses import DistillationObjective
 from distill_core.modules import TextClassifier, TextModule, fast_attention
@@ -107,10 +109,16 @@ class Distiller:
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.params = [p for p in [*student.parameters(), *objective.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        # Under torchrun each process steps on its share of every batch; DistributedDataParallel averages the
+        # gradients over the processes (its forward is the student's, so the student's own forward goes through it).
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.forward: Any = student
+        if self.world > 1:
+            self.forward = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
 
     def _outputs(self, inputs: dict[str, torch.Tensor]) -> Outputs:
         if not self.objective.needs_features:
-            return Outputs(self.student(**inputs))
+            return Outputs(self.forward(**inputs))
         if not isinstance(self.student, TextClassifier):
             raise TypeError("feature and attention terms need a transformer student (a TextClassifier)")
         feats = self.student.features(**inputs)
@@ -125,20 +133,33 @@ class Distiller:
         parts = [range(start, min(start + size, len(index))) for start in range(0, len(index), size)]
         batches = [self.task.batch(self.student, [texts[i] for i in part], targets[list(part)]) for part in parts]
         counts = [float(b.mask.sum()) if b.mask is not None else float(b.targets.numel()) for b in batches]
-        total_count = max(sum(counts), 1.0)
+        total_count = max(_summed(sum(counts), self.world), 1.0)  # over every process's share of the update
         logged: dict[str, float] = {}
-        for part, batch, count in zip(parts, batches, counts, strict=True):
+        for number, (part, batch, count) in enumerate(zip(parts, batches, counts, strict=True)):
             rows, inputs = [index[i] for i in part], [texts[i] for i in part]
             signal = self.source.signal(rows, inputs, batch) if self.source is not None else None
-            loss, terms = self.objective(self._outputs(batch.inputs), signal, batch.targets, batch.mask)
-            share = count / total_count
-            (loss * share).backward()
+            last = number == len(parts) - 1
+            with self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext():
+                loss, terms = self.objective(self._outputs(batch.inputs), signal, batch.targets, batch.mask)
+                share = count / total_count
+                (loss * share * self.world).backward()  # DDP averages over the processes: their sum is the mean
             for name, value in {"loss": float(loss.detach()), **terms}.items():
                 logged[name] = logged.get(name, 0.0) + value * share
+        if self.world > 1:
+            logged = {name: _summed(value, self.world) for name, value in logged.items()}
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         return logged
+
+
+def _summed(value: float, world: int) -> float:
+    """`value` summed over the training processes (itself in one)."""
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -167,7 +188,21 @@ def train_student(
     on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train until epochs/max_steps or early stop; resume from `checkpoint_dir` when a matching checkpoint exists.
-    on_eval(step, value) follows every evaluation (a search's pruner: it may raise to stop the training)."""
+    on_eval(step, value) follows every evaluation (a search's pruner: it may raise to stop the training).
+
+    With `train.distributed`, the training runs under torchrun (distill_core.ddp) and this returns its result: each
+    process takes its share of every batch of the one-process order (rows i, i+N, ... of it, as a
+    DistributedSampler gives them), so the updates are the one-process updates up to float rounding; rank 0 writes
+    the checkpoints, which hold nothing per process, so a run resumes at any world size."""
+    if cfg.distributed is not None and cfg.distributed.nproc > 1 and not dist.is_initialized():
+        from distill_core.ddp import train_distributed
+
+        if on_step is not None or on_eval is not None:
+            raise ValueError("train.distributed runs the loop in other processes: it takes no on_step or on_eval hook")
+        return train_distributed(
+            student, student_cfg, cfg, transfer, validation, checkpoint_dir, fingerprint, log, task, signal_cfg
+        )
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(cfg.seed)
     layer = student_cfg.teacher_layers[-1] if student_cfg.family == "transformer" else None
     objective = objective_for(student, cfg, teacher if cfg.mode == "online" else None)
@@ -234,7 +269,7 @@ def train_student(
     while step < total and not result.stopped_early and not finished:
         epoch, position = divmod(step, steps_per_epoch)
         order = _epoch_order(n, cfg.seed, epoch)
-        index = order[position * rows_per_step : (position + 1) * rows_per_step]
+        index = order[position * rows_per_step : (position + 1) * rows_per_step][rank::world]
         texts = [transfer.texts[i] for i in index]
         last_terms = distiller.step(index, texts, labels_all[index])
         step += 1
@@ -244,7 +279,7 @@ def train_student(
         if (step % cfg.eval_every == 0 or end_of_epoch) and evaluate(step) and step < total:
             result.stopped_early = True
             log(f"early stop at step {step}: no improvement for {cfg.patience} evaluations")
-        if step % cfg.checkpoint_every == 0 or end_of_epoch or result.stopped_early:
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or end_of_epoch or result.stopped_early):
             _save_checkpoint(
                 ckpt_path,
                 {
@@ -263,7 +298,7 @@ def train_student(
                 },
             )
     student.load_state_dict(best_state)
-    if not finished:
+    if not finished and rank == 0:
         # Training is over: keep only what a rerun reuses (the best weights and the history), not the optimizer's
         # moments and the last state, which make a checkpoint several times the student's size.
         _save_checkpoint(

@@ -245,6 +245,34 @@ def test_a_killed_lm_training_resumes_from_its_checkpoint_with_the_same_result(l
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_an_lm_student_trained_by_two_processes_under_torchrun_matches_one_process(lm_teacher, lm_dataset, tmp_path):
+    """train.distributed: DDP over gloo, each process 8 of every 16 blocks in 2 micro-batches, clipping on the
+    averaged gradient: the same perplexities and weights as one process, to float rounding."""
+    train = {"epochs": 1, "batch_size": 4, "grad_accumulation": 2, "eval_every": 5, "lr": 3e-3}
+    results = {}
+    for nproc in (None, 2):
+        cfg = {**train, "distributed": {"nproc": nproc}} if nproc else train
+        recipe = parse_recipe({"name": "lm", "task": "causal_lm", "students": [STUDENT], "train": cfg})
+        labels = generate_soft_labels(
+            _loaded(lm_teacher), lm_dataset, recipe.soft_labels, LocalStore(tmp_path / "store"), "causal_lm"
+        )
+        inputs, targets = CAUSAL_LM.examples(lm_dataset, "transfer")
+        torch.manual_seed(0)
+        student = CAUSAL_LM.build_student(recipe.students[0], lm_teacher, lm_dataset, inputs, None, lambda _: None)
+        results[nproc] = train_student(
+            student, recipe.students[0], recipe.train, TransferSet(inputs, targets, labels.signal["transfer"]),
+            CAUSAL_LM.examples(lm_dataset, "validation"), tmp_path / str(nproc), fingerprint="f", log=lambda _: None,
+            task=CAUSAL_LM, signal_cfg=recipe.soft_labels,
+        )  # fmt: skip
+    one, two = results[None], results[2]
+    assert [h["step"] for h in one.history] == [h["step"] for h in two.history] and one.steps == two.steps == 20
+    for mine, theirs in zip(one.history, two.history, strict=True):
+        assert theirs["val_perplexity"] == pytest.approx(mine["val_perplexity"], rel=1e-4)
+        assert theirs["loss"] == pytest.approx(mine["loss"], rel=1e-4)
+    for a, b in zip(one.student.state_dict().values(), two.student.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 # --- the same pipeline: flow, registry, gates, aliases, serving -----------------------------------------------
 
 

@@ -92,6 +92,14 @@ def test_the_shipped_recipes_keep_their_hash(path):
     assert load_recipe(DEMO.parents[1] / path).recipe_hash() == PINNED_HASHES[path]
 
 
+def test_training_in_several_processes_keeps_the_recipe_hash_and_refuses_the_teacher_in_the_loop():
+    distributed = {**MINIMAL, "train": {"distributed": {"nproc": 4}}}
+    assert parse_recipe(distributed).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    online = {**MINIMAL, "train": {"mode": "online", "distributed": {"nproc": 2}}}
+    with pytest.raises(RecipeError, match="train.distributed trains from the stored soft labels"):
+        parse_recipe(online)
+
+
 def test_the_deploy_section_at_its_default_keeps_the_hash_and_a_target_needs_the_export():
     assert parse_recipe({**MINIMAL, "deploy": {"format": "torch"}}).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
     assert (

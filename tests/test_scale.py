@@ -4,23 +4,38 @@ worker processes), equal byte for byte to one process's, and a killed worker's s
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import numpy as np
+import psutil
 import pytest
+import torch
 from lm_models import trained_tiny_lm
 from prefect import flow, task
+from stack import wait_for
 from toy_models import KillingTeacher, WordHashTokenizer
 
+from distill_core.ddp import DistributedTrainingError
 from distill_core.errors import DistillError, SoftLabelError
 from distill_core.lm_data import blocks_of, prepare_lm_dataset
 from distill_core.model_io import load_teacher
 from distill_core.modules import LoadedTeacher, WrappedTeacher, content_digest
-from distill_core.recipe import LMDataConfig, LMSignalConfig, SoftLabelConfig
+from distill_core.recipe import (
+    DistributedConfig,
+    LMDataConfig,
+    LMSignalConfig,
+    LossTerm,
+    SoftLabelConfig,
+    StudentConfig,
+    TrainConfig,
+)
 from distill_core.settings import Settings
 from distill_core.sharding import shard_runner
 from distill_core.soft_labels import generate_soft_labels, load_soft_labels
 from distill_core.store import LocalStore
+from distill_core.students import build_student
+from distill_core.train import TransferSet, train_student
 
 CFG = SoftLabelConfig(batch_size=32, max_length=64, shard_rows=64, threads=1)
 
@@ -153,3 +168,76 @@ def test_bad_dask_settings_are_refused_by_name(variables, error, tmp_path, monke
         monkeypatch.setenv(name, value)
     with pytest.raises(DistillError, match=error):
         load_settings(tmp_path)
+
+
+# --- data-parallel training under torchrun ------------------------------------------------------------------------
+
+BAG = StudentConfig(name="bag", family="embedding_bag", buckets=4096, dim=16, lr=0.02)
+# The soft targets alone: every term averaged over all of a batch's rows sums exactly over the processes' shares.
+# (`ce` averages over the labelled rows only, and a transfer set with augmented copies has unlabelled ones: each
+# process averages over its own labelled rows, as DDP does, which moves the loss by their spread between shares.)
+KD = [LossTerm(function="forward_kl", weight=1.0)]
+
+
+@pytest.fixture(scope="module")
+def transfer_set(registered_teacher, small_dataset, tracking_uri, tmp_path_factory):
+    teacher = load_teacher(*registered_teacher, tracking_uri)
+    labels = generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path_factory.mktemp("store")))
+    frame, val = small_dataset.split("transfer"), small_dataset.split("validation")
+    transfer = TransferSet(frame["text"].tolist(), frame["label"].to_numpy(), labels.signal["transfer"])
+    return teacher, transfer, (val["text"].tolist(), val["label"].to_numpy())
+
+
+def _train(transfer_set, cfg, folder, nproc=None):
+    teacher, transfer, val = transfer_set
+    torch.manual_seed(0)
+    student = build_student(BAG, teacher.module, ("fresh", "rotten"), transfer.texts, 64)
+    if nproc is not None:
+        cfg = cfg.model_copy(update={"distributed": DistributedConfig(nproc=nproc)})
+    return train_student(student, BAG, cfg, transfer, val, folder, fingerprint="ddp-test", log=lambda _: None)
+
+
+def _same_curve(one, other, tolerance=1e-5):
+    assert [h["step"] for h in one.history] == [h["step"] for h in other.history]
+    for mine, theirs in zip(one.history, other.history, strict=True):
+        assert mine["val_accuracy"] == theirs["val_accuracy"], (mine, theirs)
+        assert abs(mine["loss"] - theirs["loss"]) <= tolerance * max(1.0, abs(theirs["loss"])), (mine, theirs)
+    a, b = one.student.state_dict(), other.student.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= tolerance
+
+
+def _step(checkpoint):
+    return torch.load(checkpoint, weights_only=False)["step"]
+
+
+def test_two_process_ddp_matches_one_process_training(transfer_set, tmp_path):
+    cfg = TrainConfig(losses=KD, epochs=3, batch_size=32, eval_every=4, patience=100)
+    alone = _train(transfer_set, cfg, tmp_path / "alone")
+    ddp = _train(transfer_set, cfg, tmp_path / "ddp", nproc=2)
+    assert ddp.steps == alone.steps and len(ddp.history) > 3
+    _same_curve(ddp, alone)
+
+
+def test_a_ddp_run_killed_mid_training_resumes_at_another_world_size(transfer_set, tmp_path):
+    cfg = TrainConfig(losses=KD, epochs=40, batch_size=32, eval_every=10, checkpoint_every=10, patience=1000)
+    alone = _train(transfer_set, cfg, tmp_path / "alone")
+    checkpoint = tmp_path / "ddp" / "last.pt"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_train, transfer_set, cfg, tmp_path / "ddp", 2)
+        wait_for(
+            lambda: checkpoint.exists() and torch.load(checkpoint, weights_only=False)["step"] >= 30,
+            120,
+            "a checkpoint",
+        )
+        launcher = next(
+            p for p in psutil.Process().children(recursive=True) if "torch.distributed.run" in " ".join(p.cmdline())
+        )
+        for process in [launcher, *launcher.children(recursive=True)]:
+            process.kill()  # the whole torchrun tree, as a lost node or an OOM kill would
+        with pytest.raises(DistributedTrainingError, match="its checkpoint .* resumes a rerun"):
+            running.result(timeout=60)
+    killed_at = _step(checkpoint)
+    assert 30 <= killed_at < alone.steps
+    resumed = _train(transfer_set, cfg, tmp_path / "ddp")  # one process now
+    assert resumed.resumed_from == killed_at and resumed.steps == alone.steps
+    _same_curve(resumed, alone)
