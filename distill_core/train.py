@@ -197,11 +197,12 @@ def train_student(
     if cfg.distributed is not None and cfg.distributed.nproc > 1 and not dist.is_initialized():
         from distill_core.ddp import train_distributed
 
-        if on_step is not None or on_eval is not None:
-            raise ValueError("train.distributed runs the loop in other processes: it takes no on_step or on_eval hook")
-        return train_distributed(
-            student, student_cfg, cfg, transfer, validation, checkpoint_dir, fingerprint, log, task, signal_cfg
-        )
+        if on_step is not None or on_eval is not None:  # a search trial's pruner reads every evaluation here
+            log(f"{student_cfg.name}: trained in this process (train.distributed takes no step or evaluation hook)")
+        else:
+            return train_distributed(
+                student, student_cfg, cfg, transfer, validation, checkpoint_dir, fingerprint, log, task, signal_cfg
+            )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(cfg.seed)
     layer = student_cfg.teacher_layers[-1] if student_cfg.family == "transformer" else None

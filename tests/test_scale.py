@@ -241,3 +241,15 @@ def test_a_ddp_run_killed_mid_training_resumes_at_another_world_size(transfer_se
     resumed = _train(transfer_set, cfg, tmp_path / "ddp")  # one process now
     assert resumed.resumed_from == killed_at and resumed.steps == alone.steps
     _same_curve(resumed, alone)
+
+
+def test_a_search_trial_with_its_pruner_hook_trains_in_this_process(transfer_set, tmp_path):
+    teacher, transfer, val = transfer_set
+    cfg = TrainConfig(losses=KD, max_steps=4, batch_size=32, eval_every=2, distributed=DistributedConfig(nproc=2))
+    seen, said = [], []
+    student = build_student(BAG, teacher.module, ("fresh", "rotten"), transfer.texts, 64)
+    result = train_student(
+        student, BAG, cfg, transfer, val, tmp_path, fingerprint="t", log=said.append, on_eval=lambda *e: seen.append(e)
+    )
+    assert result.steps == 4 and [step for step, _ in seen] == [2, 4]
+    assert "bag: trained in this process (train.distributed takes no step or evaluation hook)" in said
