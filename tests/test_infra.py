@@ -3,6 +3,7 @@ with the same variables as the topology the tests start (tests/stack.py); prefec
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -114,3 +115,64 @@ def test_the_benchmark_script_imports_what_the_core_has_today():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--only" in out.stdout
+
+
+# --- Kubernetes: the same topology as plain manifests and a kubernetes work pool ---------------------------------
+
+K8S = INFRA / "k8s"
+KUBERNETES = "1.33"  # the schemas the manifests are checked against (kubernetes-validate ships them)
+
+
+def _manifests() -> dict[tuple[str, str], dict]:
+    docs = [d for d in yaml.safe_load_all((K8S / "distill.yaml").read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_the_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> None:
+    import kubernetes_validate
+
+    manifests = _manifests()
+    for doc in manifests.values():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)  # raises, naming the field, on any error
+    broken = copy.deepcopy(manifests[("Deployment", "dask-worker")])
+    broken["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"configMap": {"name": "distill-env"}}]
+    with pytest.raises(kubernetes_validate.ValidationError, match="configMap"):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+def test_the_kubernetes_topology_is_wired_like_the_compose_one() -> None:
+    manifests, services = _manifests(), compose_config("--env-file", str(INFRA / ".env.example"))["services"]
+    env = {**manifests[("ConfigMap", "distill-env")]["data"], **manifests[("Secret", "distill-secrets")]["stringData"]}
+    compose_env = services["prefect-worker"]["environment"]
+    assert {k for k in compose_env if k.startswith(("MLFLOW_", "DISTILL_", "PREFECT_API", "AWS_"))} - {
+        "PREFECT_WORKER_QUERY_SECONDS"
+    } <= set(env)
+    scheduler = manifests[("Service", "dask-scheduler")]
+    port = next(p["port"] for p in scheduler["spec"]["ports"] if p["name"] == "scheduler")
+    assert env["DISTILL_DASK_ADDRESS"] == f"tcp://dask-scheduler:{port}"
+    for name in ("dask-worker", "prefect-worker", "distill-receiver"):
+        container = manifests[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+        assert {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in container["envFrom"]} == {
+            "distill-env",
+            "distill-secrets",
+        }, name
+    worker = manifests[("Deployment", "dask-worker")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert env["DISTILL_DASK_ADDRESS"] in worker and worker[worker.index("--nthreads") + 1] == "1"
+    pool = manifests[("Deployment", "prefect-worker")]["spec"]["template"]["spec"]
+    role = manifests[("Role", "prefect-worker")]
+    assert pool["serviceAccountName"] == "prefect-worker" and "jobs" in role["rules"][0]["resources"]
+
+
+def test_the_kubernetes_deployments_are_the_process_pools_on_a_kubernetes_pool() -> None:
+    process = {d["name"]: d for d in yaml.safe_load((INFRA / "prefect.yaml").read_text())["deployments"]}
+    spec = yaml.safe_load((K8S / "prefect.yaml").read_text())
+    kubernetes = {d["name"]: d for d in spec["deployments"]}
+    assert set(kubernetes) == set(process)
+    pool = _manifests()[("Deployment", "prefect-worker")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    for name, deployment in kubernetes.items():
+        same = ("entrypoint", "tags", "concurrency_limit", "parameters", "schedules")
+        assert {k: deployment.get(k) for k in same} == {k: process[name].get(k) for k in same}, name
+        assert deployment["work_pool"]["name"] == pool[pool.index("--pool") + 1]
+        assert deployment["work_pool"]["job_variables"]["image"] == "continuous-distill:latest"
+    assert spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"  # the WORKDIR
+    assert "WORKDIR /app" in (INFRA / "Dockerfile").read_text()
