@@ -68,6 +68,9 @@ class ArtifactStore(Protocol):
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object whose key starts with prefix; '' empties the store."""
 
+    def size(self, prefix: str) -> int:
+        """Bytes stored under keys that start with prefix."""
+
     def describe(self) -> str:
         """Where the store lives, for error and log messages."""
 
@@ -145,6 +148,9 @@ class LocalStore(ArtifactStore):
                 if key.startswith(prefix) and not in_flight:
                     keys.append(key)
         return sorted(keys)
+
+    def size(self, prefix: str) -> int:
+        return sum(self._path(key).stat().st_size for key in self.list(prefix))
 
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list(prefix):
@@ -263,11 +269,18 @@ class S3Store(ArtifactStore):
         with self._errors("downloading", check_key(key)):
             _write_atomic(Path(path), lambda f: self.client.download_fileobj(self.bucket, self._full(key), f))
 
-    def _list_full(self, prefix: str) -> KeyList:
+    def _objects(self, prefix: str) -> list[dict[str, Any]]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._full(prefix), PaginationConfig={"PageSize": self.page_size}
         )
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        return [obj for page in pages for obj in page.get("Contents", [])]
+
+    def _list_full(self, prefix: str) -> KeyList:
+        return [obj["Key"] for obj in self._objects(prefix)]
+
+    def size(self, prefix: str) -> int:
+        with self._errors("listing", check_key(prefix, prefix=True) or None):
+            return sum(int(obj["Size"]) for obj in self._objects(prefix))
 
     def list(self, prefix: str = "") -> KeyList:
         with self._errors("listing", check_key(prefix, prefix=True) or None):

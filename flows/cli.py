@@ -581,6 +581,24 @@ def export_student(
 
 
 @app.command()
+def gc(
+    home: HomeOpt = None,
+    keep_versions: Annotated[int | None, typer.Option(min=1, help="Keep the newest N versions of each teacher.")] = 3,
+    keep_days: Annotated[float | None, typer.Option(min=0, help="Delete what is older than this many days.")] = None,
+    delete: Annotated[bool, typer.Option(help="Delete; without it, only print what would go (a dry run).")] = False,
+) -> None:
+    """Delete soft labels and run folders of teacher versions no aliased student needs: beyond the newest
+    --keep-versions of their teacher, or older than --keep-days. A dry run unless --delete."""
+    from distill_core.retention import collect, plan, render
+
+    settings = _env(home)
+    items = plan(settings, keep_versions, keep_days)
+    if delete:
+        collect(settings, items)
+    typer.echo(render(items, deleted=delete))
+
+
+@app.command()
 def ui(home: HomeOpt = None, port: int = 5000) -> None:
     """The MLflow UI on the embedded store; prints the pages to open first."""
     settings = _env(home)

@@ -72,6 +72,13 @@ def test_uploading_a_missing_local_file_is_a_plain_file_not_found(store: Artifac
     assert not store.exists("students/v3/checkpoint.pt")
 
 
+def test_size_counts_the_bytes_under_a_prefix(store: ArtifactStore) -> None:
+    store.write_bytes("labels/a/1.npy", b"x" * 100)
+    store.write_bytes("labels/a/2.npy", b"x" * 23)
+    store.write_bytes("labels/b/1.npy", b"x" * 7)
+    assert (store.size("labels/a/"), store.size("labels/"), store.size("none/")) == (123, 130, 0)
+
+
 def test_delete_prefix_removes_only_keys_under_it(store: ArtifactStore) -> None:
     for key in ["cache/a/1.bin", "cache/a/2.bin", "cache/ab/3.bin", "keep/4.bin"]:
         store.write_bytes(key, b".")
