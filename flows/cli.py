@@ -581,6 +581,24 @@ def export_student(
 
 
 @app.command()
+def notify(
+    url: Annotated[str, typer.Option("--url", help="Where to POST a JSON message on every run outcome.")],
+    header: Annotated[list[str] | None, typer.Option(help="A request header as NAME=VALUE (repeatable).")] = None,
+) -> None:
+    """Notify a webhook when a run fails, is rejected or promotes a student: the Prefect server's webhook block
+    `distill-notifications` and the automations of infra/automations.yaml (PREFECT_API_URL). Replaces earlier ones."""
+    from flows.notify import BLOCK, setup_notifications
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DistillError("distill notify configures a Prefect server's automations: set PREFECT_API_URL")
+    headers = dict(h.split("=", 1) for h in header or [] if "=" in h)
+    if len(headers) != len(header or []):
+        raise typer.BadParameter("give headers as NAME=VALUE", param_hint="--header")
+    names = setup_notifications(url, headers)
+    typer.echo(f"webhook block {BLOCK} -> {url}; automations: {', '.join(names)}")
+
+
+@app.command()
 def gc(
     home: HomeOpt = None,
     keep_versions: Annotated[int | None, typer.Option(min=1, help="Keep the newest N versions of each teacher.")] = 3,

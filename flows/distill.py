@@ -22,6 +22,7 @@ from distill_core import names
 from distill_core.errors import RecipeError, redact
 from distill_core.lineage import DATA_TRIGGER
 from distill_core.recipe import Recipe, load_recipe, recipe_location
+from distill_core.registry import CHAMPION
 from distill_core.settings import Settings, load_settings
 
 FLOW_NAME = "distill-teacher-version"
@@ -143,9 +144,11 @@ def distill_teacher_version(
                 student_version="", student_alias="none", reasons=why,
                 **_cleared(before, ["start", "search", "diagnosis", "remedies"]),
             )  # fmt: skip
+            announce("rejected", teacher_name, teacher_version, student, run_id=run.info.run_id, reason=why)
             return {"teacher_version": teacher_version, "student_model": student, "status": "rejected", "reason": why}
         except Exception as err:
             message = redact(f"{type(err).__name__}: {err}")
+            announce("failed", teacher_name, teacher_version, student, run_id=run.info.run_id, reason=message)
             mlflow.set_tag(names.ERROR, message[:4900])
             if rerun_of_outcome:  # keep the earlier outcome; say that the rerun failed and where
                 fields = {"rerun_error": f"{message} (MLflow run {run.info.run_id})"}
@@ -172,6 +175,9 @@ def distill_teacher_version(
             **{field: value for field, value in said.items() if value},
             **_cleared(before, [field for field, value in said.items() if not value]),
         )
+        outcome = "promoted" if decision.alias == CHAMPION else decision.status  # succeeded: registered, no champion
+        announce(outcome, teacher_name, teacher_version, student, run_id=run.info.run_id, reason=decision.reason,
+                 student_version=decision.student_version, alias=decision.alias or "none")  # fmt: skip
     return {
         "teacher_version": teacher_version,
         "student_model": student,
@@ -182,6 +188,22 @@ def distill_teacher_version(
         "notes": decision.notes,
         "seconds": {**decision.timings, "total": time.perf_counter() - started},
     }
+
+
+def announce(outcome: str, teacher: str, version: str, student: str, **payload: str) -> None:
+    """The run's outcome as a Prefect event, `distill.run.<promoted|succeeded|rejected|failed>`, on the resource
+    `distill.student-model.<student model>`: the automations of infra/automations.yaml notify on them."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=f"distill.run.{outcome}",
+        resource={
+            "prefect.resource.id": f"distill.student-model.{student}",
+            "prefect.resource.name": student,
+            "distill.teacher": f"{teacher}/{version}",
+        },
+        payload={"teacher": f"{teacher}/{version}", **payload},
+    )
 
 
 def _cleared(before: dict[str, str], unsaid: list[str]) -> dict[str, str]:

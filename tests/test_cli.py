@@ -15,7 +15,7 @@ from distill_core import links
 from distill_core.tasks import CLASSIFICATION
 
 ROOT = Path(__file__).resolve().parents[1]
-VERBS = ("demo", "run", "watch", "serve", "status", "promote", "rollback", "ui", "stage", "export", "gc")
+VERBS = ("demo", "run", "watch", "serve", "status", "promote", "rollback", "ui", "stage", "export", "gc", "notify")
 
 
 def distill(

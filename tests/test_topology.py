@@ -9,8 +9,10 @@ webhook switched off the scheduled watcher picks the next version up.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +28,7 @@ import pytest
 import yaml
 from mlflow.entities.webhook import WebhookStatus
 from mlflow.tracking import MlflowClient
-from stack import DISTILL_DEPLOYMENT, NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
+from stack import BIN, DISTILL_DEPLOYMENT, NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
 from stack import model_version_created as created
 from toy_models import one_student_recipe, register_toy_teacher
 
@@ -143,11 +145,36 @@ def test_a_forged_or_stale_delivery_is_refused_and_starts_nothing(stack: Stack) 
     assert stack.flow_runs() == []  # the receiver queues before it answers: nothing was queued
 
 
+@pytest.fixture
+def notifications() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A local webhook receiver, standing in for a team's chat or pager hook: the JSON bodies POSTed to it."""
+    received: list[dict[str, Any]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/distill", received
+    finally:
+        server.shutdown()
+
+
 def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
-    stack: Stack, client: MlflowClient, webhook: Any, small_dataset
+    stack: Stack, client: MlflowClient, webhook: Any, small_dataset, notifications: tuple[str, list[Any]]
 ) -> None:
     teacher, student = TEACHER, STUDENT
     stack.schedule_watcher(active=False)  # else a watcher pass at the same instant may queue the run first
+    hook_url, notified = notifications
+    said = stack._cli(str(BIN / "distill"), "notify", "--url", hook_url, env=stack.distill_env)
+    assert "automations: distill-run-failed, distill-run-rejected, distill-student-promoted" in said
     version = register(stack, small_dataset, seed=0)
     registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
 
@@ -178,6 +205,10 @@ def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_
     served = mlflow.pyfunc.load_model(f"models:/{student}@{CHAMPION}")
     prediction = served.predict(pd.DataFrame({"text": ["a warm, funny and moving film", "a tedious mess"]}))
     assert len(prediction) == 2 and set(prediction["label"]) <= set(small_dataset.labels)
+    # The promotion reached the team's webhook through the Prefect automation (infra/automations.yaml)
+    message = wait_for(lambda: next(iter(notified), None), 60, "the promotion's notification")
+    assert message["outcome"] == "distill.run.promoted" and message["student_model"] == student
+    assert message["teacher"] == f"{teacher}/{version}" and message["detail"]["student_version"] == champion
 
 
 @pytest.mark.slow  # 30 s; test_receiver's twenty duplicates keep deduplication in CI (make test-all runs it)
