@@ -1123,7 +1123,7 @@ def export(recipes: tuple[Path, ...] = (ROOT / "recipes" / "demo.yaml", ROOT / "
     return out
 
 
-SCALE_ROWS, SCALE_SHARD, SCALE_REPEATS = 3072, 128, 3  # reviews prepared (every split labeled), rows a shard, runs
+SCALE_ROWS, SCALE_SHARD, SCALE_REPEATS = 6144, 512, 2  # reviews prepared (every split labeled), rows a shard, runs
 
 
 def scale() -> dict[str, Any]:
