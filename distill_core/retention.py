@@ -9,22 +9,20 @@ version's run folders. Entries without a manifest (an interrupted labeling, whic
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from distill_core.errors import StoreError
 from distill_core.lineage import Lineage
 from distill_core.registry import CHALLENGER, CHAMPION, PREVIOUS
 from distill_core.settings import Settings
-from distill_core.store import ArtifactStore, open_store
+from distill_core.soft_labels import read_manifest
+from distill_core.store import open_store
 
 KEPT_ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 _RUN_FOLDER = re.compile(r"^(?P<head>.+)-v(?P<version>[^-]+)$")
@@ -93,7 +91,7 @@ def plan(
     store = open_store(settings.store_uri)
     found: list[tuple[str, str, str, str, float, int]] = []  # kind, where, teacher, version, moment, size
     for key in sorted({k.split("/")[1] for k in store.list("soft_labels/") if k.count("/") >= 2}):
-        manifest = _manifest(store, key)
+        manifest = read_manifest(store, key)
         if manifest is None:
             continue  # an interrupted labeling: the next run with its key resumes it
         created = datetime.fromisoformat(manifest["created_at"].replace("Z", "+00:00")).timestamp()
@@ -128,13 +126,6 @@ def plan(
             reasons.append(f"{age:.0f} days old (over {keep_days:g})")
         items.append(Item(kind, where, teacher, version, age, size, bool(reasons), "; ".join(reasons) or "kept"))
     return items
-
-
-def _manifest(store: ArtifactStore, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.read_bytes(f"soft_labels/{key}/manifest.json"))
-    except StoreError:
-        return None
 
 
 def collect(settings: Settings, items: list[Item]) -> int:

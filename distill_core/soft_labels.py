@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
 from distill_core.modules import LoadedTeacher, torch_threads
-from distill_core.store import ArtifactStore
+from distill_core.store import ArtifactNotFoundError, ArtifactStore
 from distill_core.tasks import task_named
 
 LABELED_SPLITS = ("transfer", "validation", "test")
@@ -235,12 +235,23 @@ def generate_soft_labels(
     return labels
 
 
+def read_manifest(store: ArtifactStore, key: str) -> dict[str, Any] | None:
+    """The manifest of the entry under `key`, or None when it has none (absent, or interrupted)."""
+    try:
+        manifest: dict[str, Any] = json.loads(store.read_bytes(f"soft_labels/{key}/manifest.json"))
+    except ArtifactNotFoundError:
+        return None
+    return manifest
+
+
 def load_soft_labels(store: ArtifactStore, key: str, reused: bool = True) -> SoftLabels:
     """Read a complete entry, checking every shard's checksum and row count against the manifest."""
     try:
-        manifest = json.loads(store.read_bytes(f"soft_labels/{key}/manifest.json"))
+        manifest = read_manifest(store, key)
     except StoreError as err:
-        raise SoftLabelError(f"no complete soft labels under key {key} in {store.describe()}: {err}") from None
+        raise SoftLabelError(f"cannot read soft labels {key} in {store.describe()}: {err}") from None
+    if manifest is None:
+        raise SoftLabelError(f"no complete soft labels under key {key} in {store.describe()}: no manifest")
     return _read_entry(store, manifest, reused)
 
 

@@ -133,3 +133,26 @@ def test_labels_round_trip_through_s3(registered_teacher, small_dataset, trackin
     second = generate_soft_labels(teacher, small_dataset, CFG, open_store(f"s3://{s3_env}/distill"))
     assert second.reused
     np.testing.assert_array_equal(second.signal["test"], first.signal["test"])
+
+
+def test_an_entry_stored_by_the_previous_release_is_reused_as_it_is(
+    registered_teacher, small_dataset, tracking_uri, tmp_path
+):
+    """Release 333b982 named shards by their index (transfer-00000.npy) and wrote no reused_shards; its manifest
+    lists its files, so the entry is found by the same key and read, not relabeled."""
+    teacher, calls = _counted(load_teacher(*registered_teacher, tracking_uri))
+    store = LocalStore(tmp_path)
+    made = generate_soft_labels(teacher, small_dataset, CFG, store)
+    entry, manifest = tmp_path / "soft_labels" / made.key, dict(made.manifest)
+    manifest.pop("reused_shards")
+    for split in ("transfer", "validation", "test"):  # the old names, index by index
+        for index, shard in enumerate(s for s in manifest["shards"] if s["split"] == split):
+            old = f"{split}-{index:05d}.npy"
+            (entry / shard["file"]).rename(entry / old)
+            shard["file"] = old
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    calls.clear()
+    again = generate_soft_labels(teacher, small_dataset, CFG, store)
+    assert again.reused and not calls and again.key == made.key
+    for split, signal in made.signal.items():
+        np.testing.assert_array_equal(again.signal[split], signal)
