@@ -57,7 +57,8 @@ def _admin(*statements: str) -> None:
 
 def deployments_for(recipe: Path, out: Path) -> Path:
     """infra/prefect.yaml as an operator adapts it to their recipe: the distillation deployment's teacher:/student:
-    tags and its DISTILL_RECIPE say the recipe's (the README's "a second recipe: copy this block")."""
+    tags and its DISTILL_RECIPE say the recipe's (the README's "a second recipe: copy this block"), and two
+    teacher versions may run at once (the file's "several versions at once")."""
     import yaml
 
     spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
@@ -70,6 +71,7 @@ def deployments_for(recipe: Path, out: Path) -> Path:
                 f"student:{names['student_registered_name']}",
             ]
             deployment["work_pool"]["job_variables"]["env"]["DISTILL_RECIPE"] = str(recipe)
+            deployment["concurrency_limit"]["limit"] = 2
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
 

@@ -37,7 +37,7 @@ from stack import (
     serving,
     wait_for,
 )
-from toy_models import one_student_recipe, register_toy_teacher
+from toy_models import champion_by_the_rule, one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, Ledger, aliases, ledger_entry, teacher_versions
 from flows.distill import Target
@@ -445,11 +445,4 @@ def test_a_burst_of_teacher_versions_is_handled_once_each_and_the_champion_is_wh
             "succeeded",
             "rejected",
         )
-    # The rule, replayed in the order the students were registered (= the order the runs were judged):
-    # a passing student that beats the champion becomes champion.
-    champion, best = None, -1.0
-    for v in students:
-        accuracy = float(v.tags["distill.accuracy"])
-        if v.tags["distill.gate"] == "passed" and accuracy > best:
-            champion, best = str(v.version), accuracy
-    assert aliases(client, student).get(CHAMPION) == champion
+    assert aliases(client, student).get(CHAMPION) == champion_by_the_rule(students)

@@ -2,9 +2,9 @@
 artifacts proxied to an S3-compatible server, `prefect server` on PostgreSQL with infra/prefect.yaml deployed,
 a process worker, and the webhook receiver (`distill serve --deployment ...`); see tests/stack.py.
 
-The tests run in order on one stack: a forged delivery starts nothing; a teacher registered through the
-MLflow server becomes a promoted student through the webhook; duplicate deliveries give one run; with the
-webhook switched off the scheduled watcher picks the next version up.
+The tests run in order on one stack: a forged delivery starts nothing; two teacher versions registered through
+the MLflow server become students through the webhook side by side, the right one champion; duplicate
+deliveries give one run; with the webhook switched off the scheduled watcher picks the next version up.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from mlflow.entities.webhook import WebhookStatus
 from mlflow.tracking import MlflowClient
 from stack import BIN, DISTILL_DEPLOYMENT, NO_PROXY, Stack, postgres_missing, send_delivery, wait_for
 from stack import model_version_created as created
-from toy_models import one_student_recipe, register_toy_teacher
+from toy_models import champion_by_the_rule, one_student_recipe, register_toy_teacher
 
-from distill_core.registry import CHAMPION, aliases, ledger_entry
+from distill_core.registry import CHAMPION, aliases, ledger_entry, teacher_versions
 
 SECRET = "topology-test-secret"
 TEACHER, STUDENT = (f"{role}-{uuid.uuid4().hex[:8]}" for role in ("teacher", "student"))
@@ -167,48 +167,60 @@ def notifications() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         server.shutdown()
 
 
-def test_a_teacher_registered_through_mlflow_becomes_a_promoted_student_through_the_webhook(
+def test_two_teacher_versions_registered_through_mlflow_run_at_once_and_end_with_the_right_champion(
     stack: Stack, client: MlflowClient, webhook: Any, small_dataset, notifications: tuple[str, list[Any]]
 ) -> None:
+    """Two versions registered back to back: the webhook queues a run for each, the worker runs them side by
+    side (the deployment's concurrency limit is 2), and the champion is the one promoting them in the order they
+    were judged gives; the promotion reaches the team's webhook."""
     teacher, student = TEACHER, STUDENT
     stack.schedule_watcher(active=False)  # else a watcher pass at the same instant may queue the run first
     hook_url, notified = notifications
     said = stack._cli(str(BIN / "distill"), "notify", "--url", hook_url, env=stack.distill_env)
     assert "automations: distill-run-failed, distill-run-rejected, distill-student-promoted" in said
-    version = register(stack, small_dataset, seed=0)
-    registered_at = client.get_model_version(teacher, version).creation_timestamp / 1000
+    versions = [register(stack, small_dataset, seed=seed) for seed in (0, 5)]
+    registered_at = client.get_model_version(teacher, versions[0]).creation_timestamp / 1000
 
-    queued = wait_for(lambda: stack.runs_for(version), 30, "the webhook to queue a flow run")
-    assert len(queued) == 1 and "trigger:webhook" in queued[0].tags
-    assert queued[0].idempotency_key == f"{teacher}/{version}/{student}"
-    run = finished(stack, version)
-    print(f"registration -> flow run created {run.created.timestamp() - registered_at:.2f} s, "
-          f"-> running {run.start_time.timestamp() - registered_at:.2f} s")  # fmt: skip
+    for version in versions:
+        queued = wait_for(lambda v=version: stack.runs_for(v), 30, "the webhook to queue a flow run")
+        assert len(queued) == 1 and "trigger:webhook" in queued[0].tags
+        assert queued[0].idempotency_key == f"{teacher}/{version}/{student}"
+    runs = [finished(stack, version) for version in versions]
+    print(f"registration -> flow run created {runs[0].created.timestamp() - registered_at:.2f} s, "
+          f"-> running {runs[0].start_time.timestamp() - registered_at:.2f} s")  # fmt: skip
+    assert max(r.start_time for r in runs) < min(r.end_time for r in runs), "the two runs did not overlap"
 
-    ledger = ledger_entry(client, client.get_model_version(teacher, version), student)
-    assert ledger["status"] == "succeeded", ledger
+    entries = [ledger_entry(client, client.get_model_version(teacher, v), student) for v in versions]
+    assert [e["status"] for e in entries] == ["succeeded", "succeeded"], entries
+    students = teacher_versions(client, student)
+    assert sorted(v.tags["distill.teacher_version"] for v in students) == sorted(versions)  # one each
     champion = aliases(client, student)[CHAMPION]
-    assert champion == ledger["student_version"]
+    assert champion == champion_by_the_rule(students)
     # Artifacts went through the MLflow server into S3; soft labels straight into S3.
     s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
     model_files = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
     assert any(key.endswith("MLmodel") for key in model_files)
     labels = [o["Key"] for o in s3.list_objects_v2(Bucket="distill", Prefix="soft-labels/").get("Contents", [])]
-    assert any(key.endswith("manifest.json") for key in labels), labels
-    # ... labeled shard by shard on the Dask worker, which loaded the teacher from the MLflow server once
+    assert len([key for key in labels if key.endswith("manifest.json")]) == 2, labels
+    # ... labeled shard by shard on the Dask worker, which loaded each teacher version from the MLflow server once
     shards = [key for key in labels if key.endswith(".npy")]
-    labeled = stack.labeling_task_runs(run)
+    labeled = [t for run in runs for t in stack.labeling_task_runs(run)]
     assert len(labeled) == len(shards) and {t.state.type.value for t in labeled} == {"COMPLETED"}
-    assert stack.log("dask-worker", tail=100_000).count("Starting Worker plugin distill-teacher-") == 1
+    assert stack.log("dask-worker", tail=100_000).count("Starting Worker plugin distill-teacher-") == 2
     mlflow.set_tracking_uri(stack.mlflow_url)
     served = mlflow.pyfunc.load_model(f"models:/{student}@{CHAMPION}")
     prediction = served.predict(pd.DataFrame({"text": ["a warm, funny and moving film", "a tedious mess"]}))
     assert len(prediction) == 2 and set(prediction["label"]) <= set(small_dataset.labels)
-    # The promotion reached the team's webhook through the Prefect automation (infra/automations.yaml)
-    message = wait_for(lambda: next(iter(notified), None), 60, "the promotion's notification")
+    # The champion's promotion reached the team's webhook through the Prefect automation (infra/automations.yaml)
+    message = wait_for(
+        lambda: next((m for m in notified if m["detail"].get("student_version") == champion), None),
+        60,
+        "the promotion's notification",
+    )
     assert message["outcome"] == "distill.run.promoted" and message["student_model"] == student
-    assert message["teacher"] == f"{teacher}/{version}" and message["detail"]["student_version"] == champion
+    promoted = client.get_model_version(student, champion).tags["distill.teacher_version"]
+    assert message["teacher"] == f"{teacher}/{promoted}"
 
 
 @pytest.mark.slow  # 30 s; test_receiver's twenty duplicates keep deduplication in CI (make test-all runs it)

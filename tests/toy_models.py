@@ -98,3 +98,14 @@ def one_student_recipe(teacher: str, student: str) -> dict:
         "evaluation": {"latency_samples": 10, "throughput_batch": 8, "hard_label_baseline": False},
         "gates": {"min_retention": 0.5, "max_param_ratio": 10.0, "max_regression": 0.5},
     }
+
+
+def champion_by_the_rule(student_versions) -> str | None:
+    """The champion the promotion rule gives, replayed in the order the students were registered (the order
+    their runs were judged): a student that passed its gates and beats the champion's accuracy becomes champion."""
+    champion, best = None, -1.0
+    for v in sorted(student_versions, key=lambda v: int(v.version)):
+        accuracy = float(v.tags["distill.accuracy"])
+        if v.tags["distill.gate"] == "passed" and accuracy > best:
+            champion, best = str(v.version), accuracy
+    return champion
