@@ -3,9 +3,10 @@
 The calling process writes what the training needs (the student as it starts, the transfer set and its stored
 signal, the validation split, the settings) next to the candidate's checkpoint, runs
 `torchrun --standalone --nproc-per-node N -m distill_core.ddp JOB`, and reads back what rank 0 wrote: the trained
-student and how training went. Each process runs `train.train_student` in a gloo group (on the CPU); rank 0
-writes the checkpoints, in the one-process format, so a killed run resumes at the same world size or another one,
-and the calling process logs to MLflow as for any candidate.
+student and how training went. Each process runs `train.train_student` in a gloo group on the CPU, or in an
+NCCL group with one GPU each (`train.device`: cuda, or auto where torch sees GPUs); rank 0 writes the
+checkpoints, in the one-process format, so a killed run resumes at the same world size or another one, and the
+calling process logs to MLflow as for any candidate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distill_core.errors import DistillError
-from distill_core.modules import TextModule, picklable
+from distill_core.modules import TextModule, picklable, resolve_device
 from distill_core.recipe import StudentConfig, TrainConfig
 from distill_core.tasks import Task, task_named
 
@@ -63,6 +64,12 @@ def train_distributed(
     """Train under torchrun and return the TrainResult rank 0 made (its student is the trained one)."""
     assert cfg.distributed is not None
     check_shares(len(transfer.texts), cfg)
+    nproc = cfg.distributed.nproc
+    if resolve_device(cfg.device, "distributed training").type == "cuda" and nproc > torch.cuda.device_count():
+        raise DistillError(
+            f"train.distributed.nproc {nproc} on the GPU: each process takes one, and this machine has "
+            f"{torch.cuda.device_count()}; use at most that many processes, or train.device: cpu"
+        )
     folder = Path(checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     job, result_path = folder / JOB, folder / RESULT
@@ -79,7 +86,6 @@ def train_distributed(
         "result": str(result_path),
     }
     torch.save(job_state, job)
-    nproc = cfg.distributed.nproc
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     log(f"training {student_cfg.name} in {nproc} processes (torchrun)")
     done = subprocess.run(
@@ -109,9 +115,12 @@ def main(job_path: str) -> None:
     """One torchrun process: join the group, train, and (rank 0) write the result."""
     from distill_core.train import train_student
 
-    dist.init_process_group("gloo")  # the student trains on the CPU (GPU placement is not there yet: no NCCL)
+    job = torch.load(job_path, weights_only=False)
+    gpu = resolve_device(job["cfg"].device, "distributed training").type == "cuda"
+    if gpu:  # one GPU per process, NCCL between them; else gloo on the CPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if gpu else "gloo")
     try:
-        job = torch.load(job_path, weights_only=False)
         rank = dist.get_rank()
         result = train_student(
             job["student"],

@@ -27,6 +27,10 @@ class SoftLabelError(DistillError):
     """Stored soft labels are missing, incomplete or fail their checksum."""
 
 
+class DeviceError(DistillError):
+    """The recipe asks for a device this machine does not have (device: cuda where torch sees no GPU)."""
+
+
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]*)@")
 
 

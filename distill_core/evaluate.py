@@ -16,16 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_core.modules import TextModule, length_batches
+from distill_core.modules import TextModule, device_of, length_batches, placed
 
 
 @torch.inference_mode()
 def predict(model: TextModule, texts: list[str], batch_size: int = 128, max_length: int | None = None) -> np.ndarray:
     """Logits for every text, in order (batched by length for speed)."""
     model.eval()
-    out = np.zeros((len(texts), len(model.labels)), dtype=np.float32)
+    out, device = np.zeros((len(texts), len(model.labels)), dtype=np.float32), device_of(model)
     for batch in length_batches(texts, batch_size):
-        out[batch] = model(**model.tokenize([texts[i] for i in batch], max_length)).float().numpy()
+        inputs = placed(model.tokenize([texts[i] for i in batch], max_length), device)  # where the model is
+        out[batch] = model(**inputs).float().cpu().numpy()
     return out
 
 

@@ -28,6 +28,8 @@ class Lineage:
     warm_start: str | None = None  # the student version it started from, when it started warm
     teachers: str | None = None  # an ensemble's members: `a v2 (weight 1), b v1 (weight 1)`
     trigger: str | None = None  # `data`: a new version of the recipe's data started the run, not a teacher version
+    labeled_on: str | None = None  # where its soft labels were made: `cpu, 1 thread` (per place, `; ` between)
+    trained_on: str | None = None  # where it trained: `cpu, 2 threads`, `cuda:0 (NVIDIA H200), 16 threads`
 
     def as_fields(self) -> dict[str, str]:
         """The fields that are set, by name (as `distill status` shows them)."""

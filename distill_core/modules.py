@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill_core.errors import TeacherError
+from distill_core.errors import DeviceError, TeacherError
 
 Batch = dict[str, Tensor]
 CONTRACT = ("labels", "tokenize")  # the attributes a module needs beyond forward to be a teacher or a student
@@ -236,3 +237,52 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_device(setting: str, role: str = "work") -> torch.device:
+    """Where `role` runs, by a recipe's `device` (soft_labels.device, train.device): `cpu`; `cuda`, this process's
+    GPU (refused, naming the setting, when torch sees none); `auto`, the GPU when torch sees one, else the CPU."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"device: cuda for {role}, but torch {torch.__version__} sees no GPU on {socket.gethostname()} "
+            f"(torch.cuda.is_available() is False: {'a CPU-only build' if torch.version.cuda is None else 'no device'}"
+            "): use device: auto or cpu, or run it where a GPU is"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def device_of(module: Any) -> torch.device:
+    """Where the module's weights are (the CPU for a module that has none, or a model that is not a torch module:
+    an exported student running in onnxruntime)."""
+    if not isinstance(module, nn.Module):
+        return torch.device("cpu")
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def placed(batch: Batch, device: torch.device) -> Batch:
+    """A batch's tensors on `device` (as they are when they are there already)."""
+    return {name: value.to(device) if isinstance(value, Tensor) else value for name, value in batch.items()}
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The module moved to `device` for the block and back where it was after it (nothing moves when it is there)."""
+    before = device_of(module)
+    if before != device:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if before != device:
+            module.to(before)
+
+
+def where(device: torch.device, threads: int | None = None, processes: int = 1) -> str:
+    """Where work ran, in words, as lineage records it: `cpu, 2 threads`, `cuda:0 (NVIDIA H200)`,
+    `2 processes × cpu, 1 thread`."""
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    threads = torch.get_num_threads() if threads is None else threads
+    said = f"{name}, {threads} thread{'s' if threads != 1 else ''}"
+    return f"{processes} processes × {said}" if processes > 1 else said

@@ -67,17 +67,27 @@ class TeacherConfig(BaseTeacherConfig):
     seed: int = 0
 
 
-class SoftLabelConfig(_Strict):
-    """How teacher outputs are made and stored. max_length changes what the teacher sees, so it is part of the
-    soft-label key; batch_size and shard_rows change only speed and the shards' layout, and are not. threads, when
-    set, is (soft_labels.soft_label_key)."""
+# Where labeling and training run (modules.resolve_device): auto takes the GPU when torch sees one.
+Device = Literal["auto", "cpu", "cuda"]
 
-    ADDED_FIELDS = ("threads",)
+
+class _Labeling(_Strict):
+    """Where each task's labeling runs. threads, when set, is part of the soft-label key (the bytes repeat at a
+    fixed thread count); so is the device when the labeling runs on a GPU (soft_labels.soft_label_key)."""
+
+    ADDED_FIELDS = ("threads", "device")
+
+    threads: int | None = Field(default=None, ge=1, le=256)  # torch threads per labeling process; None: as they are
+    device: Device = "auto"
+
+
+class SoftLabelConfig(_Labeling):
+    """How teacher outputs are made and stored. max_length changes what the teacher sees, so it is part of the
+    soft-label key; batch_size and shard_rows change only speed and the shards' layout, and are not."""
 
     batch_size: int = Field(default=64, ge=1, le=8192)
     max_length: int = Field(default=64, ge=8, le=512)
     shard_rows: int = Field(default=4096, ge=16)
-    threads: int | None = Field(default=None, ge=1, le=256)  # torch threads per labeling process; None: as they are
 
 
 class LossTerm(_Strict):
@@ -146,8 +156,8 @@ def _default_losses() -> list[LossTerm]:
 
 
 class DistributedConfig(_Strict):
-    """Data-parallel training of each candidate with torchrun: `nproc` processes on this machine (gloo, on the
-    CPU), each a share of every batch, gradients averaged by DistributedDataParallel."""
+    """Data-parallel training of each candidate with torchrun: `nproc` processes on this machine (gloo on the CPU,
+    NCCL with one GPU each), each a share of every batch, gradients averaged by DistributedDataParallel."""
 
     nproc: int = Field(default=2, ge=1, le=256)
 
@@ -155,7 +165,7 @@ class DistributedConfig(_Strict):
 class TrainConfig(_Strict):
     """The distillation loop."""
 
-    ADDED_FIELDS = ("distributed",)
+    ADDED_FIELDS = ("distributed", "device")
 
     mode: Literal["offline", "online"] = "offline"  # offline: stored soft labels; online: teacher in the loop
     losses: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
@@ -169,6 +179,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(default=200, ge=1)  # steps; also at the end of every epoch
     patience: int = Field(default=3, ge=1)  # evaluations without improvement before stopping early
     distributed: DistributedConfig | None = None  # None: one process
+    device: Device = "auto"  # where the candidates train (under torchrun: each process its own GPU)
 
     def family_lr(self, family: str) -> float:
         """The lr a student family trains at when neither it nor the recipe sets one."""
@@ -545,6 +556,8 @@ class BaseRecipe(_Strict):
         # how many processes train a candidate changes no result (up to float rounding): not the recipe's identity,
         # so a checkpoint resumes at another world size and a student's idempotency key stays the same
         settings["train"].pop("distributed", None)
+        for section in ("train", "soft_labels"):  # nor where it ran, the GPU or the CPU (the soft-label key has it)
+            settings[section].pop("device", None)
         for later in ADDED_SECTIONS:  # at their default they leave the hash as earlier releases made it
             if getattr(self, later) == type(self).model_fields[later].get_default(call_default_factory=True):
                 settings.pop(later)
@@ -612,12 +625,10 @@ class LMDataConfig(_Strict):
 SparseReading = Literal["renormalise", "rest", "sampled"]
 
 
-class LMSignalConfig(_Strict):
+class LMSignalConfig(_Labeling):
     """The teacher's signal per token, stored sparse: the top-k entries (and the mass left out), or tokens drawn
     from the teacher's distribution with their counts (unbiased: Anshumann et al. 2025). Every field but
     batch_size and shard_rows changes what is stored, so it is part of the soft-label key."""
-
-    ADDED_FIELDS = ("threads",)
 
     kind: Literal["top_k", "sampled"] = "top_k"
     k: int = Field(default=32, ge=1, le=4096)  # top_k: entries kept; sampled: at most this many distinct tokens
@@ -627,7 +638,6 @@ class LMSignalConfig(_Strict):
     seed: int = 0  # sampled: the draws' seed
     batch_size: int = Field(default=8, ge=1, le=4096)  # blocks per teacher forward
     shard_rows: int = Field(default=256, ge=1)  # blocks per stored shard
-    threads: int | None = Field(default=None, ge=1, le=256)  # torch threads per labeling process; None: as they are
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> LMSignalConfig:

@@ -30,9 +30,9 @@ from prefect.context import TaskRunContext, get_run_context
 from prefect_dask import DaskTaskRunner
 
 from distill_core.errors import DistillError, SoftLabelError, TeacherError
-from distill_core.modules import LoadedTeacher
+from distill_core.modules import LoadedTeacher, resolve_device
 from distill_core.settings import Settings
-from distill_core.soft_labels import ShardJob, ShardRunner, label_shard
+from distill_core.soft_labels import ShardJob, ShardRunner, label_shard, labeling_device
 from distill_core.store import open_store
 
 TeacherLoader = Callable[[], LoadedTeacher]
@@ -41,10 +41,11 @@ PLUGIN_TIMEOUT_S = 600.0  # loading a large teacher from the registry on a fresh
 
 class TeacherPlugin(WorkerPlugin):
     """Loads the teacher on each worker when the worker joins (or now, for those already there), at the labeling
-    thread count, and checks that it is the teacher the run labels with."""
+    thread count and on the labeling device (`cpu` or `cuda`: the worker's GPU), and checks that it is the teacher
+    the run labels with."""
 
-    def __init__(self, load: TeacherLoader, identity: str, threads: int) -> None:
-        self.load, self.identity, self.threads = load, identity, threads
+    def __init__(self, load: TeacherLoader, identity: str, threads: int, device: str = "cpu") -> None:
+        self.load, self.identity, self.threads, self.device = load, identity, threads, device
         self.name = "distill-teacher-" + hashlib.sha256(identity.encode()).hexdigest()[:12]
         self.teacher: LoadedTeacher | None = None
         self.failed: str | None = None
@@ -55,6 +56,7 @@ class TeacherPlugin(WorkerPlugin):
             teacher = self.load()
             if teacher.identity != self.identity:
                 raise TeacherError(f"worker {worker.address} loaded teacher {teacher.identity}, not {self.identity}")
+            teacher.module.to(resolve_device(self.device, f"labeling on Dask worker {worker.address}"))
         except Exception as err:
             self.failed = f"{type(err).__name__}: {err}"
             raise
@@ -196,7 +198,8 @@ def _label_on_dask(
     settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str, store_uri: str, jobs: list[ShardJob], key: str
 ) -> list[dict[str, Any]]:
     threads = cfg.threads or 1
-    plugin = TeacherPlugin(teacher_loader(teacher, settings.tracking_uri), teacher.identity, threads)
+    load = teacher_loader(teacher, settings.tracking_uri)
+    plugin = TeacherPlugin(load, teacher.identity, threads, labeling_device(cfg))
     run = uuid.uuid4().hex
     _LABELINGS[run] = _Labeling(plugin, jobs, cfg, task, store_uri, key)
     # Called from a task of the run's flow (the soft-label step), the labeling flow would carry that task's context

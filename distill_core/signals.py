@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from distill_core.modules import Features, TextClassifier, TextModule
+from distill_core.modules import Features, TextClassifier, TextModule, device_of, placed
 
 if TYPE_CHECKING:
     from distill_core.tasks.base import Task, TaskBatch
@@ -90,7 +90,7 @@ class StoredSource:
         self.logits = logits
 
     def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal:
-        return DenseSignal(self.logits[list(index)])
+        return DenseSignal(self.logits[list(index)].to(batch.targets.device))  # where the student's batch is
 
 
 class OnlineSource:
@@ -111,7 +111,7 @@ class OnlineSource:
 
     @torch.no_grad()
     def signal(self, index: Sequence[int], texts: Sequence[Any], batch: TaskBatch) -> Signal:
-        inputs = self.task.teacher_inputs(self.teacher, texts, batch)
+        inputs = placed(self.task.teacher_inputs(self.teacher, texts, batch), device_of(self.teacher))
         if not self.features:
             return self.task.online_signal(self.teacher, inputs)
         assert isinstance(self.teacher, TextClassifier)

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Union
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, StoreError
-from distill_core.modules import LoadedTeacher, torch_threads
+from distill_core.modules import LoadedTeacher, device_of, on_device, resolve_device, torch_threads, where
 from distill_core.store import ArtifactNotFoundError, ArtifactStore
 from distill_core.tasks import task_named
 
@@ -44,8 +45,16 @@ def soft_label_key(teacher_identity: str, dataset_digest: str, cfg: Any, task: s
         # a fixed labeling thread count makes the bytes repeatable (a Dask worker's equal a single process's); when
         # unset the key is as earlier releases wrote it and values may differ across thread counts in the last bits
         **({"threads": cfg.threads} if cfg.threads is not None else {}),
+        # a GPU's labels differ from the CPU's in the last bits: an entry made on one is not the other's
+        **({"device": "cuda"} if labeling_device(cfg) == "cuda" else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def labeling_device(cfg: Any) -> str:
+    """Where the recipe's labeling runs, decided where the run is: `cuda` when soft_labels.device is cuda, or auto
+    and torch sees a GPU here; else `cpu`. Dask workers label there (one without a GPU refuses cuda)."""
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 @dataclass
@@ -131,16 +140,18 @@ def label_shard(
     teacher: LoadedTeacher, job: ShardJob, cfg: Any, task: str, store: ArtifactStore | None, key: str
 ) -> tuple[dict[str, Any], Arrays]:
     """Label one shard at the recipe's thread count and (with a store) write it under the key, atomically: a
-    shard file is whole or absent. Returns its manifest record and its arrays."""
+    shard file is whole or absent. Returns its manifest record (with where it was labeled: `labeled_on`, which
+    the manifest gathers) and its arrays."""
     with torch_threads(cfg.threads):
         arrays = task_named(task).label_shard(teacher, job.inputs, job.shard.start, cfg)
+        labeled_on = where(device_of(teacher.module))
     if row_count(arrays) != len(job.inputs):
         raise SoftLabelError(
             f"teacher {teacher.identity} gave {row_count(arrays)} rows for {len(job.inputs)} inputs of shard "
             f"{job.shard.stem}"
         )
     suffix, data = _shard_bytes(arrays)
-    record = _record(job.shard, f"{job.shard.stem}.{suffix}", data)
+    record = {**_record(job.shard, f"{job.shard.stem}.{suffix}", data), "labeled_on": labeled_on}
     if store is not None:
         store.write_bytes(f"soft_labels/{key}/{record['file']}", data)
     return record, arrays
@@ -198,12 +209,14 @@ def generate_soft_labels(
     missing = [job for job in jobs if job.shard.stem not in records]
     if runner is not None and missing:
         records.update((r["file"].split(".")[0], r) for r in runner(missing, key))
-    else:
-        for job in tqdm(missing, desc=f"soft labels ({teacher.name})", unit="shard", leave=False):
-            records[job.shard.stem], arrays[job.shard.stem] = label_shard(teacher, job, cfg, task, store, key)
+    elif missing:
+        with on_device(teacher.module, resolve_device(labeling_device(cfg), "labeling")):
+            for job in tqdm(missing, desc=f"soft labels ({teacher.name})", unit="shard", leave=False):
+                records[job.shard.stem], arrays[job.shard.stem] = label_shard(teacher, job, cfg, task, store, key)
     unlabeled = [job.shard.stem for job in missing if job.shard.stem not in records]
     if unlabeled:
         raise SoftLabelError(f"shards {unlabeled} of soft labels {key} were not labeled; the entry is incomplete")
+    places = sorted({r.pop("labeled_on") for r in records.values() if "labeled_on" in r})  # this run's shards
     shards = [records[job.shard.stem] for job in jobs]
     manifest = {
         "format": FORMAT_VERSION,
@@ -220,6 +233,7 @@ def generate_soft_labels(
         "rows": {split: sum(r["rows"] for r in shards if r["split"] == split) for split in splits},
         "shards": shards,
         "reused_shards": len(jobs) - len(missing),
+        "labeled_on": places,  # where the shards labeled now were (device, thread count), one entry per place
         "seconds": round(time.perf_counter() - started, 3),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

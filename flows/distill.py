@@ -57,6 +57,7 @@ def distill_teacher_version(
     from distill_core.registry import Ledger, ledger_entry, require_version, set_ledger, upgrade_ledger
     from distill_core.search import NoFeasibleArchitecture
     from flows.pipeline import (
+        check_devices,
         check_teacher_fits,
         distill_and_promote,
         experiment,
@@ -102,6 +103,7 @@ def distill_teacher_version(
             return {"teacher_version": teacher_version, "student_model": student, "status": "skipped", "reason": why}
         claimed = (teacher_name, f"{teacher_version}@data:{data_digest}")
     check_teacher_fits(recipe, teacher)
+    check_devices(recipe, settings)
     upgrade_ledger(client, ledger)
     who = f"{claimant}@{socket.gethostname()}:{os.getpid()}"
     if not ledger.claim(*claimed, student, who):

@@ -32,12 +32,12 @@ from distill_core.errors import DistillError, SoftLabelError
 from distill_core.evaluate import ModelReport, comparison_table
 from distill_core.lineage import Lineage
 from distill_core.model_io import load_teacher, log_student
-from distill_core.modules import LoadedTeacher
+from distill_core.modules import LoadedTeacher, resolve_device
 from distill_core.promotion import Decision, evaluate_champion, judge_all, register_and_promote
 from distill_core.recipe import Recipe
 from distill_core.registry import Ledger
 from distill_core.settings import Settings
-from distill_core.soft_labels import SoftLabels, load_soft_labels, soft_label_key
+from distill_core.soft_labels import SoftLabels, labeling_device, load_soft_labels, soft_label_key
 from distill_core.stages import Stage, chain
 from distill_core.store import check_locations, open_store
 from distill_core.tasks import task_of
@@ -74,6 +74,14 @@ def check_teacher_fits(recipe: Recipe, teacher: LoadedTeacher) -> None:
     task = task_of(recipe)
     for student in recipe.stages.assistants[:1] or recipe.candidates:  # a search's architectures too
         task.check_fits(student, cut_from(teacher.module))
+
+
+def check_devices(recipe: Recipe, settings: Settings) -> None:
+    """The devices the recipe asks for, checked before anything is claimed: training runs on this machine, and so
+    does labeling unless it goes to a Dask scheduler elsewhere (whose workers refuse a GPU they lack)."""
+    resolve_device(recipe.train.device, "train.device")
+    if settings.dask is None or settings.dask == "local":
+        resolve_device(labeling_device(recipe.soft_labels), "soft_labels.device")
 
 
 DATA_DOCS = "data_docs"  # the run's artifact folder of the rendered GX site; its index.html lists every result
@@ -542,6 +550,7 @@ def distill_and_promote(
     table = comparison_table(reports, task.columns)
     extra = [steps.members_table(task, outcomes), steps.deployment_tables(task, outcomes)]
     table = "\n\n".join([table, *filter(None, extra)])
+    chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
     lineage = Lineage(
         teacher_name=teacher_name,
         teacher_version=teacher_version,
@@ -553,8 +562,9 @@ def distill_and_promote(
         teachers=combination.describe() if combination is not None else None,
         trigger=started_by,
         warm_start=warm.version if warm is not None and warm.candidate == decision.chosen.candidate else None,
+        labeled_on="; ".join(labels.manifest.get("labeled_on", [])) or None,  # entries of earlier releases: None
+        trained_on=chosen.distilled.trained_on,
     )
-    chosen = next(o for o in outcomes if o.config.name == decision.chosen.candidate)
     with runs[decision.chosen.candidate]() as candidate_run_id:
         decision = register_task(decision, chosen, recipe, lineage, texts[:5], settings, champion_now, candidate_run_id)
     _log_decision(recipe, decision, table)

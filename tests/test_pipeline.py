@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from toy_models import register_toy_teacher
@@ -105,6 +106,10 @@ def test_new_teacher_version_yields_a_promoted_student_with_lineage(env, small_d
     assert tags["distill.dataset_digest"] == small_dataset.digest
     for key in ("soft_labels_key", "recipe_hash", "run_id", "accuracy", "agreement", "params"):
         assert tags[f"distill.{key}"], key
+    # where its labels were made and where it trained (device: auto, on this CPU machine), with the thread counts
+    threads = torch.get_num_threads()
+    here = "cuda:0" if torch.cuda.is_available() else f"cpu, {threads} thread{'s' if threads != 1 else ''}"
+    assert tags["distill.labeled_on"].startswith(here) and tags["distill.trained_on"].startswith(here)
     assert tags["distill.gate"] == "passed" and student.description.startswith("Student 'bag-small' distilled")
     ledger = ledger_of(env, version)
     assert ledger["status"] == "succeeded" and ledger["student_version"] == str(student.version)
@@ -414,6 +419,20 @@ def test_what_the_teacher_cannot_give_is_refused_before_the_claim(env, small_dat
     version = register_toy_teacher(env, small_dataset)
     recipe = write_recipe(env, **candidates)
     with pytest.raises(RecipeError, match=problem):
+        distill_teacher_version(env["teacher"], version, recipe, env["home"])
+    assert ledger_of(env, version) == {}
+    assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed(env["teacher"], env["student"]) == {}
+    assert not (Path(env["home"]) / "store").exists()  # nothing was labeled
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU the recipe asks for")
+@pytest.mark.parametrize("section", ["train", "soft_labels"])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_by_field_before_the_claim(env, small_dataset, section):
+    from distill_core.errors import DeviceError
+
+    version = register_toy_teacher(env, small_dataset)
+    recipe = write_recipe(env, **{section: {"device": "cuda"}})
+    with pytest.raises(DeviceError, match=f"device: cuda for {section}.device, but torch .* sees no GPU"):
         distill_teacher_version(env["teacher"], version, recipe, env["home"])
     assert ledger_of(env, version) == {}
     assert Ledger(f"sqlite:///{Path(env['home']) / 'ledger.db'}").claimed(env["teacher"], env["student"]) == {}

@@ -92,9 +92,13 @@ def test_the_shipped_recipes_keep_their_hash(path):
     assert load_recipe(DEMO.parents[1] / path).recipe_hash() == PINNED_HASHES[path]
 
 
-def test_training_in_several_processes_keeps_the_recipe_hash_and_refuses_the_teacher_in_the_loop():
+def test_training_in_several_processes_or_on_a_device_keeps_the_recipe_hash_and_online_is_refused_with_nproc():
     distributed = {**MINIMAL, "train": {"distributed": {"nproc": 4}}}
     assert parse_recipe(distributed).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    for placed in ({"train": {"device": "cpu"}}, {"soft_labels": {"device": "cuda"}}):  # where it runs: not what
+        assert parse_recipe({**MINIMAL, **placed}).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    with pytest.raises(RecipeError, match="train.device"):
+        parse_recipe({**MINIMAL, "train": {"device": "tpu"}})
     online = {**MINIMAL, "train": {"mode": "online", "distributed": {"nproc": 2}}}
     with pytest.raises(RecipeError, match="train.distributed trains from the stored soft labels"):
         parse_recipe(online)

@@ -91,6 +91,7 @@ def test_dask_sharded_classifier_labels_equal_one_process_byte_for_byte(
     assert sharded.manifest["reused_shards"] == 0 and len(sharded.manifest["shards"]) > 4
     alone = generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path / "alone"))
     assert alone.key == sharded.key
+    assert sharded.manifest["labeled_on"] == alone.manifest["labeled_on"] == ["cpu, 1 thread"]  # CFG.threads 1
     _same_entry(LocalStore(settings.store_uri), LocalStore(tmp_path / "alone"), sharded.key)
     for split in alone.signal:
         np.testing.assert_array_equal(sharded.signal[split], alone.signal[split])
@@ -216,6 +217,7 @@ def test_two_process_ddp_matches_one_process_training(transfer_set, tmp_path):
     ddp = _train(transfer_set, cfg, tmp_path / "ddp", nproc=2)
     assert ddp.steps == alone.steps and len(ddp.history) > 3
     _same_curve(ddp, alone)
+    assert ddp.trained_on.startswith("2 processes × cpu, ") and alone.trained_on.startswith("cpu, ")
 
 
 def test_a_ddp_run_killed_mid_training_resumes_at_another_world_size(transfer_set, tmp_path):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from toy_models import BagTeacher, WordHashTokenizer
 
 from distill_core.errors import SoftLabelError, TeacherError
@@ -63,6 +64,13 @@ def test_a_fixed_thread_count_joins_the_key_and_unset_it_is_the_key_earlier_rele
     one, two = (CFG.model_copy(update={"threads": n}) for n in (1, 2))
     keys = {soft_label_key("t/1@abc", "d1", c, "classification") for c in (CFG, one, two)}
     assert len(keys) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto labels on the GPU here")
+def test_labels_made_on_a_gpu_have_a_key_of_their_own_and_on_the_cpu_the_key_earlier_releases_made():
+    keys = {d: soft_label_key("t/1@abc", "d1", CFG.model_copy(update={"device": d}), "classification")
+            for d in ("auto", "cpu", "cuda")}  # fmt: skip
+    assert keys["auto"] == keys["cpu"] == "b27dd4e23621dc1c5ee78c13" != keys["cuda"]
 
 
 def test_corrupt_shard_is_refused_by_name(registered_teacher, small_dataset, tracking_uri, tmp_path):

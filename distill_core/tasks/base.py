@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from distill_core.modules import Batch, TextModule
+from distill_core.modules import Batch, TextModule, placed
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,6 +37,11 @@ class TaskBatch:
     inputs: Batch
     targets: Tensor
     mask: Tensor | None = None
+
+    def to(self, device: torch.device) -> TaskBatch:
+        """The batch on `device` (where the student trains)."""
+        mask = self.mask.to(device) if self.mask is not None else None
+        return TaskBatch(placed(self.inputs, device), self.targets.to(device), mask)
 
 
 class Task(ABC):

@@ -37,7 +37,7 @@ from distill_core.errors import RecipeError, SoftLabelError, TeacherError
 from distill_core.evaluate import AsDict, Speed, machine_load, size_of, tag_value
 from distill_core.gates import Verdict
 from distill_core.lm import CausalLM
-from distill_core.modules import LoadedTeacher, TextModule, read_module
+from distill_core.modules import LoadedTeacher, TextModule, device_of, read_module
 from distill_core.recipe import (
     EvalConfig,
     LMChecksConfig,
@@ -105,14 +105,15 @@ def sparse_signal(
 ) -> dict[str, np.ndarray]:
     """The stored signal of `blocks`, the split's rows from `first_row` on (the sampled draws are seeded by it),
     batch by batch: only `[batch, T, vocab]` is ever held, never more."""
-    chunk = torch.as_tensor(blocks, dtype=torch.long)
+    device = device_of(teacher)
+    chunk = torch.as_tensor(blocks, dtype=torch.long).to(device)
     inputs, targets = chunk[:, :-1], chunk[:, 1:]
     n, t, k = len(chunk), inputs.shape[1], cfg.k
     ids = np.zeros((n, t, k), dtype=np.int32)
     logprobs = np.zeros((n, t, k), dtype=np.float16)
     extra = np.zeros((n, t, k), dtype=np.float16) if cfg.kind == "sampled" else np.zeros((n, t), dtype=np.float32)
     top1, target = np.zeros((n, t), dtype=np.int32), np.zeros((n, t), dtype=np.float32)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_row)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + first_row)
     for start in range(0, n, cfg.batch_size):
         part = slice(start, start + cfg.batch_size)
         logits = teacher(inputs[part]).float()
@@ -124,25 +125,25 @@ def sparse_signal(
                 f"the teacher returned NaN or infinite logits for {int(bad.sum())} block(s) (first rows {where}); "
                 "nothing was stored"
             )
-        target[part] = (logits.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1) - lse).numpy()
+        target[part] = (logits.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1) - lse).cpu().numpy()
         scaled = lse if cfg.temperature == 1.0 else torch.logsumexp(logits / cfg.temperature, dim=-1)
         if cfg.kind == "top_k":
             top = logits.topk(k, dim=-1)  # the same ids at any temperature > 0
             values = top.values / cfg.temperature - scaled.unsqueeze(-1)
-            top1[part] = top.indices[..., 0].numpy()
-            ids[part], logprobs[part] = top.indices.numpy(), values.numpy()
-            extra[part] = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_min(0).numpy()
+            top1[part] = top.indices[..., 0].cpu().numpy()
+            ids[part], logprobs[part] = top.indices.cpu().numpy(), values.cpu().numpy()
+            extra[part] = (-torch.expm1(torch.logsumexp(values, dim=-1))).clamp_min(0).cpu().numpy()
         else:
-            top1[part] = logits.argmax(-1).numpy()
+            top1[part] = logits.argmax(-1).cpu().numpy()
             flat = (logits / cfg.temperature - scaled.unsqueeze(-1)).reshape(-1, logits.shape[-1])
             drawn = torch.multinomial(flat.exp(), cfg.draws, replacement=True, generator=generator)
             counts = torch.zeros_like(flat).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=flat.dtype))
             kept = counts.topk(k, dim=-1)  # the k most drawn (all of them when at most k distinct)
             weights = kept.values / kept.values.sum(-1, keepdim=True)
             shape = (-1, t, k)
-            ids[part] = kept.indices.reshape(shape).numpy()
-            logprobs[part] = flat.gather(-1, kept.indices).reshape(shape).numpy()
-            extra[part] = weights.reshape(shape).numpy()
+            ids[part] = kept.indices.reshape(shape).cpu().numpy()
+            logprobs[part] = flat.gather(-1, kept.indices).reshape(shape).cpu().numpy()
+            extra[part] = weights.reshape(shape).cpu().numpy()
     named = "weights" if cfg.kind == "sampled" else "tail"
     return {"ids": ids, "logprobs": logprobs, named: extra, "top1": top1, "target_logprob": target}
 
@@ -155,7 +156,8 @@ class StoredSparseSource:
 
     def signal(self, index: Sequence[int], inputs: Sequence[Any], batch: TaskBatch) -> SparseSignal:
         rows = list(index)
-        part = {name: torch.as_tensor(array[rows]) for name, array in self.arrays.items()}
+        device = batch.targets.device  # where the student's batch is
+        part = {name: torch.as_tensor(array[rows]).to(device) for name, array in self.arrays.items()}
         weights = part["weights"].float() if "weights" in part else None
         return SparseSignal(
             part["ids"].long(),
@@ -176,13 +178,14 @@ def next_token_stats(
 ) -> dict[str, float]:
     """Mean NLL of the true next tokens; with the teacher's stored signal, top-1 agreement and KL to it."""
     model.eval()
-    nll, agree, kl, count = 0.0, 0.0, 0.0, 0
+    nll, agree, kl, count, device = 0.0, 0.0, 0.0, 0, device_of(model)
     for start in range(0, len(blocks), EVAL_BATCH):
-        chunk = torch.as_tensor(blocks[start : start + EVAL_BATCH], dtype=torch.long)
+        chunk = torch.as_tensor(blocks[start : start + EVAL_BATCH], dtype=torch.long).to(device)
         log_q = F.log_softmax(model(chunk[:, :-1]).float(), dim=-1)
         nll -= float(log_q.gather(-1, chunk[:, 1:].unsqueeze(-1)).sum())
         count += chunk[:, 1:].numel()
         if signal is not None:
+            log_q = log_q.cpu()  # beside the stored signal
             rows = slice(start, start + len(chunk))
             agree += float((log_q.argmax(-1).numpy() == signal["top1"][rows]).sum())
             kl += float(_kl_to_stored(log_q, {name: array[rows] for name, array in signal.items()}).sum())

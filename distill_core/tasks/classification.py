@@ -26,7 +26,7 @@ from distill_core.data import PreparedDataset
 from distill_core.errors import SoftLabelError, TeacherError
 from distill_core.evaluate import Report, Speed
 from distill_core.gates import Verdict
-from distill_core.modules import LoadedTeacher, TextModule, length_batches, read_module
+from distill_core.modules import LoadedTeacher, TextModule, device_of, length_batches, placed, read_module
 from distill_core.recipe import (
     ChecksConfig,
     DataConfig,
@@ -137,12 +137,12 @@ def teacher_logits(teacher: LoadedTeacher, texts: list[str], cfg: SoftLabelConfi
     """Teacher logits for every text, in order (batched by length); NaN rows are refused by number, counted from
     `first_row`."""
     module = teacher.module.eval()
-    classes = len(module.labels)
+    classes, device = len(module.labels), device_of(module)
     out = np.zeros((len(texts), classes), dtype=np.float32)
     for batch in length_batches(texts, cfg.batch_size):
-        logits = module(**module.tokenize([texts[i] for i in batch], cfg.max_length))
+        logits = module(**placed(module.tokenize([texts[i] for i in batch], cfg.max_length), device))
         check_logits_shape(logits, len(batch), classes, f"teacher {teacher.identity}")
-        out[batch] = logits.float().numpy()
+        out[batch] = logits.float().cpu().numpy()
     bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
     if len(bad):
         raise SoftLabelError(
