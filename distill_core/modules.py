@@ -280,8 +280,8 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 
 def where(device: torch.device, threads: int | None = None, processes: int = 1) -> str:
-    """Where work ran, in words, as lineage records it: `cpu, 2 threads`, `cuda:0 (NVIDIA H200)`,
-    `2 processes × cpu, 1 thread`."""
+    """Where work ran, in words, as lineage records it: `cpu, 2 threads`, `cuda:0 (NVIDIA H200), 16 threads`,
+    `2 processes × cpu, 1 thread` (threads: this process's torch threads unless given)."""
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     threads = torch.get_num_threads() if threads is None else threads
     said = f"{name}, {threads} thread{'s' if threads != 1 else ''}"

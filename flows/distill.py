@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ DISTILL_DEPLOYMENT = f"{FLOW_NAME}/distill-teacher-version"
 # `--deployment auto`: every deployment of the flow tagged teacher:<name> and student:<name> (one per recipe).
 AUTO = "auto"
 FINAL = ("succeeded", "rejected")  # outcomes a failed rerun must not overwrite
+# Runs in threads of one process (`distill serve`'s watcher beside its webhook runs) do their work one at a time:
+# torch keeps process-wide state that two trainings or exports in threads corrupt (torch.manual_seed beside an
+# export failed with KeyError: 'custom', from torch.fx's global metadata). Runs side by side are processes: the
+# deployment's workers. Claims are taken before it, so a run waiting here holds its version and beats its heartbeat.
+IN_PROCESS_WORK = threading.Lock()
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -128,15 +134,16 @@ def distill_teacher_version(
                 client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
             )
         try:
-            decision = distill_and_promote(
-                recipe,
-                settings,
-                teacher,
-                run.info.run_id,
-                (teacher_name, teacher_version),
-                combination,
-                DATA_TRIGGER if data_digest is not None else None,
-            )
+            with IN_PROCESS_WORK:
+                decision = distill_and_promote(
+                    recipe,
+                    settings,
+                    teacher,
+                    run.info.run_id,
+                    (teacher_name, teacher_version),
+                    combination,
+                    DATA_TRIGGER if data_digest is not None else None,
+                )
         except NoFeasibleArchitecture as err:  # the gates ask for what no architecture searched can be
             why = redact(str(err))
             mlflow.set_tags({names.OUTCOME: "rejected", names.RUN_DESCRIPTION: f"**Rejected:** {why}"})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -163,14 +164,18 @@ def register_task(
 def experiment(client: MlflowClient, recipe: Recipe, settings: Settings) -> str:
     """The student model's experiment, marked as model training so the MLflow UI opens it on its runs."""
     name = f"distill-{recipe.student_registered_name}"
+    kind = {names.EXPERIMENT_KIND: names.MODEL_TRAINING}
     found = client.get_experiment_by_name(name)
     if found is None:
-        experiment_id = client.create_experiment(name, artifact_location=settings.experiment_location(name))
-    else:
-        experiment_id = found.experiment_id
-    if found is None or found.tags.get(names.EXPERIMENT_KIND) != names.MODEL_TRAINING:
-        client.set_experiment_tag(experiment_id, names.EXPERIMENT_KIND, names.MODEL_TRAINING)
-    return experiment_id
+        try:  # created with its tag at once: a run that finds it finds it whole
+            return client.create_experiment(name, artifact_location=settings.experiment_location(name), tags=kind)
+        except MlflowException:  # another run of the same student model created it a moment ago
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.tags.get(names.EXPERIMENT_KIND) != names.MODEL_TRAINING:  # made by an earlier release, or by hand
+        client.set_experiment_tag(found.experiment_id, names.EXPERIMENT_KIND, names.MODEL_TRAINING)
+    return found.experiment_id
 
 
 @contextmanager

@@ -40,6 +40,7 @@ from stack import (
 from toy_models import champion_by_the_rule, one_student_recipe, register_toy_teacher
 
 from distill_core.registry import CHAMPION, Ledger, aliases, ledger_entry, teacher_versions
+from distill_core.settings import load_settings
 from flows.distill import Target
 from flows.receiver import MAX_BODY_BYTES, PATH, Receiver, sign
 
@@ -445,4 +446,27 @@ def test_a_burst_of_teacher_versions_is_handled_once_each_and_the_champion_is_wh
             "succeeded",
             "rejected",
         )
-    assert aliases(client, student).get(CHAMPION) == champion_by_the_rule(students)
+    ledger = Ledger(load_settings(home).ledger_uri)
+    assert aliases(client, student).get(CHAMPION) == champion_by_the_rule(students, ledger)
+
+
+def test_runs_of_one_student_model_starting_at_once_share_its_experiment(tracking_uri, tmp_path) -> None:
+    """The first runs of a student model, started together (a burst, two workers), each find or make its experiment:
+    the one that loses the race to create it uses the winner's instead of failing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill_core.recipe import parse_recipe
+    from flows.pipeline import experiment
+
+    recipe = parse_recipe(one_student_recipe("teacher-x", f"student-{uuid.uuid4().hex[:8]}"))
+    settings = load_settings(tmp_path / "home")
+    client, start = MlflowClient(tracking_uri), threading.Barrier(8)
+
+    def make() -> str:
+        start.wait()
+        return experiment(client, recipe, settings)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(lambda _: make(), range(8)))
+    assert len(set(ids)) == 1
+    assert client.get_experiment(ids[0]).tags["mlflow.experimentKind"] == "custom_model_development"

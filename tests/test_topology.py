@@ -32,7 +32,7 @@ from stack import BIN, DISTILL_DEPLOYMENT, NO_PROXY, Stack, postgres_missing, se
 from stack import model_version_created as created
 from toy_models import champion_by_the_rule, one_student_recipe, register_toy_teacher
 
-from distill_core.registry import CHAMPION, aliases, ledger_entry, teacher_versions
+from distill_core.registry import CHAMPION, Ledger, aliases, ledger_entry, teacher_versions
 
 SECRET = "topology-test-secret"
 TEACHER, STUDENT = (f"{role}-{uuid.uuid4().hex[:8]}" for role in ("teacher", "student"))
@@ -195,7 +195,7 @@ def test_two_teacher_versions_registered_through_mlflow_run_at_once_and_end_with
     students = teacher_versions(client, student)
     assert sorted(v.tags["distill.teacher_version"] for v in students) == sorted(versions)  # one each
     champion = aliases(client, student)[CHAMPION]
-    assert champion == champion_by_the_rule(students)
+    assert champion == champion_by_the_rule(students, Ledger(stack.ledger_uri))
     # Artifacts went through the MLflow server into S3; soft labels straight into S3.
     s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip

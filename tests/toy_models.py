@@ -7,6 +7,8 @@ from torch import nn
 
 from distill_core.model_io import log_teacher
 from distill_core.modules import WrappedTeacher
+from distill_core.names import PROMOTION_REASON
+from distill_core.registry import Ledger
 from distill_core.students import hashed_ngrams
 
 
@@ -100,12 +102,23 @@ def one_student_recipe(teacher: str, student: str) -> dict:
     }
 
 
-def champion_by_the_rule(student_versions) -> str | None:
-    """The champion the promotion rule gives, replayed in the order the students were registered (the order
-    their runs were judged): a student that passed its gates and beats the champion's accuracy becomes champion."""
+def champion_by_the_rule(student_versions, ledger: Ledger) -> str | None:
+    """The champion the promotion rule gives, replayed in the order the runs were judged: compare-and-promote is
+    serialised, and the ledger records each passing student's alias move in that order (registration order can
+    differ when runs overlap). Each decision must also have been made against the champion the one before it
+    left, which is what serialising means: a run that read a stale champion fails here, naming itself."""
+    passing = {str(v.version): v for v in student_versions if v.tags["distill.gate"] == "passed"}
+    if not passing:
+        return None
+    model = next(iter(passing.values())).name
+    judged = list(dict.fromkeys(m["version"] for m in ledger.alias_history(model) if m["version"] in passing))
+    assert sorted(judged) == sorted(passing), f"passing students {sorted(passing)} but alias moves for {judged}"
     champion, best = None, -1.0
-    for v in sorted(student_versions, key=lambda v: int(v.version)):
-        accuracy = float(v.tags["distill.accuracy"])
-        if v.tags["distill.gate"] == "passed" and accuracy > best:
-            champion, best = str(v.version), accuracy
+    for version in judged:
+        said = passing[version].tags[PROMOTION_REASON]
+        compared = "there was no champion" if champion is None else f"champion v{champion} "
+        assert compared in said, f"v{version} was judged after v{champion} became champion, yet: {said!r}"
+        accuracy = float(passing[version].tags["distill.accuracy"])
+        if accuracy > best:
+            champion, best = version, accuracy
     return champion
