@@ -165,7 +165,7 @@ class DistributedConfig(_Strict):
 class TrainConfig(_Strict):
     """The distillation loop."""
 
-    ADDED_FIELDS = ("distributed", "device")
+    ADDED_FIELDS = ("distributed", "device", "parallel_candidates")
 
     mode: Literal["offline", "online"] = "offline"  # offline: stored soft labels; online: teacher in the loop
     losses: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
@@ -180,6 +180,8 @@ class TrainConfig(_Strict):
     patience: int = Field(default=3, ge=1)  # evaluations without improvement before stopping early
     distributed: DistributedConfig | None = None  # None: one process
     device: Device = "auto"  # where the candidates train (under torchrun: each process its own GPU)
+    # the candidates train side by side, one a Dask worker, on the cluster DISTILL_DASK / DISTILL_DASK_ADDRESS name
+    parallel_candidates: bool = False
 
     def family_lr(self, family: str) -> float:
         """The lr a student family trains at when neither it nor the recipe sets one."""
@@ -196,6 +198,11 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "train.distributed trains from the stored soft labels: the teacher in the loop (mode: online) is "
                 "not sharded across processes; use mode: offline or drop train.distributed"
+            )
+        if self.distributed is not None and self.parallel_candidates:
+            raise ValueError(
+                "train.distributed and train.parallel_candidates each spread training over processes: choose one "
+                "(torchrun shares every step of one candidate, Dask trains several candidates at once)"
             )
         return self
 
@@ -556,6 +563,7 @@ class BaseRecipe(_Strict):
         # how many processes train a candidate changes no result (up to float rounding): not the recipe's identity,
         # so a checkpoint resumes at another world size and a student's idempotency key stays the same
         settings["train"].pop("distributed", None)
+        settings["train"].pop("parallel_candidates", None)  # nor whether candidates train side by side
         for section in ("train", "soft_labels"):  # nor where it ran, the GPU or the CPU (the soft-label key has it)
             settings[section].pop("device", None)
         for later in ADDED_SECTIONS:  # at their default they leave the hash as earlier releases made it

@@ -1,13 +1,19 @@
-"""Soft labels sharded over a Dask cluster: one Prefect task per shard, on prefect-dask's DaskTaskRunner.
+"""Work sent to a Dask cluster through prefect-dask's DaskTaskRunner, one Prefect task per piece: soft-label shards,
+and the candidates of a run trained side by side (train.parallel_candidates).
 
-`DISTILL_DASK=local` labels on a temporary LocalCluster (DISTILL_DASK_WORKERS processes, by default one per core
-at the recipe's thread count), `DISTILL_DASK_ADDRESS=tcp://host:8786` on a running scheduler; with neither the
-labeling stays in this process (soft_labels.generate_soft_labels). Every worker loads the teacher once, through a
-worker plugin: the one piece of process state the pipeline keeps, dropped when the labeling ends. Each task
-labels one shard and writes it to the store (a folder every worker sees, or S3); the run writes the manifest
-once every shard's record is in and read back, so a failed or killed worker leaves an entry that is never read,
-and the next run labels only the shards it lacks. A killed worker's task is rescheduled by Dask on another worker
-first.
+`DISTILL_DASK=local` works on a temporary LocalCluster (DISTILL_DASK_WORKERS processes, by default one per core at
+the work's thread count), `DISTILL_DASK_ADDRESS=tcp://host:8786` on a running scheduler; with neither the work stays
+in this process (soft_labels.generate_soft_labels, steps.distill_all). Every worker loads the teacher once, through
+a worker plugin: the one piece of process state the pipeline keeps, dropped when the work ends.
+
+Labeling: each task labels one shard and writes it to the store (a folder every worker sees, or S3); the run writes
+the manifest once every shard's record is in and read back, so a failed or killed worker leaves an entry that is
+never read, and the next run labels only the shards it lacks. A killed worker's task is rescheduled by Dask on
+another worker first.
+
+Candidates: each task trains one candidate (and its twin, its generations) from the worker's teacher and returns
+it; checkpoints go to the run folder, which the workers must see (the same machine, or a shared DISTILL_HOME), so a
+candidate whose worker died resumes where it was.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from distributed import Worker, WorkerPlugin, get_worker
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext, get_run_context
 from prefect_dask import DaskTaskRunner
@@ -37,6 +43,7 @@ from distill_core.store import open_store
 
 TeacherLoader = Callable[[], LoadedTeacher]
 PLUGIN_TIMEOUT_S = 600.0  # loading a large teacher from the registry on a fresh worker
+CANDIDATE_THREADS = 1  # torch threads of a worker that trains a candidate: a Dask worker process is one slot
 
 
 class TeacherPlugin(WorkerPlugin):
@@ -122,12 +129,16 @@ def shard_runner(settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str
     """Label shards on the Dask cluster the settings name, or None when they name none (this process labels)."""
     if settings.dask is None:
         return None
+    _need_api(settings)
+    return partial(_label_on_dask, settings, teacher, cfg, task, store_uri)
+
+
+def _need_api(settings: Settings) -> None:
     if settings.dask != "local" and not _configured_api():
         raise DistillError(
             f"DISTILL_DASK_ADDRESS={settings.dask} needs a Prefect server that this process and the workers reach: "
             "set PREFECT_API_URL here and on the workers (`prefect server start`)"
         )
-    return partial(_label_on_dask, settings, teacher, cfg, task, store_uri)
 
 
 def _worker_teacher(name: str, timeout_s: float = PLUGIN_TIMEOUT_S) -> LoadedTeacher:
@@ -150,70 +161,113 @@ def _label_shard(job: ShardJob, cfg: Any, task: str, store_uri: str, key: str, p
     return record
 
 
+def _train_candidate(name: str, train: Callable[..., Any], plugin: str) -> Any:
+    """One candidate, trained from this worker's teacher; where it trained names the worker."""
+    outcome = train(teacher=_worker_teacher(plugin), log=get_run_logger().info)
+    for _, result in outcome.results():
+        result.trained_on = f"{result.trained_on}, Dask worker {get_worker().address}"
+    return outcome
+
+
 @dataclass
-class _Labeling:
+class _Batch:
+    """What a batch flow sends to the cluster: one call of `task` per argument tuple (the plugin's name appended)."""
+
     plugin: TeacherPlugin
-    jobs: list[ShardJob]
-    cfg: Any
-    task: str
-    store_uri: str
-    key: str
+    task: Any  # a prefect Task
+    calls: list[tuple[Any, ...]]
+    names: list[str]  # how a failed call is named
 
 
-# The labeling flow's inputs, by run, in the process that runs it. As flow parameters Prefect would store them with
+# The batch flows' inputs, by run, in the process that runs them. As flow parameters Prefect would store them with
 # the flow run and, like a closure's, pickle them into every task it sends to the cluster (the teacher included).
-_LABELINGS: dict[str, _Labeling] = {}
+_BATCHES: dict[str, _Batch] = {}
 
 
-def _label_shards(labeling: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Label the shards on the flow's DaskTaskRunner: the teacher plugin registered for the run, one task per
-    shard; the records of the shards labeled and a line for each that failed."""
-    work = _LABELINGS[labeling]
+def _run_batch(batch: str) -> tuple[list[Any], list[str]]:
+    """Run a batch on the flow's DaskTaskRunner: the teacher plugin registered for the run, one task per call; the
+    results of the calls that succeeded, in order, and a line for each that failed."""
+    work = _BATCHES[batch]
     client = get_run_context().task_runner.client  # type: ignore[union-attr]
     client.register_plugin(work.plugin)
     try:
-        futures = [
-            label_shard_task.submit(job, work.cfg, work.task, work.store_uri, work.key, work.plugin.name)
-            for job in work.jobs
-        ]
-        records, failed = [], []
-        for job, future in zip(work.jobs, futures, strict=True):
+        futures = [work.task.submit(*call, work.plugin.name) for call in work.calls]
+        results, failed = [], []
+        for name, future in zip(work.names, futures, strict=True):
             try:
-                records.append(future.result())
+                results.append(future.result())
             except Exception as err:  # the task's own error, or KilledWorker once Dask's allowed failures are spent
-                failed.append(f"{job.shard.stem} ({type(err).__name__}: {str(err)[:200]})")
-        return records, failed
+                failed.append(f"{name} ({type(err).__name__}: {str(err)[:200]})")
+        return results, failed
     finally:
         client.unregister_worker_plugin(work.plugin.name)
 
 
 # Prefect pickles a task's and a flow's function into every task it sends to the cluster. Decorated in place, a
 # function is not found under its own name (the name holds the Task or Flow), so cloudpickle would copy it by value
-# with the globals it reads (_LABELINGS: the teacher); kept under its name, it travels as a reference.
+# with the globals it reads (_BATCHES: the teacher); kept under its name, it travels as a reference.
 label_shard_task = task(name="label-shard", cache_policy=NO_CACHE, task_run_name="label {job.shard.stem}")(_label_shard)
-label_shards = flow(name="label-shards", validate_parameters=False)(_label_shards)
+label_shards = flow(name="label-shards", validate_parameters=False)(_run_batch)
+train_candidate_task = task(name="train-candidate", cache_policy=NO_CACHE, task_run_name="train {name}")(
+    _train_candidate
+)
+train_candidates = flow(name="train-candidates", validate_parameters=False)(_run_batch)
+
+
+def _on_dask(settings: Settings, batch_flow: Any, work: _Batch, threads: int) -> tuple[list[Any], list[str]]:
+    """Run a batch flow as a subflow of the run's flow, on the cluster the settings name."""
+    run = uuid.uuid4().hex
+    _BATCHES[run] = work
+    # Called from a task of the run's flow (the soft-label step), the batch flow would carry that task's context
+    # into every task it sends, and with it the task's parameters (the teacher's weights among them): run it as a
+    # subflow of the run's flow instead.
+    outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
+    try:
+        return batch_flow.with_options(task_runner=task_runner(settings, threads))(run)
+    finally:
+        TaskRunContext.__var__.reset(outside)
+        del _BATCHES[run]
 
 
 def _label_on_dask(
     settings: Settings, teacher: LoadedTeacher, cfg: Any, task: str, store_uri: str, jobs: list[ShardJob], key: str
 ) -> list[dict[str, Any]]:
     threads = cfg.threads or 1
-    load = teacher_loader(teacher, settings.tracking_uri)
-    plugin = TeacherPlugin(load, teacher.identity, threads, labeling_device(cfg))
-    run = uuid.uuid4().hex
-    _LABELINGS[run] = _Labeling(plugin, jobs, cfg, task, store_uri, key)
-    # Called from a task of the run's flow (the soft-label step), the labeling flow would carry that task's context
-    # into every shard's task, and with it the task's parameters (the teacher's weights among them): run it as a
-    # subflow of the run's flow instead.
-    outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
-    try:
-        records, failed = label_shards.with_options(task_runner=task_runner(settings, threads))(run)  # type: ignore[arg-type]
-    finally:
-        TaskRunContext.__var__.reset(outside)
-        del _LABELINGS[run]
+    plugin = TeacherPlugin(
+        teacher_loader(teacher, settings.tracking_uri), teacher.identity, threads, labeling_device(cfg)
+    )
+    calls = [(job, cfg, task, store_uri, key) for job in jobs]
+    work = _Batch(plugin, label_shard_task, calls, [job.shard.stem for job in jobs])
+    records, failed = _on_dask(settings, label_shards, work, threads)
     if failed:
         raise SoftLabelError(
             f"{len(failed)} of {len(jobs)} shards of soft labels {key} failed: {'; '.join(failed[:3])}. The "
             f"{len(records)} labeled are stored; a rerun labels only the missing ones"
         )
     return records
+
+
+CandidateJobs = Sequence[
+    tuple[str, Callable[..., Any]]
+]  # (name, train(teacher=, log=) -> its outcome), one a candidate
+
+
+def candidate_runner(settings: Settings) -> Callable[[LoadedTeacher, CandidateJobs], list[Any]] | None:
+    """Train candidates side by side on the Dask cluster the settings name, or None when they name none."""
+    if settings.dask is None:
+        return None
+    _need_api(settings)
+    return partial(_train_on_dask, settings)
+
+
+def _train_on_dask(settings: Settings, teacher: LoadedTeacher, jobs: CandidateJobs) -> list[Any]:
+    """Each (name, train) on a worker of one thread, the teacher loaded once per worker; the outcomes in order."""
+    plugin = TeacherPlugin(teacher_loader(teacher, settings.tracking_uri), teacher.identity, CANDIDATE_THREADS)
+    work = _Batch(plugin, train_candidate_task, list(jobs), [name for name, _ in jobs])
+    outcomes, failed = _on_dask(settings, train_candidates, work, CANDIDATE_THREADS)
+    if failed:
+        raise DistillError(
+            f"{len(failed)} of {len(jobs)} candidates failed on the Dask cluster: {'; '.join(failed[:3])}. Their "
+            "checkpoints are kept: a rerun resumes them"
+        )
+    return outcomes

@@ -33,7 +33,7 @@ from distill_core.recipe import Recipe, StudentConfig
 from distill_core.registry import RegistryError, teacher_versions
 from distill_core.search import SearchResult
 from distill_core.settings import Settings
-from distill_core.sharding import shard_runner
+from distill_core.sharding import candidate_runner, shard_runner
 from distill_core.soft_labels import SoftLabels, generate_soft_labels, take
 from distill_core.stages import STAGES, Stage, as_teacher, signal_of
 from distill_core.store import open_store
@@ -293,7 +293,8 @@ def distill_all(
     """Every student candidate of the recipe, each beside its hard-label twin (unless the recipe skips it): the
     teacher assistants first (each taught by the stage before it), then each candidate from the last of them;
     the warm start's candidate from its student version. With a search (which needs the settings: where its
-    studies and measurements live), the one candidate is the architecture it chose."""
+    studies and measurements live), the one candidate is the architecture it chose. With train.parallel_candidates
+    and a Dask cluster in the settings, the candidates train there side by side."""
     teacher_params = sum(p.numel() for p in teacher.module.parameters())
     assistants: list[Stage] = []
     for cfg in recipe.stages.assistants:
@@ -307,20 +308,27 @@ def distill_all(
             raise ValueError("a recipe with a search needs the settings (where its studies live)")
         searched = search_students(recipe, settings, dataset, labels, teacher, teacher_params, out_dir, log)
         candidates = [searched.chosen_config()]
-    outcomes = [
-        _distill_candidate(
-            recipe,
-            cfg,
-            dataset,
-            labels,
-            teacher,
-            out_dir,
-            assistants,
-            log,
-            warm if warm and warm.candidate == cfg.name else None,
+    jobs = [
+        (
+            cfg.name,
+            partial(
+                _distill_candidate, recipe, cfg, dataset, labels, out_dir=out_dir, assistants=assistants,
+                warm=warm if warm and warm.candidate == cfg.name else None,
+            ),
         )
         for cfg in candidates
-    ]
+    ]  # fmt: skip
+    runner = None
+    if recipe.train.parallel_candidates and len(jobs) > 1:
+        runner = candidate_runner(settings) if settings is not None else None
+        if runner is None:
+            log("train.parallel_candidates: no Dask cluster is set (DISTILL_DASK, DISTILL_DASK_ADDRESS), so the "
+                "candidates train one after the other in this process")  # fmt: skip
+    if runner is not None:
+        log(f"{len(jobs)} candidates train side by side on the Dask cluster")
+        outcomes = runner(teacher, jobs)
+    else:
+        outcomes = [train(teacher=teacher, log=log) for _, train in jobs]
     for outcome in outcomes:
         outcome.search = searched
     return outcomes

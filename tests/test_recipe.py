@@ -95,6 +95,10 @@ def test_the_shipped_recipes_keep_their_hash(path):
 def test_training_in_several_processes_or_on_a_device_keeps_the_recipe_hash_and_online_is_refused_with_nproc():
     distributed = {**MINIMAL, "train": {"distributed": {"nproc": 4}}}
     assert parse_recipe(distributed).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    side_by_side = {**MINIMAL, "train": {"parallel_candidates": True}}
+    assert parse_recipe(side_by_side).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
+    with pytest.raises(RecipeError, match="train.distributed and train.parallel_candidates"):
+        parse_recipe({**MINIMAL, "train": {"parallel_candidates": True, "distributed": {"nproc": 2}}})
     for placed in ({"train": {"device": "cpu"}}, {"soft_labels": {"device": "cuda"}}):  # where it runs: not what
         assert parse_recipe({**MINIMAL, **placed}).recipe_hash() == parse_recipe(MINIMAL).recipe_hash()
     with pytest.raises(RecipeError, match="train.device"):

@@ -14,7 +14,7 @@ import torch
 from lm_models import trained_tiny_lm
 from prefect import flow, task
 from stack import wait_for
-from toy_models import KillingTeacher, WordHashTokenizer
+from toy_models import KillingTeacher, WordHashTokenizer, one_student_recipe
 
 from distill_core.ddp import DistributedTrainingError
 from distill_core.errors import DistillError, SoftLabelError
@@ -29,10 +29,12 @@ from distill_core.recipe import (
     SoftLabelConfig,
     StudentConfig,
     TrainConfig,
+    parse_recipe,
 )
 from distill_core.settings import Settings
 from distill_core.sharding import shard_runner
 from distill_core.soft_labels import generate_soft_labels, load_soft_labels
+from distill_core.steps import distill_all
 from distill_core.store import LocalStore
 from distill_core.students import build_student
 from distill_core.train import TransferSet, train_student
@@ -140,6 +142,52 @@ def test_a_worker_killed_mid_shard_leaves_no_complete_entry_and_a_rerun_labels_o
     assert again.manifest["reused_shards"] == len(stored)  # only the failed shards were labeled again
     generate_soft_labels(teacher, small_dataset, CFG, LocalStore(tmp_path / "alone"))
     _same_entry(store, LocalStore(tmp_path / "alone"), again.key)
+
+
+def test_candidates_train_side_by_side_on_two_dask_workers_to_the_students_one_process_gives(
+    prefect_server, registered_teacher, small_dataset, tracking_uri, tmp_path
+):
+    """train.parallel_candidates: the run's two candidates train at once, one a worker, each from the teacher the
+    worker loaded; the students are the ones training them one after the other at one thread gives, byte for byte."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    bags = [
+        {"name": f"bag-{dim}", "family": "embedding_bag", "buckets": 2048, "dim": dim, "lr": 0.1} for dim in (8, 16)
+    ]
+    recipe = parse_recipe(
+        {**one_student_recipe(registered_teacher[0], "student-side-by-side"), "students": bags,
+         "train": {"epochs": 2, "batch_size": 32, "eval_every": 5, "parallel_candidates": True}}
+    )  # fmt: skip
+    teacher = load_teacher(*registered_teacher, tracking_uri)  # the workers load it from the registry
+    labels = generate_soft_labels(teacher, small_dataset, recipe.soft_labels, LocalStore(tmp_path / "store"))
+    settings = _settings(tmp_path, tracking_uri)
+
+    @task
+    def distill_candidates():  # as in the pipeline: inside a task of the run's flow
+        return distill_all(recipe, small_dataset, labels, teacher, tmp_path / "side-by-side", settings=settings)
+
+    side_by_side = flow(name="run")(lambda: distill_candidates())()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's thread count
+    try:
+        alone = distill_all(recipe, small_dataset, labels, teacher, tmp_path / "alone", settings=None)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert [o.config.name for o in side_by_side] == [o.config.name for o in alone] == ["bag-8", "bag-16"]
+    for mine, theirs in zip(side_by_side, alone, strict=True):
+        assert mine.distilled.history == theirs.distilled.history
+        weights, expected = mine.distilled.student.state_dict(), theirs.distilled.student.state_dict()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), mine.config.name
+    where = [o.distilled.trained_on for o in side_by_side]
+    assert all(w.startswith("cpu, 1 thread, Dask worker tcp://") for w in where) and len(set(where)) == 2, where
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["train bag-8", "train bag-16"]))
+        )
+    assert len(runs) == 2 and {r.state.type.value for r in runs} == {"COMPLETED"}
+    assert max(r.start_time for r in runs) < min(r.end_time for r in runs), "the candidates did not train at once"
 
 
 def test_a_remote_scheduler_without_a_prefect_server_is_refused_before_any_work(tracking_uri, tmp_path, monkeypatch):
