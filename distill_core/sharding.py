@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import dask
 import torch
 from distributed import Worker, WorkerPlugin, get_worker
 from prefect import flow, get_run_logger, task
@@ -43,6 +44,10 @@ from distill_core.store import open_store
 
 TeacherLoader = Callable[[], LoadedTeacher]
 PLUGIN_TIMEOUT_S = 600.0  # loading a large teacher from the registry on a fresh worker
+# Dask starts its worker processes with MALLOC_TRIM_THRESHOLD_=65536, to hand memory back sooner; it made every shard
+# of MiniLM labeling 20-30% slower on a LocalCluster worker than in this process (benchmarks, scale). Unset for the
+# LocalCluster a run starts; a running cluster's workers take it from their own dask config.
+FAST_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 CANDIDATE_THREADS = 1  # torch threads of a worker that trains a candidate: a Dask worker process is one slot
 
 
@@ -223,7 +228,8 @@ def _on_dask(settings: Settings, batch_flow: Any, work: _Batch, threads: int) ->
     # subflow of the run's flow instead.
     outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
     try:
-        return batch_flow.with_options(task_runner=task_runner(settings, threads))(run)
+        with dask.config.set(FAST_MALLOC):
+            return batch_flow.with_options(task_runner=task_runner(settings, threads))(run)
     finally:
         TaskRunContext.__var__.reset(outside)
         del _BATCHES[run]
@@ -247,9 +253,8 @@ def _label_on_dask(
     return records
 
 
-CandidateJobs = Sequence[
-    tuple[str, Callable[..., Any]]
-]  # (name, train(teacher=, log=) -> its outcome), one a candidate
+# One a candidate: its name, and what trains it (train(teacher=, log=) -> its outcome).
+CandidateJobs = Sequence[tuple[str, Callable[..., Any]]]
 
 
 def candidate_runner(settings: Settings) -> Callable[[LoadedTeacher, CandidateJobs], list[Any]] | None:

@@ -176,3 +176,18 @@ def test_the_kubernetes_deployments_are_the_process_pools_on_a_kubernetes_pool()
         assert deployment["work_pool"]["job_variables"]["image"] == "continuous-distill:latest"
     assert spec["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/app"  # the WORKDIR
     assert "WORKDIR /app" in (INFRA / "Dockerfile").read_text()
+
+
+def test_the_image_starts_dask_workers_as_a_local_cluster_does() -> None:
+    """The image's Dask config (infra/dask.yaml, in /etc/dask) unsets what DISTILL_DASK=local unsets for its workers."""
+    import dask
+
+    from distill_core.sharding import FAST_MALLOC
+
+    assert "cp infra/dask.yaml /etc/dask/" in (INFRA / "Dockerfile").read_text()
+    image = dask.config.collect(paths=[str(INFRA / "dask.yaml")], env={})
+    for key, value in FAST_MALLOC.items():
+        section: dict = image
+        for part in key.split(".")[:-1]:
+            section = section[part]
+        assert section[key.split(".")[-1]] == value, key
