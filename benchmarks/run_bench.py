@@ -10,8 +10,8 @@ overheads 5 min, demo 20 min, pipeline 5 min, quality 30 min, search 60 min (its
 60 min (the classifier's: its two teachers about 20 of them, on the first run only), trigger 10 min, lm 45 min
 (lm-overheads, its first part: 6 min), lm-modes 35 min (the LM's modes: its two teachers about 7 of them, on the
 first run only), export 30 min (the demo's classifier students and the LM demo's student, trained for it, as torch
-fp32, ONNX fp32 and ONNX int8), scale 15 min (labeling on Dask against one process, then DDP training; scale-ddp:
-the training part alone, 3 min).
+fp32, ONNX fp32 and ONNX int8), scale 20 min (labeling on Dask against one process and plain processes, then DDP
+training; scale-ddp: the training part alone, 3 min).
 
     python benchmarks/run_bench.py [--only overheads|demo|pipeline|quality|search|modes|trigger|lm|lm-overheads
                                            |lm-modes|export|scale|scale-ddp ...] [--recipe recipes/bench.yaml]
@@ -1127,7 +1127,8 @@ SCALE_ROWS, SCALE_SHARD, SCALE_REPEATS = 6144, 512, 2  # reviews prepared (every
 
 
 def scale() -> dict[str, Any]:
-    """Labeling throughput on Dask (distill_core.sharding, the pipeline's own path) against one process: a running
+    """Labeling throughput on Dask (distill_core.sharding, the pipeline's own path) against one process and plain
+    processes (the machine's own ceiling for two labelers, no Dask or Prefect): a running
     LocalCluster of 2 workers of one thread, one of 1 worker of one thread, and this process at 1 and at 2 threads,
     interleaved, each run relabeling the same rows (MiniLM teacher, one thread per labeling process). The overhead
     per shard is the 1-worker run's time beyond this process's at one thread, per shard; from it and the measured
@@ -1152,7 +1153,10 @@ def scale() -> dict[str, Any]:
     rows = {s: len(data.split(s)) for s in ("transfer", "validation", "test")}
     cfg = SoftLabelConfig(batch_size=64, max_length=64, shard_rows=SCALE_SHARD, threads=1)
     shards = sum(-(-n // SCALE_SHARD) for n in rows.values())
-    times: dict[str, list[float]] = {"dask_2x1": [], "dask_1x1": [], "process_1": [], "process_2": []}
+    times: dict[str, list[float]] = {
+        "dask_2x1": [], "dask_1x1": [], "process_1": [], "process_2": [], "plain_2x1": [], "plain_1x1": []
+    }  # fmt: skip
+    texts = [text for split in rows for text in data.split(split)["text"]]
     spans: dict[str, list[float]] = {"dask_2x1": [], "dask_1x1": []}  # first shard's start to last shard's end
     with prefect_test_harness(server_startup_timeout=120), contextlib.ExitStack() as clusters:
         runners = {}
@@ -1165,6 +1169,11 @@ def scale() -> dict[str, Any]:
             runners[name] = shard_runner(at, loaded, cfg, "classification", str(home / name))
         for repeat in range(SCALE_REPEATS + 1):  # the first round warms every path up and is not counted
             for name in times:
+                if name.startswith("plain_"):  # the machine's own ceiling: single-thread processes, no Dask or Prefect
+                    seconds = _plain_processes(texts, data.labels, 2 if name == "plain_2x1" else 1, home)
+                    if repeat:
+                        times[name].append(seconds)
+                    continue
                 store = LocalStore(home / name)
                 run_cfg = cfg if name != "process_2" else cfg.model_copy(update={"threads": 2})
                 begin = time.perf_counter()
@@ -1190,12 +1199,59 @@ def scale() -> dict[str, Any]:
         "labeling_span_s": span,  # the shards' own span: without the per-run start (the teacher sent to the workers)
         "span_speedup_2_workers": span["dask_1x1"] / span["dask_2x1"],
         "vs_process_2_threads": median["process_2"] / median["dask_2x1"],
+        "machine_2_processes": median["plain_1x1"] / median["plain_2x1"],  # what 2 labelers get here at best
         "per_shard_s": per_shard,
         "overhead_per_shard_s": overhead,
         "estimate_rows_per_s": estimate,
         "wall_s": time.perf_counter() - started,
         "ddp": scale_ddp(),
     }
+
+
+# One plain labeling process of one thread: loads MiniLM, says it is ready, waits for the start file, labels its texts.
+_PLAIN_LABELER = """
+import json, sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from distill_core.modules import LoadedTeacher, TextClassifier, load_minilm
+from distill_core.recipe import SoftLabelConfig
+from distill_core.tasks.classification import teacher_logits
+texts, go, labels = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), json.loads(sys.argv[3])
+encoder, tokenizer = load_minilm()
+torch.manual_seed(0)
+teacher = LoadedTeacher(TextClassifier(encoder, tokenizer, labels).eval(), "t", "bench", "")
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+teacher_logits(teacher, texts, SoftLabelConfig(batch_size=64, max_length=64))
+"""
+
+
+def _plain_processes(texts: list[str], labels: Any, processes: int, folder: Path) -> float:
+    """Seconds for `processes` plain processes of one thread, started together once each has loaded the teacher, to
+    label the texts between them (every processes-th text each): what this machine gives that many labelers."""
+    import subprocess
+
+    go = folder / "plain-go"
+    go.unlink(missing_ok=True)
+    children = []
+    for i in range(processes):
+        share = folder / f"plain-{processes}-{i}.json"
+        share.write_text(json.dumps(texts[i::processes]))
+        children.append(
+            subprocess.Popen(  # noqa: S603 - this interpreter, the script above
+                [sys.executable, "-c", _PLAIN_LABELER, str(share), str(go), json.dumps(list(labels))],
+                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )  # fmt: skip
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    begin = time.perf_counter()
+    go.touch()
+    for child in children:
+        assert child.wait() == 0
+    return time.perf_counter() - begin
 
 
 def _last_labeling_span() -> float:
@@ -1289,6 +1345,14 @@ def _scale_markdown(part: dict[str, Any]) -> list[str]:
         f"| Dask, 1 worker × 1 thread | {r['dask_1x1']:.0f} | {part['seconds']['dask_1x1']:.1f} |",
         f"| one process, 1 thread | {r['process_1']:.0f} | {part['seconds']['process_1']:.1f} |",
         f"| one process, 2 threads | {r['process_2']:.0f} | {part['seconds']['process_2']:.1f} |",
+        *(
+            [
+                f"| 2 plain processes × 1 thread | {r['plain_2x1']:.0f} | {part['seconds']['plain_2x1']:.1f} |",
+                f"| 1 plain process × 1 thread | {r['plain_1x1']:.0f} | {part['seconds']['plain_1x1']:.1f} |",
+            ]
+            if "plain_2x1" in r
+            else []
+        ),
         "",
         f"2 workers against 1: **{part['speedup_2_workers']:.2f}×** over the whole run (goal ≥ 1.7×)"
         + (
@@ -1296,6 +1360,12 @@ def _scale_markdown(part: dict[str, Any]) -> list[str]:
             f"one's end: {part['labeling_span_s']['dask_2x1']:.1f} s against {part['labeling_span_s']['dask_1x1']:.1f}"
             " s; the rest of a run is its start, the teacher sent to each worker)"
             if "span_speedup_2_workers" in part
+            else ""
+        )
+        + (
+            f". Two plain labeling processes of one thread (no Dask, no Prefect), started together, label the same "
+            f"rows {part['machine_2_processes']:.2f}× as fast as one: the most this machine gives two labelers"
+            if "machine_2_processes" in part
             else ""
         )
         + f"; against one process on both cores: {part['vs_process_2_threads']:.2f}×. Overhead per shard "
