@@ -1245,13 +1245,17 @@ def _plain_processes(texts: list[str], labels: Any, processes: int, folder: Path
                 stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
             )
         )  # fmt: skip
-    for child in children:
-        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    begin = time.perf_counter()
-    go.touch()
-    for child in children:
-        assert child.wait() == 0
-    return time.perf_counter() - begin
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        begin = time.perf_counter()
+        go.touch()
+        for child in children:
+            assert child.wait() == 0
+        return time.perf_counter() - begin
+    finally:  # a child that died before its start leaves the others waiting for the start file
+        for child in children:
+            child.kill()
 
 
 def _last_labeling_span() -> float:

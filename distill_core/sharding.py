@@ -58,7 +58,8 @@ class TeacherPlugin(WorkerPlugin):
 
     def __init__(self, load: TeacherLoader, identity: str, threads: int, device: str = "cpu") -> None:
         self.load, self.identity, self.threads, self.device = load, identity, threads, device
-        self.name = "distill-teacher-" + hashlib.sha256(identity.encode()).hexdigest()[:12]
+        # one name per batch: two runs on one cluster with the same teacher (two recipes) keep a plugin each
+        self.name = f"distill-teacher-{hashlib.sha256(identity.encode()).hexdigest()[:12]}-{uuid.uuid4().hex[:8]}"
         self.teacher: LoadedTeacher | None = None
         self.failed: str | None = None
 
@@ -95,11 +96,12 @@ def teacher_loader(teacher: LoadedTeacher, tracking_uri: str) -> TeacherLoader:
     return partial(_unpickled, buffer.getvalue(), teacher.name, teacher.version, teacher.content_digest)
 
 
-def task_runner(settings: Settings, threads: int) -> DaskTaskRunner:
-    """The DaskTaskRunner the settings ask for: a temporary LocalCluster, or a running scheduler."""
+def task_runner(settings: Settings, threads: int, tasks: int) -> DaskTaskRunner:
+    """The DaskTaskRunner the settings ask for: a temporary LocalCluster (no more workers than tasks), or a running
+    scheduler."""
     if settings.dask != "local":
         return DaskTaskRunner(address=settings.dask)
-    workers = settings.dask_workers or max(1, (os.cpu_count() or 1) // threads)
+    workers = settings.dask_workers or max(1, min(tasks, (os.cpu_count() or 1) // threads))
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": workers,
@@ -167,9 +169,9 @@ def _label_shard(job: ShardJob, cfg: Any, task: str, store_uri: str, key: str, p
 
 
 def _train_candidate(name: str, train: Callable[..., Any], plugin: str) -> Any:
-    """One candidate, trained from this worker's teacher; where it trained names the worker."""
+    """One candidate, trained from this worker's teacher; where it and its generations trained names the worker."""
     outcome = train(teacher=_worker_teacher(plugin), log=get_run_logger().info)
-    for _, result in outcome.results():
+    for result in [result for _, result in outcome.results()] + [stage.result for stage in outcome.stages]:
         result.trained_on = f"{result.trained_on}, Dask worker {get_worker().address}"
     return outcome
 
@@ -194,6 +196,12 @@ def _run_batch(batch: str) -> tuple[list[Any], list[str]]:
     results of the calls that succeeded, in order, and a line for each that failed."""
     work = _BATCHES[batch]
     client = get_run_context().task_runner.client  # type: ignore[union-attr]
+    crowded = sorted(address for address, threads in client.nthreads().items() if threads > 1)
+    if crowded:  # torch's process-wide state (threads, seeds, tracing) is not shared safely by tasks in threads
+        raise DistillError(
+            f"Dask workers {', '.join(crowded[:3])} run several tasks at once in threads: start them with "
+            "`dask worker --nthreads 1` (more processes with --nworkers), one labeling or training task each"
+        )
     client.register_plugin(work.plugin)
     try:
         futures = [work.task.submit(*call, work.plugin.name) for call in work.calls]
@@ -229,7 +237,7 @@ def _on_dask(settings: Settings, batch_flow: Any, work: _Batch, threads: int) ->
     outside = TaskRunContext.__var__.set(None)  # type: ignore[arg-type]  # None: no task run (what .get() reads)
     try:
         with dask.config.set(FAST_MALLOC):
-            return batch_flow.with_options(task_runner=task_runner(settings, threads))(run)
+            return batch_flow.with_options(task_runner=task_runner(settings, threads, len(work.calls)))(run)
     finally:
         TaskRunContext.__var__.reset(outside)
         del _BATCHES[run]
@@ -273,6 +281,6 @@ def _train_on_dask(settings: Settings, teacher: LoadedTeacher, jobs: CandidateJo
     if failed:
         raise DistillError(
             f"{len(failed)} of {len(jobs)} candidates failed on the Dask cluster: {'; '.join(failed[:3])}. Their "
-            "checkpoints are kept: a rerun resumes them"
+            "checkpoints are kept: once the cause is fixed, a rerun resumes them"
         )
     return outcomes

@@ -312,7 +312,7 @@ def distill_all(
         (
             cfg.name,
             partial(
-                _distill_candidate, recipe, cfg, dataset, labels, out_dir=out_dir, assistants=assistants,
+                _distill_candidate, recipe, cfg, dataset, labels, out_dir=out_dir,
                 warm=warm if warm and warm.candidate == cfg.name else None,
             ),
         )
@@ -329,7 +329,8 @@ def distill_all(
         outcomes = runner(teacher, jobs)
     else:
         outcomes = [train(teacher=teacher, log=log) for _, train in jobs]
-    for outcome in outcomes:
+    for outcome in outcomes:  # the assistants are every candidate's first stages, the same objects for each
+        outcome.stages = [*assistants, *outcome.stages]
         outcome.search = searched
     return outcomes
 
@@ -341,7 +342,6 @@ def _distill_candidate(
     labels: SoftLabels,
     teacher: LoadedTeacher,
     out_dir: Path,
-    assistants: list[Stage],
     log: Log,
     warm: WarmStart | None = None,
 ) -> StudentOutcome:
@@ -361,7 +361,7 @@ def _distill_candidate(
     twin = None
     if recipe.evaluation.hard_label_baseline:
         twin = distill_student(recipe, cfg, dataset, first_labels, init, out_dir, baseline=True, log=log)
-    return StudentOutcome(cfg, distilled, twin, stages=[*assistants, *generations])
+    return StudentOutcome(cfg, distilled, twin, stages=generations)
 
 
 def evaluate_all(

@@ -134,7 +134,7 @@ def distill_teacher_version(
                 client, teacher_name, teacher_version, student, "running", run_id=run.info.run_id, claimed_by=who
             )
         try:
-            with IN_PROCESS_WORK:
+            with _one_at_a_time(logger):
                 decision = distill_and_promote(
                     recipe,
                     settings,
@@ -231,6 +231,18 @@ def _prefect_tags() -> dict[str, str]:
     if PREFECT_UI_URL.value():
         tags[names.PREFECT_FLOW_RUN_URL] = str(flow_run.ui_url)
     return tags
+
+
+@contextlib.contextmanager
+def _one_at_a_time(logger: Any) -> Iterator[None]:
+    """Hold IN_PROCESS_WORK, saying so when this run waits for another run of this process."""
+    if not IN_PROCESS_WORK.acquire(blocking=False):
+        logger.info("another run in this process is working: waiting for it (runs side by side need workers)")
+        IN_PROCESS_WORK.acquire()
+    try:
+        yield
+    finally:
+        IN_PROCESS_WORK.release()
 
 
 @contextlib.contextmanager

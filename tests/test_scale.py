@@ -14,7 +14,7 @@ import torch
 from lm_models import trained_tiny_lm
 from prefect import flow, task
 from stack import wait_for
-from toy_models import KillingTeacher, WordHashTokenizer, one_student_recipe
+from toy_models import BagTeacher, KillingTeacher, WordHashTokenizer, one_student_recipe
 
 from distill_core.ddp import DistributedTrainingError
 from distill_core.errors import DistillError, SoftLabelError
@@ -148,7 +148,8 @@ def test_candidates_train_side_by_side_on_two_dask_workers_to_the_students_one_p
     prefect_server, registered_teacher, small_dataset, tracking_uri, tmp_path
 ):
     """train.parallel_candidates: the run's two candidates train at once, one a worker, each from the teacher the
-    worker loaded; the students are the ones training them one after the other at one thread gives, byte for byte."""
+    worker loaded (here the run's assistant, sent pickled); the students are the ones training them one after the
+    other at one thread gives, byte for byte, and the assistant is each one's first stage, once."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
@@ -157,7 +158,8 @@ def test_candidates_train_side_by_side_on_two_dask_workers_to_the_students_one_p
     ]
     recipe = parse_recipe(
         {**one_student_recipe(registered_teacher[0], "student-side-by-side"), "students": bags,
-         "train": {"epochs": 2, "batch_size": 32, "eval_every": 5, "parallel_candidates": True}}
+         "train": {"epochs": 2, "batch_size": 32, "eval_every": 5, "parallel_candidates": True},
+         "stages": {"assistants": [{**bags[1], "name": "assistant", "dim": 32}]}}
     )  # fmt: skip
     teacher = load_teacher(*registered_teacher, tracking_uri)  # the workers load it from the registry
     labels = generate_soft_labels(teacher, small_dataset, recipe.soft_labels, LocalStore(tmp_path / "store"))
@@ -180,6 +182,9 @@ def test_candidates_train_side_by_side_on_two_dask_workers_to_the_students_one_p
         assert mine.distilled.history == theirs.distilled.history
         weights, expected = mine.distilled.student.state_dict(), theirs.distilled.student.state_dict()
         assert all(torch.equal(weights[k], expected[k]) for k in expected), mine.config.name
+    assistant = side_by_side[0].stages[0]
+    assert [[s.name for s in o.stages] for o in side_by_side] == [["assistant"]] * 2
+    assert side_by_side[1].stages[0] is assistant and "Dask worker" not in assistant.result.trained_on  # the run's
     where = [o.distilled.trained_on for o in side_by_side]
     assert all(w.startswith("cpu, 1 thread, Dask worker tcp://") for w in where) and len(set(where)) == 2, where
     with get_client(sync_client=True) as client:
@@ -188,6 +193,19 @@ def test_candidates_train_side_by_side_on_two_dask_workers_to_the_students_one_p
         )
     assert len(runs) == 2 and {r.state.type.value for r in runs} == {"COMPLETED"}
     assert max(r.start_time for r in runs) < min(r.end_time for r in runs), "the candidates did not train at once"
+
+
+def test_workers_that_run_tasks_in_threads_are_refused_by_name(prefect_server, small_dataset, tracking_uri, tmp_path):
+    """Two tasks in threads of one worker would share torch's process-wide state: such a cluster is refused."""
+    from distributed import LocalCluster
+
+    module = WrappedTeacher(BagTeacher(), WordHashTokenizer(), labels=small_dataset.labels)
+    teacher = LoadedTeacher(module, "toy", "here", content_digest(module))
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as cluster:
+        settings = dataclasses.replace(_settings(tmp_path, tracking_uri), dask=cluster.scheduler_address)
+        with pytest.raises(DistillError, match=r"run several tasks at once in threads: .*--nthreads 1"):
+            _label(settings, teacher, small_dataset, CFG)
+    assert not LocalStore(settings.store_uri).list("soft_labels/")
 
 
 def test_a_remote_scheduler_without_a_prefect_server_is_refused_before_any_work(tracking_uri, tmp_path, monkeypatch):
